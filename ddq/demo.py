@@ -1,0 +1,307 @@
+"""`python -m ddq.demo`: FP vs LSQ vs DDQ quantization-aware training of a small CNN on real data.
+
+Every QAT run fine-tunes the same FP checkpoint (per seed) with the same schedule; the FP row is that
+checkpoint fine-tuned as long (the fair ceiling). Runs:
+- fp; lsq_w4a4; ddq_w4a4 (fixed 4 bits, learned range and levels); ddq_mixed (learned bits with a
+  ResourceLoss whose target is the W4A4 model's weight size, i.e. an average of 4 bits over the
+  learned layers); lsq_w2a2 and ddq_w2a2 (all layers, first and last included, at 2 bits).
+Writes results.json, a per-layer bitwidth plot and prints a table with mean ± spread over seeds and
+DDQ − LSQ differences paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import ddq
+from ddq.data import load_dataset
+from ddq.models import SmallCNN
+from ddq.optim import parameter_groups
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    method: Optional[str]
+    bits: int = 4
+    learn_bits: bool = False
+    first_last_bits: Optional[int] = 8
+
+
+RUNS = {
+    "fp": RunConfig("fp", None),
+    "lsq_w4a4": RunConfig("lsq_w4a4", "lsq", 4),
+    "ddq_w4a4": RunConfig("ddq_w4a4", "ddq", 4),
+    "ddq_mixed": RunConfig("ddq_mixed", "ddq", 4, learn_bits=True),
+    "lsq_w2a2": RunConfig("lsq_w2a2", "lsq", 2, first_last_bits=None),
+    "ddq_w2a2": RunConfig("ddq_w2a2", "ddq", 2, first_last_bits=None),
+}
+PAIRS = (("ddq_w4a4", "lsq_w4a4"), ("ddq_w2a2", "lsq_w2a2"), ("ddq_mixed", "ddq_w4a4"))
+
+
+@dataclass
+class Settings:
+    data: str = "mnist"
+    data_dir: Optional[str] = None
+    seeds: int = 1
+    fp_epochs: int = 4
+    qat_epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-3
+    qat_lr: float = 5e-4
+    quant_lr: float = 1e-3
+    gate_lr: float = 1e-2
+    resource_strength: float = 1e-3
+    dual_rate: float = 0.05
+    width: int = 16
+    runs: tuple[str, ...] = tuple(RUNS)
+    device: str = "auto"
+    out: str = "ddq_runs/demo"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Dataset:
+    """Images on the training device as float tensors normalised by the training set's statistics."""
+
+    def __init__(self, split: tuple[np.ndarray, ...], device: torch.device) -> None:
+        train_x, train_y, test_x, test_y = split
+        mean, std = float(train_x.mean()), float(train_x.std())
+        def prepare(x: np.ndarray) -> Tensor:
+            return ((torch.from_numpy(x).to(device, torch.float32)) - mean) / std
+        self.train_x, self.test_x = prepare(train_x), prepare(test_x)
+        self.train_y, self.test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
+        self.channels, self.image_size = train_x.shape[1], train_x.shape[2]
+
+
+def make_progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train(model: nn.Module, data: Dataset, epochs: int, optimizer: torch.optim.Optimizer, settings: Settings,
+          seed: int, desc: str, resource: Optional[ddq.ResourceLoss] = None) -> list[float]:
+    """Cosine-scheduled training with random flips off (digits are not mirror-symmetric); returns epoch losses."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    steps_per_epoch = math.ceil(len(data.train_y) / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps_per_epoch, 1))
+    progress = make_progress(epochs * steps_per_epoch, desc, settings.progress)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data.train_y), generator=generator).to(data.train_y.device)
+        total = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            objective = loss + resource() if resource is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            scheduler.step()
+            if resource is not None:
+                resource.adapt_strength(settings.dual_rate)
+            total += float(loss.detach()) * len(index)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(loss):.3f}")
+        losses.append(total / len(order))
+    if progress is not None:
+        progress.close()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    return 100.0 * correct / len(y)
+
+
+def budget_at(model: nn.Module, learned_bits: int) -> tuple[float, float]:
+    """(average weight bits, average b_w·b_a per MAC) over all quantized layers if the learned-bit layers sat at
+    `learned_bits`: the mixed-precision run gets the WkAk model's weight size and BitOps as its budget
+    (spec §4 counts fixed-bit layers as constants). Needs one forward pass (for the MACs)."""
+    rows = ddq.model_bits_report(model)
+    learned = [layer.weight_quantizer.gate_logits.requires_grad for _, layer in ddq.quantized_layers(model)]
+    w_bits = [learned_bits if is_learned else r.weight_bits for r, is_learned in zip(rows, learned)]
+    a_bits = [learned_bits if is_learned else r.act_bits for r, is_learned in zip(rows, learned)]
+    weight = sum(r.params * b for r, b in zip(rows, w_bits)) / sum(r.params for r in rows)
+    bitops = sum(r.macs * bw * ba for r, bw, ba in zip(rows, w_bits, a_bits)) / sum(r.macs for r in rows)
+    return weight, bitops
+
+
+def start_from_8_bits(model: nn.Module) -> None:
+    """Learned-bit quantizers start at 8 bits and descend to the budget (spec §2's graded logits)."""
+    with torch.no_grad():
+        for _, layer in ddq.quantized_layers(model):
+            for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+                if quantizer.gate_logits.requires_grad:
+                    quantizer.gate_logits.copy_(ddq.quantizer.graded_gate_logits(8))
+
+
+def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = SmallCNN(data.channels, 10, settings.width, data.image_size).to(data.train_x.device)
+    model.load_state_dict(fp_state)
+    resource = None
+    if config.method is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.qat_lr)
+    else:
+        model = ddq.quantize_model(model, config.bits, config.bits, method=config.method, learn_bits=config.learn_bits,
+                                   first_last_bits=config.first_last_bits,
+                                   **({"learn_levels": True} if config.method == "ddq" else {}))
+        ddq.initialize_quantizers(model, data.train_x[: settings.batch_size * 4])
+        if config.learn_bits:
+            weight_budget, bitops_budget = budget_at(model, config.bits)
+            start_from_8_bits(model)
+            resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
+        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr))
+    initial = accuracy(model, data.test_x, data.test_y)
+    losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
+    result = {"run": config.name, "seed": seed, "accuracy": accuracy(model, data.test_x, data.test_y),
+              "accuracy_at_init": initial, "final_train_loss": losses[-1], "train_losses": losses}
+    if config.method is not None:
+        result.update(ddq.summarize_bits(model))
+        result["layers"] = [row._asdict() for row in ddq.model_bits_report(model)]
+    else:
+        params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+        result.update(avg_weight_bits=32.0, avg_act_bits=32.0, weight_kib=params * 4 / 1024)
+    return result
+
+
+def pretrain(data: Dataset, settings: Settings, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = SmallCNN(data.channels, 10, settings.width, data.image_size).to(data.train_x.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    train(model, data, settings.fp_epochs, optimizer, settings, seed, f"fp pretrain seed {seed}")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
+    table = {}
+    for name in runs:
+        rows = [r for r in results if r["run"] == name]
+        acc = np.array([r["accuracy"] for r in rows])
+        table[name] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                       "accuracy_at_init_mean": float(np.mean([r["accuracy_at_init"] for r in rows])),
+                       "final_train_loss_mean": float(np.mean([r["final_train_loss"] for r in rows])),
+                       **{k: float(np.mean([r[k] for r in rows])) for k in ("avg_weight_bits", "avg_act_bits", "weight_kib")}}
+    paired = {}
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            by_seed = {r["seed"]: r["accuracy"] for r in results if r["run"] == b}
+            diffs = np.array([r["accuracy"] - by_seed[r["seed"]] for r in results if r["run"] == a])
+            paired[f"{a} - {b}"] = {"mean": float(diffs.mean()), "std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+                                    "per_seed": diffs.tolist()}
+    return {"table": table, "paired": paired}
+
+
+def format_table(summary: dict, seeds: int) -> str:
+    spread = "± sd" if seeds > 1 else ""
+    lines = [f"{'run':<10} {'test acc %':>16} {'acc@init %':>10} {'train loss':>10} {'w bits':>7} {'a bits':>7} {'size KiB':>9}"]
+    for name, row in summary["table"].items():
+        acc = f"{row['accuracy_mean']:.2f}" + (f" ± {row['accuracy_std']:.2f}" if seeds > 1 else "")
+        lines.append(f"{name:<10} {acc:>16} {row['accuracy_at_init_mean']:>10.2f} {row['final_train_loss_mean']:>10.4f} "
+                     f"{row['avg_weight_bits']:>7.2f} {row['avg_act_bits']:>7.2f} {row['weight_kib']:>9.2f}")
+    for pair, diff in summary["paired"].items():
+        lines.append(f"paired {pair}: {diff['mean']:+.2f} {spread} {diff['std']:.2f}".replace("  ", " ") if seeds > 1 else f"{pair}: {diff['mean']:+.2f}")
+    return "\n".join(lines)
+
+
+def plot_bits(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    runs = [r for r in results if "layers" in r and r["seed"] == results[0]["seed"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(runs), 1)
+    for index, run in enumerate(runs):
+        names = [layer["name"] for layer in run["layers"]]
+        for axis, key in zip(axes, ("weight_bits", "act_bits")):
+            axis.bar(np.arange(len(names)) + index * width, [layer[key] for layer in run["layers"]], width, label=run["run"])
+            axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, fontsize=8)
+    for axis, title in zip(axes, ("weight bits per layer", "activation bits per layer")):
+        axis.set_title(title)
+        axis.set_ylim(0, 8.5)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(settings: Settings) -> dict:
+    device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if settings.device == "auto" else settings.device))
+    unknown = [r for r in settings.runs if r not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    data = Dataset(load_dataset(settings.data, settings.data_dir), device)
+    started = time.time()
+    results = []
+    for seed in range(settings.seeds):
+        fp_state = pretrain(data, settings, seed)
+        for name in settings.runs:
+            results.append(run_qat(RUNS[name], fp_state, data, settings, seed))
+    summary = summarize(results, settings.runs)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"settings": asdict(settings), "device": str(device), "torch": torch.__version__,
+              "platform": platform.platform(), "seconds": time.time() - started, "summary": summary, "results": results}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    plot_bits(results, out / "bits_per_layer.png")
+    print(format_table(summary, settings.seeds))
+    print(f"wrote {out / 'results.json'} and {out / 'bits_per_layer.png'} in {report['seconds']:.0f} s on {device}")
+    return report
+
+
+def parse_args(argv: Optional[list[str]] = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="python -m ddq.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", choices=("mnist", "fashion-mnist", "cifar10"), default="mnist")
+    parser.add_argument("--data-dir", default=None, help="folder of the dataset (cifar10: numpy shards)")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--fp-epochs", type=int, default=None, help="FP pretraining epochs (default 4; 2 for the larger sets)")
+    parser.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs per run (default 4; 2 for the larger sets)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    large = args.data != "mnist"
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return Settings(
+        data=args.data, data_dir=args.data_dir, seeds=args.seeds,
+        fp_epochs=args.fp_epochs or (2 if large else 4), qat_epochs=args.qat_epochs or (2 if large else 4),
+        batch_size=args.batch_size or (128 if large else 64), runs=tuple(r for r in args.runs.split(",") if r),
+        device=args.device, out=args.out or f"ddq_runs/demo-{args.data}", progress=not args.no_progress,
+        width=32 if args.data == "cifar10" else 16,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run_demo(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""quantize_model: which layers convert, with what bits, on models with depthwise and grouped convs."""
+
+import pytest
+import torch
+from torch import nn
+
+import ddq
+from ddq.baselines import LSQQuantizer
+from ddq.models import SmallCNN
+from ddq.nn import DDQConv2d, DDQLinear
+from ddq.quantizer import DDQQuantizer
+
+
+class InvertedResidual(nn.Module):
+    """A MobileNetV2 block: 1×1 expand, 3×3 depthwise (stride 2), 1×1 project, with BatchNorm."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int = 4) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def tiny_mobilenet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+        InvertedResidual(8, 12),
+        nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )
+
+
+def test_converts_every_layer_with_first_and_last_at_8_bits():
+    model = ddq.quantize_model(tiny_mobilenet(), weight_bits=3, act_bits=5)
+    layers = ddq.quantized_layers(model)
+    assert len(layers) == 6
+    assert isinstance(layers[0][1], DDQConv2d) and isinstance(layers[-1][1], DDQLinear)
+    assert [(layer.weight_quantizer.bits, layer.input_quantizer.bits) for _, layer in layers] == [(8, 8)] + [(3, 5)] * 4 + [(8, 8)]
+    depthwise = layers[2][1]
+    assert depthwise.groups == depthwise.in_channels and depthwise.weight_quantizer.groups == depthwise.out_channels
+
+
+def test_converted_model_matches_float_model_at_8_bits_and_trains():
+    torch.manual_seed(0)
+    float_model = tiny_mobilenet().eval()
+    x = torch.randn(4, 3, 16, 16)
+    model = ddq.quantize_model(float_model, weight_bits=8, act_bits=8, learn_levels=False)
+    ddq.initialize_quantizers(model, x)
+    reference = float_model(x)
+    relative = (model.eval()(x) - reference).norm() / reference.norm()
+    assert relative < 0.05, "8-bit quantization must stay close to the float model"
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "gate_logits" not in n)
+
+
+def test_float_model_is_left_untouched_unless_inplace():
+    model = SmallCNN()
+    ddq.quantize_model(model)
+    assert not ddq.quantized_layers(model)
+    converted = ddq.quantize_model(model, inplace=True)
+    assert converted is model and len(ddq.quantized_layers(model)) == 4
+
+
+def test_policy_options():
+    model = ddq.quantize_model(SmallCNN(), weight_bits=2, act_bits=2, first_last_bits=None, skip=("features.0",))
+    layers = dict(ddq.quantized_layers(model))
+    assert "features.0" not in layers and type(model.features[0]) is nn.Conv2d
+    assert all(layer.weight_quantizer.bits == 2 for layer in layers.values())
+    learned = ddq.quantize_model(SmallCNN(), learn_bits=True)
+    flags = [layer.weight_quantizer.gate_logits.requires_grad for _, layer in ddq.quantized_layers(learned)]
+    assert flags == [False, True, True, False]
+
+
+def test_lsq_method_builds_lsq_quantizers():
+    model = ddq.quantize_model(SmallCNN(), method="lsq", weight_bits=4, act_bits=4)
+    kinds = {type(q) for _, layer in ddq.quantized_layers(model) for q in (layer.weight_quantizer, layer.input_quantizer)}
+    assert kinds == {LSQQuantizer}
+    ddq.initialize_quantizers(model, torch.randn(2, 1, 28, 28))
+    assert model.features[3].input_quantizer.signedness == "unsigned"  # fed by a ReLU
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d"):
+        ddq.quantize_model(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        ddq.quantize_model(SmallCNN(), method="pact")
+    with pytest.raises(ValueError, match="init_bits"):
+        ddq.quantize_model(SmallCNN(), weight_bits=9)
+
+
+def test_state_dict_round_trip_of_a_quantized_model():
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 28, 28)
+    model = ddq.quantize_model(SmallCNN(), learn_bits=True)
+    ddq.initialize_quantizers(model, x)
+    with torch.no_grad():
+        model.features[3].weight_quantizer.gate_logits[3] = -1.0
+    fresh = ddq.quantize_model(SmallCNN(), learn_bits=True)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.features[3].weight_quantizer.bits == 3
+    assert fresh.features[3].input_quantizer.mode == "unsigned"
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+
+def test_torchvision_models_convert_when_available():
+    tv = pytest.importorskip("torchvision")
+    for build in (tv.models.mobilenet_v2, tv.models.resnet18):
+        model = ddq.quantize_model(build(num_classes=10))
+        x = torch.randn(1, 3, 32, 32)
+        ddq.initialize_quantizers(model, x)
+        assert model(x).shape == (1, 10)
+        assert all(type(m) not in (nn.Conv2d, nn.Linear) for m in model.modules())
+
+
+def test_quantizer_types_in_a_converted_model_are_ddq():
+    model = ddq.quantize_model(SmallCNN())
+    assert all(isinstance(layer.weight_quantizer, DDQQuantizer) for _, layer in ddq.quantized_layers(model))

@@ -1,0 +1,43 @@
+"""The demo end to end on a small slice of the real MNIST digits: every run, the table, JSON and plot."""
+
+import json
+
+import numpy as np
+
+from ddq import demo
+from ddq.data import load_dataset, mnist_5k
+
+
+def test_mnist_split_is_fixed_and_balanced_enough():
+    train_x, train_y, test_x, test_y = mnist_5k()
+    assert train_x.shape == (4000, 1, 28, 28) and test_x.shape == (1000, 1, 28, 28)
+    assert train_x.dtype == np.uint8 and set(np.unique(test_y)) == set(range(10))
+    again = mnist_5k()
+    assert np.array_equal(again[3], test_y)
+
+
+def test_demo_runs_every_configuration(tmp_path, monkeypatch):
+    train_x, train_y, test_x, test_y = mnist_5k()
+    monkeypatch.setattr(demo, "load_dataset", lambda name, data_dir=None: (train_x[:256], train_y[:256], test_x[:200], test_y[:200]))
+    settings = demo.parse_args(["--fp-epochs", "1", "--qat-epochs", "1", "--seeds", "2", "--out", str(tmp_path), "--no-progress"])
+    report = demo.run_demo(settings)
+    table = report["summary"]["table"]
+    assert set(table) == set(demo.RUNS)
+    assert table["ddq_w2a2"]["avg_weight_bits"] == 2.0 and table["lsq_w4a4"]["avg_act_bits"] < 8
+    assert set(report["summary"]["paired"]) == {"ddq_w4a4 - lsq_w4a4", "ddq_w2a2 - lsq_w2a2", "ddq_mixed - ddq_w4a4"}
+    assert all(0.0 <= r["accuracy"] <= 100.0 for r in report["results"])
+    assert table["fp"]["accuracy_mean"] > 30.0, "even one epoch on 256 digits learns something"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["results"]) == 2 * len(demo.RUNS)
+    assert (tmp_path / "bits_per_layer.png").stat().st_size > 1000
+
+
+def test_bad_dataset_arguments():
+    import pytest
+
+    with pytest.raises(ValueError, match="data-dir"):
+        load_dataset("cifar10")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet")
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
+        load_dataset("cifar10", "/nonexistent")
