@@ -12,7 +12,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ddq.baselines import LSQQuantizer
 from ddq.quantizer import DDQQuantizer
+
+try:  # the fused quantize-and-matmul op; its CUDA body needs Triton (ddq_kernels.registration)
+    from ddq_kernels.linear_op import quantized_linear as fused_quantized_linear
+except ImportError:
+    fused_quantized_linear = None
+
+
+METHODS = ("ddq", "lsq")
+
+
+def _record_macs(layer: nn.Module, inputs: Any, output: Tensor) -> None:
+    """One-shot forward hook: a layer's MACs per sample are known once its output shape is."""
+    layer.macs = macs_per_sample(layer, output)
+    layer._macs_hook.remove()
 
 
 def make_quantizers(
@@ -24,8 +39,18 @@ def make_quantizers(
     learn_levels: bool = True,
     min_bits: int = 2,
     grad_scale: bool = True,
-) -> tuple[DDQQuantizer, DDQQuantizer]:
-    """The (weight, input) quantizer pair of a layer: weights per output channel and symmetric."""
+    method: str = "ddq",
+) -> tuple[nn.Module, nn.Module]:
+    """The (weight, input) quantizer pair of a layer: weights per output channel and symmetric.
+
+    method="ddq" builds `DDQQuantizer`s (spec §2); method="lsq" the LSQ baseline at fixed bits, so that
+    comparisons run through the same layers.
+    """
+    if method == "lsq":
+        signedness = {"auto": "auto", "unsigned": "unsigned"}.get(act_mode, "signed")
+        return LSQQuantizer(weight_bits, "signed", channels=out_channels), LSQQuantizer(act_bits, signedness)
+    if method != "ddq":
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {METHODS}")
     common = dict(min_bits=min_bits, learn_bits=learn_bits, learn_levels=learn_levels, grad_scale=grad_scale)
     weight = DDQQuantizer("symmetric", channels=out_channels, init_bits=weight_bits, **common)
     act = DDQQuantizer(act_mode, channels=None, init_bits=act_bits, **common)
@@ -39,6 +64,8 @@ class DDQLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_quantizer, self.input_quantizer = make_quantizers(out_features, **quant)
         self.to(self.weight.device)
+        self.macs: Optional[int] = None
+        self._macs_hook = self.register_forward_hook(_record_macs)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant: Any) -> "DDQLinear":
@@ -51,6 +78,8 @@ class DDQLinear(nn.Linear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and uses_fused_matmul(self):
+            return fused_quantized_linear(x, self.weight, self.bias, self.input_quantizer, self.weight_quantizer)
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
@@ -63,6 +92,8 @@ class DDQConv2d(nn.Conv2d):
                          device=device, dtype=dtype)
         self.weight_quantizer, self.input_quantizer = make_quantizers(out_channels, **quant)
         self.to(self.weight.device)
+        self.macs: Optional[int] = None
+        self._macs_hook = self.register_forward_hook(_record_macs)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant: Any) -> "DDQConv2d":
@@ -76,20 +107,33 @@ class DDQConv2d(nn.Conv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and self.is_pointwise() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+                and uses_fused_matmul(self):
+            # A 1×1 convolution on channels_last input is DDQLinear's GEMM over the (N·H·W, C) view.
+            weight = self.weight.reshape(self.out_channels, self.in_channels)
+            y = fused_quantized_linear(x.permute(0, 2, 3, 1), weight, self.bias, self.input_quantizer, self.weight_quantizer)
+            return y.permute(0, 3, 1, 2)
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    def is_pointwise(self) -> bool:
+        """A 1×1, stride-1, unpadded, ungrouped convolution: a plain GEMM over pixels."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+                and self.padding in ((0, 0), "valid"))
 
 
 QUANTIZED_LAYERS = (DDQLinear, DDQConv2d)
 
 
-def macs_per_sample(layer: nn.Module, output_shape: Optional[torch.Size]) -> int:
-    """Multiply-accumulates of one sample through a Linear/Conv2d, given its output shape (spec §4 BitOps)."""
+def uses_fused_matmul(layer: nn.Module) -> bool:
+    """Whether a layer's GEMM runs through `torch.ops.ddq.quantized_linear` (DDQ quantizers, op importable)."""
+    return (fused_quantized_linear is not None and isinstance(layer.input_quantizer, DDQQuantizer)
+            and isinstance(layer.weight_quantizer, DDQQuantizer))
+
+
+def macs_per_sample(layer: nn.Module, output: Tensor) -> int:
+    """Multiply-accumulates of one sample through a Linear/Conv2d given its output (spec §4 BitOps)."""
+    positions = output[0].numel() // output.shape[-1 if isinstance(layer, nn.Linear) else 1]
     if isinstance(layer, nn.Linear):
-        positions = 1 if output_shape is None else int(torch.tensor(output_shape[1:-1]).prod().item()) if len(output_shape) > 2 else 1
         return layer.in_features * layer.out_features * positions
-    if isinstance(layer, nn.Conv2d):
-        if output_shape is None:
-            raise ValueError("macs_per_sample: a convolution needs its output shape")
-        per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-        return per_output * layer.out_channels * int(output_shape[-1]) * int(output_shape[-2])
-    raise TypeError(f"macs_per_sample: unsupported layer {type(layer).__name__}")
+    per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return per_output * layer.out_channels * positions
