@@ -41,7 +41,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = handle.read()
     dims = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * d : 8 + 4 * d], "big") for d in range(dims))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape).copy()
 
 
 def fashion_mnist(root: Path | str = FASHION_MNIST_DIR) -> Split:
