@@ -1,6 +1,6 @@
 """ddq: Differentiable Dynamic Quantization (Zhang et al., ICML 2021) for quantization-aware training."""
 
-from ddq import baselines, nn
+from ddq import baselines, nn, optim
 from ddq.convert import initialize_quantizers, quantize_model, quantized_layers
 from ddq.functional import ddq_quantize
 from ddq.quantizer import DDQQuantizer
@@ -15,6 +15,7 @@ __all__ = [
     "initialize_quantizers",
     "model_bits_report",
     "nn",
+    "optim",
     "quantize_model",
     "quantized_layers",
     "summarize_bits",

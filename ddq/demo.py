@@ -63,6 +63,7 @@ class Settings:
     qat_lr: float = 5e-4
     quant_lr: float = 1e-3
     gate_lr: float = 1e-2
+    scale_range_lr: bool = True
     resource_strength: float = 1e-3
     dual_rate: float = 0.05
     width: int = 16
@@ -173,7 +174,8 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
             weight_budget, bitops_budget = budget_at(model, config.bits)
             start_from_8_bits(model)
             resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
-        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr))
+        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr,
+                                                      scale_range_lr=settings.scale_range_lr))
     initial = accuracy(model, data.test_x, data.test_y)
     losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
     result = {"run": config.name, "seed": seed, "accuracy": accuracy(model, data.test_x, data.test_y),

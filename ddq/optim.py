@@ -2,7 +2,11 @@
 
 RESEARCH_NOTES: a range parameter is ~(2^b − 1)× larger than a step and its gradient ~(2^b − 1)×
 smaller, so SGD barely moves it; per-parameter normalised updates (Adam) suit ranges, residuals and
-gate logits, each with its own learning rate and no weight decay.
+gate logits, each with its own learning rate and no weight decay. Adam moves a parameter by about its
+learning rate per step whatever the gradient's scale, so a DDQ range (α, h, lo/hi: 2^b − 1 steps wide)
+moves (2^b − 1)× slower, relative to its size, than an LSQ step at the same learning rate. With
+`scale_range_lr` the DDQ range parameters get quant_lr·(2^b − 1) (b at group creation): the same
+relative speed as LSQ's step size.
 """
 
 from __future__ import annotations
@@ -27,18 +31,25 @@ def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
                 quantizer_params.add(id(param))
                 if param.requires_grad:
                     roles["gates" if name == "gate_logits" else "quant_range"].append(param)
+                    if isinstance(module, DDQQuantizer) and name.startswith("range_"):
+                        param._ddq_levels = 2**module.bits - 1
     roles["weights"] = [p for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params]
     return roles
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
-                     gate_lr: float | None = None) -> list[dict[str, Any]]:
-    """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr and gate
-    logits at gate_lr (both default to lr), never decayed. Empty groups are left out."""
+                     gate_lr: float | None = None, scale_range_lr: bool = True) -> list[dict[str, Any]]:
+    """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
+    scaled by 2^b − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
+    decayed. Empty groups are left out."""
     roles = split_parameters(model)
-    groups = [
-        {"params": roles["weights"], "lr": lr, "weight_decay": weight_decay, "role": "weights"},
-        {"params": roles["quant_range"], "lr": quant_lr or lr, "weight_decay": 0.0, "role": "quant_range"},
-        {"params": roles["gates"], "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"},
-    ]
+    quant_lr = quant_lr or lr
+    groups = [{"params": roles["weights"], "lr": lr, "weight_decay": weight_decay, "role": "weights"}]
+    by_levels: dict[int, list[nn.Parameter]] = {}
+    for param in roles["quant_range"]:
+        levels = getattr(param, "_ddq_levels", 1) if scale_range_lr else 1
+        by_levels.setdefault(levels, []).append(param)
+    for levels, params in sorted(by_levels.items()):
+        groups.append({"params": params, "lr": quant_lr * levels, "weight_decay": 0.0, "role": "quant_range"})
+    groups.append({"params": roles["gates"], "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
     return [g for g in groups if g["params"]]

@@ -1,0 +1,242 @@
+"""`python -m ddq.train` on CPU: a generated ImageFolder, 1 and 2 ranks (torchrun + gloo), exact resume after
+--stop-after-steps and after a rank is SIGKILLed mid-run, replicas in sync, output files, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddq import train
+from ddq.imagefolder import ImageFolder, ResumableDistributedSampler
+from ddq.models import SmallCNN
+
+TRAIN_IMAGES_PER_CLASS, VAL_IMAGES_PER_CLASS = 24, 6
+COMMON = ["--model", "small_cnn", "--width", "8", "--image-size", "16", "--epochs", "2", "--workers", "0",
+          "--optimizer", "adamw", "--lr", "1e-3", "--gate-lr", "0.1", "--learn-bits", "--device", "cpu",
+          "--log-every", "2", "--no-progress", "--batch-size", "8"]
+
+
+def make_image_folder(root: Path, per_class: int, seed: int, classes: int = 2) -> None:
+    """Noise images (20×24, so crops and resizes do real work) with one colour channel raised per class."""
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 80, (20, 24, 3), dtype=np.uint8)
+            pixels[..., label % 3] += 150
+            Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder")
+    make_image_folder(root / "train", TRAIN_IMAGES_PER_CLASS, seed=0)
+    make_image_folder(root / "val", VAL_IMAGES_PER_CLASS, seed=1)
+    return root
+
+
+def data_args(data: Path) -> list[str]:
+    return ["--train-dir", str(data / "train"), "--val-dir", str(data / "val")]
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["event"] == kind]
+
+
+def assert_same(a, b, path: str = "checkpoint") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{index}]")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+def assert_same_checkpoints(first: Path, second: Path) -> dict:
+    """Everything a continuation depends on: model (quantizers included), optimizer, schedule, λ, step, RNG."""
+    a, b = (torch.load(path / "checkpoint.pt", weights_only=False) for path in (first, second))
+    for key in a:
+        if key != "config":
+            assert_same(a[key], b[key], key)
+    return a
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps on shared cores: one intra-op thread avoids OpenMP oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_process_stop_and_resume_continues_exactly(data, tmp_path, one_thread):
+    args = COMMON + data_args(data) + ["--batch-size", "8"]
+    full = train.main(args + ["--out", str(tmp_path / "full")])
+    assert full == {"step": 12, "stopped": False, "best_top1": full["best_top1"]}
+    stopped = train.main(args + ["--out", str(tmp_path / "split"), "--stop-after-steps", "9"])
+    assert stopped == {"step": 9, "stopped": True}
+    resumed = train.main(args + ["--out", str(tmp_path / "split"), "--resume", "auto"])
+    assert resumed["step"] == 12
+    final = assert_same_checkpoints(tmp_path / "full", tmp_path / "split")
+    assert final["step"] == 12 and final["resource"]["strength"] != 1e-3, "λ adapted and was carried over"
+
+    out = tmp_path / "full"
+    assert [e["epoch"] for e in events(out, "epoch")] == [0, 1]
+    assert all(0 <= e["top1"] <= 100 and e["val_images"] == 2 * VAL_IMAGES_PER_CLASS for e in events(out, "epoch"))
+    assert {"loss", "lr", "img_s", "data_wait_fraction", "resource_strength"} <= set(events(out, "train")[0])
+    for epoch in (1, 2):
+        assert (out / f"bits_epoch{epoch:03d}.png").stat().st_size > 1000
+        assert "average weight bits" in (out / f"bits_epoch{epoch:03d}.txt").read_text()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name], "no temporary checkpoint file left behind"
+    split_epochs = events(tmp_path / "split", "epoch")
+    assert [e["top1"] for e in split_epochs] == [e["top1"] for e in events(out, "epoch")]
+
+
+def torchrun(args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddq.train", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_two_ranks_gloo_stay_in_sync_and_resume_exactly_after_sigkill(data, tmp_path):
+    args = COMMON + data_args(data) + ["--batch-size", "4"]  # 48 images / 2 ranks / 4 = 6 steps per epoch
+    full = tmp_path / "full"
+    finish(torchrun(args + ["--out", str(full), "--workers", "1"]))
+
+    init = events(full, "quantizer_init")[0]["ranks"]
+    assert init[0]["before_sync"] != init[1]["before_sync"], "each rank initialised its ranges from its own batch"
+    assert init[0]["after_sync"] == init[1]["after_sync"] == init[0]["before_sync"], "rank 0's quantizer state everywhere"
+    checks = events(full, "sync_check")
+    assert len(checks) == 2 and all(check["in_sync"] for check in checks)
+    for check in checks:
+        first, second = check["ranks"]
+        assert first["bits"] == second["bits"] and first["state_sha256"] == second["state_sha256"]
+    learned = [bits for layer in checks[-1]["ranks"][0]["bits"][1:-1] for bits in layer]
+    assert min(learned) < 8, "learned bits moved (the check compares decisions that changed)"
+
+    # Rank 1 SIGKILLs itself after step 8's update (mid-epoch 2); torchrun then ends rank 0. The last
+    # complete checkpoint is step 7's: the work of step 8 is lost and must be redone identically.
+    killed = tmp_path / "killed"
+    process = torchrun(args + ["--out", str(killed), "--save-every-steps", "1"], extra_env={"DDQ_TRAIN_FAULT_STEP": "8"})
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "SIGKILL" in output, output[-3000:]
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 7
+    assert not [p for p in killed.iterdir() if ".tmp" in p.name]
+    finish(torchrun(args + ["--out", str(killed), "--resume", "auto", "--workers", "2"]))
+    assert events(killed, "resumed")[-1]["step"] == 7
+    assert assert_same_checkpoints(full, killed)["step"] == 12
+    assert events(killed, "sync_check")[-1]["ranks"] == checks[-1]["ranks"]
+
+
+def test_sampler_resumes_mid_epoch_and_augmentation_depends_only_on_the_seed(data):
+    dataset = ImageFolder(data / "train", 16, train=True)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=2, rank=1, seed=3)
+    sampler.set_position(epoch=2)
+    whole = list(sampler)
+    sampler.set_position(epoch=2, start=5)
+    assert list(sampler) == whole[5:] and len(sampler) == len(whole) - 5
+    sampler.set_position(epoch=3)
+    assert list(sampler) != whole, "another epoch, another order and other augmentations"
+    key = whole[0]
+    image, label = dataset[key]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label in (0, 1)
+    assert torch.equal(dataset[key][0], image)
+    assert torch.equal(ImageFolder(data / "train", 16, train=False)[key[0]][0], dataset.load(key[0])[0])
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train.atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        train.atomic_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def run_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as raised:
+        train.main(argv)
+    code = raised.value.code
+    return code if isinstance(code, str) else capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weight-bits", "9"], "--weight-bits must be in"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--first-last-bits", "x"], "--first-last-bits must be"),
+    (["--method", "lsq"], "--learn-bits needs --method ddq"),
+    (["--warmup-epochs", "2"], "--warmup-epochs must be in"),
+    (["--pretrained", "/nonexistent.pt"], "does not exist"),
+    (["--resume", "/nonexistent.pt"], "no such checkpoint"),
+    (["--batch-size", "100"], "fewer than one batch"),
+])
+def test_bad_arguments_are_named(data, tmp_path, capsys, extra, message):
+    assert message in run_error(COMMON + data_args(data) + ["--out", str(tmp_path)] + extra, capsys)
+
+
+def test_torchvision_model_without_torchvision_says_so(data, tmp_path, capsys):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here; the GPU benchmark covers its models")
+    except ImportError:
+        pass
+    argv = COMMON + data_args(data) + ["--out", str(tmp_path), "--model", "mobilenet_v2"]
+    assert "needs torchvision" in run_error(argv, capsys)
+
+
+def test_missing_or_empty_data_directories(data, tmp_path, capsys):
+    base = COMMON + ["--out", str(tmp_path / "out")]
+    assert "does not exist" in run_error(base + ["--train-dir", str(tmp_path / "nope"), "--val-dir", str(data / "val")], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no class subfolders" in run_error(base + ["--train-dir", str(tmp_path / "empty"), "--val-dir", str(data / "val")], capsys)
+    (tmp_path / "hollow" / "class0").mkdir(parents=True)
+    assert "hold no image" in run_error(base + ["--train-dir", str(tmp_path / "hollow"), "--val-dir", str(data / "val")], capsys)
+    make_image_folder(tmp_path / "three", 2, seed=2, classes=3)
+    assert "other classes" in run_error(base + ["--train-dir", str(data / "train"), "--val-dir", str(tmp_path / "three")], capsys)
+
+
+def test_checkpoints_of_another_model_are_refused(data, tmp_path, capsys):
+    wide = tmp_path / "wide.pt"
+    torch.save(SmallCNN(in_channels=3, num_classes=2, width=4, image_size=16).state_dict(), wide)
+    argv = COMMON + data_args(data) + ["--out", str(tmp_path / "a"), "--pretrained", str(wide)]
+    assert "does not fit --model small_cnn" in run_error(argv, capsys)
+
+    good = tmp_path / "good.pt"
+    torch.save({"model": SmallCNN(in_channels=3, num_classes=2, width=8, image_size=16).state_dict()}, good)
+    train.main(COMMON + data_args(data) + ["--out", str(tmp_path / "b"), "--pretrained", str(good), "--batch-size", "16",
+                                            "--stop-after-steps", "1"])
+    other = COMMON + data_args(data) + ["--out", str(tmp_path / "c"), "--batch-size", "16", "--width", "4",
+                                        "--resume", str(tmp_path / "b" / "checkpoint.pt")]
+    assert "width: checkpoint 8, now 4" in run_error(other, capsys)
+    not_ours = COMMON + data_args(data) + ["--out", str(tmp_path / "d"), "--resume", str(good)]
+    assert "not a ddq.train checkpoint" in run_error(not_ours, capsys)
