@@ -99,10 +99,18 @@ def check_parameter_values(lo: Tensor, hi: Tensor, residuals: Tensor, gate_logit
         raise ValueError(f"ddq_quantize: needs hi > lo in every group; group {bad} has lo={lo[bad].item()} hi={hi[bad].item()}")
 
 
+def grouped(x: Tensor, groups: int) -> Tensor:
+    """x as a contiguous (groups, numel / groups): group g is the g-th consecutive slice (empty x included).
+
+    Contiguous so that every output is, whatever x's strides, as the fake kernels promise.
+    """
+    return x.contiguous().reshape(groups, x.numel() // groups if groups else 0)
+
+
 def quantize_reference(x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor, min_bits: int) -> Tensor:
     """Spec §2 steps 1–4 in plain PyTorch: a gather from the (G, 256) table of block-mean levels."""
     groups = lo.shape[0]
-    flat = x.reshape(groups, -1)
+    flat = grouped(x, groups)
     bits = qm.bitwidth_int(gate_logits, min_bits)
     _, index = qm.fine_index(flat, lo, hi)
     table = qm.fine_table(qm.block_levels(lo, hi, residuals, bits), bits)
@@ -114,8 +122,8 @@ def quantize_reference(x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gat
 def reductions_reference(grad: Tensor, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Spec §3 element-wise pass: (∂L/∂x = v·in, histogram of v over fine cells, Σ v·u·in, Σ v·(1 − in))."""
     groups = lo.shape[0]
-    flat = x.reshape(groups, -1)
-    v = grad.reshape(groups, -1).to(torch.float32)
+    flat = grouped(x, groups)
+    v = grouped(grad, groups).to(torch.float32)
     u, index = qm.fine_index(flat, lo, hi)
     inside = (u >= 0) & (u <= qm.FINE_MAX)
     grad_x = torch.where(inside, v, 0.0).to(x.dtype).reshape(x.shape)
@@ -134,9 +142,10 @@ def quantize_op(
     return quantize_reference(x, lo, hi, residuals, gate_logits, min_bits)
 
 
+# The real bodies return contiguous tensors whatever x's strides; empty_like(x) would copy x's strides.
 @quantize_op.register_fake
 def _quantize_fake(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("ddq::quantize_backward", mutates_args=())
@@ -152,14 +161,15 @@ def quantize_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Spec §3: (∂x, ∂lo, ∂hi, ∂residuals, ∂gate_logits) from the upstream gradient."""
     grad_x, histogram, sum_vu, sum_clipped = reductions_reference(grad, x, lo, hi)
-    numel_per_group = x.numel() // lo.shape[0]
+    numel_per_group = x.numel() // max(lo.shape[0], 1)
     grads = qm.parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale, numel_per_group)
     return (grad_x, *grads)
 
 
 @quantize_backward_op.register_fake
 def _quantize_backward_fake(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    return (torch.empty_like(x), torch.empty_like(lo), torch.empty_like(hi), torch.empty_like(residuals), torch.empty_like(gate_logits))
+    return (x.new_empty(x.shape), lo.new_empty(lo.shape), hi.new_empty(hi.shape), residuals.new_empty(residuals.shape),
+            gate_logits.new_empty(gate_logits.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,3 +186,11 @@ def _backward(ctx, grad):
 
 
 quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Triton bodies for CUDA tensors (ddq_kernels.registration); the reference above serves every other device.
+if torch.cuda.is_available():
+    try:
+        import ddq_kernels.registration  # noqa: F401
+    except ImportError:
+        pass

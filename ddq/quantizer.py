@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
-from ddq.functional import ddq_quantize
+from ddq.functional import FLOAT_INPUT_DTYPES, ddq_quantize
 
 RANGE_MODES = ("symmetric", "unsigned", "affine")
 MODES = RANGE_MODES + ("auto",)
 GATE_INIT_STEP = 0.25
 MIN_RANGE = 1e-8
+AFFINE_MIN_RELATIVE_WIDTH = 2.0**-16
 PERCENTILE_SAMPLE = 1 << 22
 
 
@@ -21,6 +22,10 @@ def graded_gate_logits(init_bits: int, step: float = GATE_INIT_STEP) -> Tensor:
     """Spec §2: θ_k = θ0·(init_bits + 1 − k) for k ≤ init_bits, −θ0·(k − init_bits) above (k = 1..8)."""
     k = torch.arange(1, qm.FINEST_BITS + 1, dtype=torch.float32)
     return torch.where(k <= init_bits, step * (init_bits + 1 - k), -step * (k - init_bits))
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def percentile(x: Tensor, fraction: float) -> Tensor:
@@ -39,8 +44,9 @@ class DDQQuantizer(nn.Module):
     level), "affine" (learn lo and hi), or "auto" (resolved on the first batch: "unsigned" when it has
     no negative value, else "symmetric"). channels=None quantizes per tensor; channels=C per slice
     along dim 0 (per output channel for weights). The range is initialised from the first tensor seen:
-    max|x| per channel for per-channel quantizers, the 99.9th (and 0.1th) percentile per tensor.
-    learn_bits=False fixes the bitwidth at init_bits; learn_levels=False keeps the levels uniform.
+    max|x| per channel for per-channel quantizers (unsigned: max x; affine: min x and max x), the 99.9th
+    (and 0.1th) percentile per tensor. learn_bits=False fixes the bitwidth at init_bits;
+    learn_levels=False keeps the levels uniform. The parameters stay float32 when the module is cast.
     """
 
     def __init__(
@@ -56,14 +62,14 @@ class DDQQuantizer(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"DDQQuantizer: mode must be one of {MODES}, got {mode!r}")
-        if not 0 <= min_bits <= qm.FINEST_BITS:
-            raise ValueError(f"DDQQuantizer: min_bits must be in [0, 8], got {min_bits}")
-        if not min_bits <= init_bits <= qm.FINEST_BITS:
-            raise ValueError(f"DDQQuantizer: init_bits must be in [min_bits={min_bits}, 8], got {init_bits}")
+        if not is_int(min_bits) or not 0 <= min_bits <= qm.FINEST_BITS:
+            raise ValueError(f"DDQQuantizer: min_bits must be an int in [0, 8], got {min_bits!r}")
+        if not is_int(init_bits) or not min_bits <= init_bits <= qm.FINEST_BITS:
+            raise ValueError(f"DDQQuantizer: init_bits must be an int in [min_bits={min_bits}, 8], got {init_bits!r}")
         if mode in ("unsigned", "auto") and min_bits < 1:
             raise ValueError("DDQQuantizer: unsigned mode needs min_bits >= 1 (a zero-anchored grid needs two levels)")
-        if channels is not None and channels < 1:
-            raise ValueError(f"DDQQuantizer: channels must be None or positive, got {channels}")
+        if channels is not None and (not is_int(channels) or channels < 1):
+            raise ValueError(f"DDQQuantizer: channels must be None or a positive int, got {channels!r}")
         self.mode = mode
         self.axis = None if channels is None else 0
         self.min_bits = min_bits
@@ -82,6 +88,17 @@ class DDQQuantizer(nn.Module):
         self._initialized = False
         self.register_buffer("mode_code", torch.tensor(MODES.index(mode)))
         self._register_load_state_dict_pre_hook(self._restore_python_state, with_module=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Device moves apply to the parameters, dtype casts do not: they stay float32 (spec §2 computes
+        in float32; the op rejects other dtypes), so `model.to(torch.bfloat16)` keeps working."""
+        super()._apply(fn, recurse)
+        for param in self.parameters(recurse=False):
+            if param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+                if param.grad is not None:
+                    param.grad.data = param.grad.data.to(torch.float32)
+        return self
 
     def _restore_python_state(self, state_dict, prefix, *args) -> None:
         code = state_dict.get(prefix + "mode_code")
@@ -117,8 +134,11 @@ class DDQQuantizer(nn.Module):
             a_s, b_s = qm.unsigned_range_coefficients(self.bits_tensor().detach())
             return -a_s * top, b_s * top
         if self.mode == "affine":
+            # An absolute floor of MIN_RANGE vanishes in lo + width once |lo| > ~0.1 (float32), leaving
+            # hi == lo; a floor relative to |lo| keeps hi > lo for every finite lo.
             lo = self.range_bottom
-            return lo, lo + (self.range_top - lo).abs().clamp_min(MIN_RANGE)
+            min_width = lo.detach().abs() * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
+            return lo, lo + torch.maximum((self.range_top - lo).abs(), min_width)
         raise RuntimeError("DDQQuantizer: mode 'auto' is resolved on the first batch; call it on data first")
 
     @torch.no_grad()
@@ -137,13 +157,17 @@ class DDQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Spec §2 initialisation from the first tensor seen (weights: max|w| per channel)."""
+        """Spec §2 initialisation from the first tensor seen (weights: max|w| per channel).
+
+        Per channel: symmetric α = max|x|, unsigned h = max x, affine [min x, max x] of each slice.
+        Per tensor: the 99.9th percentile (of |x| when symmetric) and, for affine, the 0.1th for lo.
+        """
+        self._check_first_batch(x)
         if self.mode == "auto":
             self._set_mode("unsigned" if bool((x.detach() >= 0).all()) else "symmetric")
             self.mode_code.fill_(MODES.index(self.mode))
         if self.axis == 0:
-            top = x.detach().reshape(self.groups, -1).abs().amax(dim=1).to(torch.float32)
-            self.range_top.copy_(top.clamp_min(MIN_RANGE))
+            self._initialize_per_channel(x.detach().reshape(self.groups, -1).to(torch.float32))
         elif self.mode == "symmetric":
             self.range_top.fill_(self._robust_top(x.detach().abs()))
         elif self.mode == "unsigned":
@@ -155,6 +179,25 @@ class DDQQuantizer(nn.Module):
             self.range_top.fill_(top)
         self.initialized.fill_(True)
         self._initialized = True
+
+    def _check_first_batch(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dtype not in FLOAT_INPUT_DTYPES:
+            raise TypeError(f"DDQQuantizer: x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.numel() == 0:
+            raise ValueError(f"DDQQuantizer: cannot initialise the range from an empty batch of shape {tuple(x.shape)}")
+        if self.axis == 0 and (x.dim() == 0 or x.shape[0] != self.groups):
+            raise ValueError(f"DDQQuantizer: a per-channel quantizer of {self.groups} channels got x of shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("DDQQuantizer: cannot initialise the range from a batch with NaN or infinite values")
+
+    def _initialize_per_channel(self, rows: Tensor) -> None:
+        if self.mode == "symmetric":
+            self.range_top.copy_(rows.abs().amax(dim=1).clamp_min(MIN_RANGE))
+        elif self.mode == "unsigned":
+            self.range_top.copy_(rows.amax(dim=1).clamp_min(MIN_RANGE))
+        else:
+            self.range_bottom.copy_(rows.amin(dim=1))
+            self.range_top.copy_(rows.amax(dim=1))
 
     @staticmethod
     def _robust_top(x: Tensor) -> Tensor:

@@ -100,8 +100,11 @@ def unsigned_range_coefficients(bits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def range_grad_scale(numel_per_group: int, bits: int) -> float:
-    """Spec §3: LSQ's gradient scale 1/√(numel_g · max(2^b − 1, 1)) for range parameters."""
-    return (numel_per_group * max(2**bits - 1, 1)) ** -0.5
+    """Spec §3: LSQ's gradient scale 1/√(numel_g · max(2^b − 1, 1)) for range parameters.
+
+    An empty group (numel_g = 0) has zero range gradients; it is scaled as if it had one element.
+    """
+    return (max(numel_per_group, 1) * max(2**bits - 1, 1)) ** -0.5
 
 
 def gate_logit_grads(gate_grads: Tensor, gate_logits: Tensor, min_bits: int) -> Tensor:
@@ -159,7 +162,7 @@ def parameter_grads(
         grad_lo, grad_hi = grad_lo * scale, grad_hi * scale
 
     delta = (hi.to(torch.float32) - lo.to(torch.float32)) / FINE_MAX
-    per_code = histogram.reshape(histogram.shape[0], 2**bits, -1).sum(dim=2)
+    per_code = histogram.reshape(histogram.shape[0], 2**bits, 2 ** (FINEST_BITS - bits)).sum(dim=2)
     grad_residuals = delta[:, None] * fine_table(per_code, bits)
 
     q = fine_levels(lo, hi, residuals, bits)
