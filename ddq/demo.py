@@ -170,12 +170,13 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
                                    first_last_bits=config.first_last_bits,
                                    **({"learn_levels": True} if config.method == "ddq" else {}))
         ddq.initialize_quantizers(model, data.train_x[: settings.batch_size * 4])
+        # Groups first: range learning rates follow the bits the layer is meant to end at, not the 8 it starts from.
+        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr,
+                                                      scale_range_lr=settings.scale_range_lr))
         if config.learn_bits:
             weight_budget, bitops_budget = budget_at(model, config.bits)
             start_from_8_bits(model)
             resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
-        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr,
-                                                      scale_range_lr=settings.scale_range_lr))
     initial = accuracy(model, data.test_x, data.test_y)
     losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
     result = {"run": config.name, "seed": seed, "accuracy": accuracy(model, data.test_x, data.test_y),

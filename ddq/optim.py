@@ -5,8 +5,8 @@ smaller, so SGD barely moves it; per-parameter normalised updates (Adam) suit ra
 gate logits, each with its own learning rate and no weight decay. Adam moves a parameter by about its
 learning rate per step whatever the gradient's scale, so a DDQ range (α, h, lo/hi: 2^b − 1 steps wide)
 moves (2^b − 1)× slower, relative to its size, than an LSQ step at the same learning rate. With
-`scale_range_lr` the DDQ range parameters get quant_lr·(2^b − 1) (b at group creation): the same
-relative speed as LSQ's step size.
+`scale_range_lr` the DDQ range parameters get quant_lr·(2^b − 1), b = the quantizer's init_bits (the
+bits it was built for, also when learned bits start higher): the same relative speed as LSQ's step.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
                 if param.requires_grad:
                     roles["gates" if name == "gate_logits" else "quant_range"].append(param)
                     if isinstance(module, DDQQuantizer) and name.startswith("range_"):
-                        param._ddq_levels = 2**module.bits - 1
+                        param._ddq_levels = 2**module.init_bits - 1
     roles["weights"] = [p for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params]
     return roles
 
@@ -40,7 +40,7 @@ def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
                      gate_lr: float | None = None, scale_range_lr: bool = True) -> list[dict[str, Any]]:
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
-    scaled by 2^b − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
+    scaled by 2^init_bits − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
     decayed. Empty groups are left out."""
     roles = split_parameters(model)
     quant_lr = quant_lr or lr

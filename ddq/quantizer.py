@@ -75,6 +75,7 @@ class DDQQuantizer(nn.Module):
         self.min_bits = min_bits
         self.grad_scale = grad_scale
         self.learn_bits = learn_bits
+        self.init_bits = init_bits
         groups = 1 if channels is None else channels
         self.range_top = nn.Parameter(torch.ones(groups))
         self.range_bottom = nn.Parameter(torch.zeros(groups), requires_grad=mode in ("affine",))
