@@ -1,0 +1,137 @@
+"""backend="c": arm_ref (the C library of DDQ_SPEC.md Section 5) through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from ddq.deploy.int_gemm import GemmArgs
+from ddq.deploy.packing import pack
+
+PATHS = {"auto": 0, "scalar": 1, "neon": 2, "avx512": 3}
+
+
+class GemmArgsStruct(ctypes.Structure):
+    """Mirror of arm_ref_gemm_args in arm_ref/include/arm_ref.h (field order matters)."""
+
+    _fields_ = [
+        ("codes_x", ctypes.c_void_p),
+        ("lut_x", ctypes.c_void_p),
+        ("packed_w", ctypes.c_void_p),
+        ("lut_w", ctypes.c_void_p),
+        ("mult", ctypes.c_void_p),
+        ("offset", ctypes.c_void_p),
+        ("i_min", ctypes.c_void_p),
+        ("m", ctypes.c_size_t),
+        ("n", ctypes.c_size_t),
+        ("k", ctypes.c_size_t),
+        ("packed_size", ctypes.c_size_t),
+        ("bits_x", ctypes.c_int32),
+        ("lut_x_signed", ctypes.c_int32),
+        ("bits_w", ctypes.c_int32),
+        ("shift", ctypes.c_int32),
+        ("bits_out", ctypes.c_int32),
+    ]
+
+
+class TensorStruct(ctypes.Structure):
+    _fields_ = [("dtype", ctypes.c_char * 8), ("ndim", ctypes.c_int32), ("shape", ctypes.c_uint64 * 8),
+                ("data", ctypes.c_void_p), ("nbytes", ctypes.c_size_t)]
+
+
+class FileStruct(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("size", ctypes.c_size_t), ("header_size", ctypes.c_size_t),
+                ("tensor_count", ctypes.c_size_t)]
+
+
+class ArmRefError(ValueError):
+    """arm_ref rejected its arguments; the message is the library's own status text."""
+
+
+def library_path() -> Path:
+    """The arm_ref shared library that `pip install` builds next to this file."""
+    candidates = sorted(Path(__file__).parent.glob("_arm_ref*.so"))
+    if not candidates:
+        raise RuntimeError(
+            "backend 'c' needs the arm_ref shared library (ddq/deploy/_arm_ref*.so), which is missing: "
+            "build it with `pip install -e .` (needs a C compiler)")
+    return candidates[0]
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_path()))
+    lib.arm_ref_status_string.restype = ctypes.c_char_p
+    lib.arm_ref_path_name.restype = ctypes.c_char_p
+    lib.arm_ref_workspace_bytes.restype = ctypes.c_size_t
+    lib.arm_ref_workspace_bytes.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    lib.arm_ref_int_gemm.argtypes = [ctypes.POINTER(GemmArgsStruct), ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
+                                     ctypes.c_void_p, ctypes.c_void_p]
+    lib.arm_ref_file_parse.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(FileStruct)]
+    lib.arm_ref_file_tensor.argtypes = [ctypes.POINTER(FileStruct), ctypes.c_char_p, ctypes.POINTER(TensorStruct)]
+    return lib
+
+
+def status_text(status: int) -> str:
+    return library().arm_ref_status_string(status).decode()
+
+
+def available_paths() -> list[str]:
+    """Kernel paths this CPU can run ("scalar" always; "avx512" or "neon" where supported)."""
+    lib = library()
+    return [name for name, code in PATHS.items() if name != "auto" and lib.arm_ref_path_available(code)]
+
+
+def best_path() -> str:
+    return library().arm_ref_path_name(library().arm_ref_best_path()).decode()
+
+
+def _pointer(array: np.ndarray) -> int:
+    return array.ctypes.data
+
+
+def call_int_gemm(codes_x: np.ndarray, lut_x: np.ndarray, packed_w: np.ndarray, lut_w: np.ndarray, mult: np.ndarray,
+                  offset: np.ndarray, i_min: np.ndarray, *, m: int, n: int, k: int, bits_x: int, lut_x_signed: bool,
+                  bits_w: int, shift: int, bits_out: int, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """arm_ref_int_gemm on packed weights, with only the C library's own checks (raises ArmRefError)."""
+    arrays = [np.ascontiguousarray(a) for a in (codes_x, lut_x, packed_w, lut_w, mult, offset, i_min)]
+    args = GemmArgsStruct(*[_pointer(a) for a in arrays], m, n, k, arrays[2].nbytes, bits_x, int(lut_x_signed),
+                          bits_w, shift, bits_out)
+    lib = library()
+    workspace_size = lib.arm_ref_workspace_bytes(m, k)
+    sized = workspace_size <= arrays[0].nbytes + (1 << 20) * max(m, 1)
+    workspace = np.empty(workspace_size if sized else 1, dtype=np.uint8)
+    acc = np.empty((m, n), dtype=np.int32)
+    codes = np.empty((m, n), dtype=np.uint8)
+    status = lib.arm_ref_int_gemm(ctypes.byref(args), PATHS[path], _pointer(workspace), workspace_size if sized else 0,
+                                  _pointer(acc), _pointer(codes))
+    if status != 0:
+        raise ArmRefError(f"arm_ref: {status_text(status)}")
+    return acc, codes
+
+
+def int_gemm_c(args: GemmArgs, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Spec §5 through arm_ref on validated arguments (weights packed here)."""
+    m, n, k = args.shape
+    return call_int_gemm(args.codes_x, args.lut_x, pack(args.codes_w, args.bits_w), args.lut_w, args.mult,
+                         args.offset, args.i_min, m=m, n=n, k=k, bits_x=args.bits_x,
+                         lut_x_signed=args.lut_x.dtype == np.int8, bits_w=args.bits_w, shift=args.shift,
+                         bits_out=args.bits_out, path=path)
+
+
+def check_file(data: bytes, names: list[str]) -> None:
+    """Parse an exported file with arm_ref's C reader and look up `names`; raises ArmRefError when corrupt."""
+    lib = library()
+    buffer = np.frombuffer(data, dtype=np.uint8) if data else np.zeros(1, dtype=np.uint8)
+    parsed = FileStruct()
+    status = lib.arm_ref_file_parse(_pointer(buffer), len(data), ctypes.byref(parsed))
+    if status != 0:
+        raise ArmRefError(f"arm_ref: {status_text(status)}")
+    for name in names:
+        tensor = TensorStruct()
+        status = lib.arm_ref_file_tensor(ctypes.byref(parsed), name.encode(), ctypes.byref(tensor))
+        if status != 0:
+            raise ArmRefError(f"arm_ref: {status_text(status)} ({name})")

@@ -1,0 +1,38 @@
+"""backend="triton": the Triton kernel of ddq_kernels.int_gemm (GPU, or the interpreter)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ddq.deploy.int_gemm import GemmArgs
+from ddq.deploy.packing import pack
+
+
+def triton_device() -> torch.device:
+    """CUDA when present, else the CPU under the Triton interpreter; a clear error otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    raise RuntimeError("backend 'triton' needs a CUDA GPU, or the Triton interpreter on CPU: set TRITON_INTERPRET=1 "
+                       "before triton is imported")
+
+
+def int_gemm_triton(args: GemmArgs) -> tuple[np.ndarray, np.ndarray]:
+    """Spec §5 through the Triton kernel on validated arguments (weights packed here)."""
+    device = triton_device()
+    try:
+        from ddq_kernels.int_gemm import int_gemm_packed
+    except ImportError as error:
+        raise RuntimeError(f"backend 'triton' needs triton and ddq_kernels ({error})") from None
+
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    acc, codes = int_gemm_packed(to_device(args.codes_x), to_device(args.lut_x), to_device(pack(args.codes_w, args.bits_w)),
+                                 to_device(args.lut_w), to_device(args.mult), to_device(args.offset), args.shift,
+                                 to_device(args.i_min), args.bits_out, args.bits_w, args.shape[2])
+    return acc.cpu().numpy(), codes.cpu().numpy()

@@ -1,0 +1,1 @@
+"""Triton kernels of the ddq project (see each module for the spec section it implements)."""

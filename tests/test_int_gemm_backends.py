@@ -1,0 +1,130 @@
+"""Spec §5: every int_gemm backend (and every arm_ref path) bit-exact with the NumPy golden."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddq.deploy import int_gemm
+from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
+
+c_backend = pytest.importorskip("ddq.deploy.c_backend")
+
+
+def c_paths() -> list[str]:
+    try:
+        return c_backend.available_paths()
+    except RuntimeError:
+        return []
+
+
+def run_all(*args) -> tuple[np.ndarray, np.ndarray]:
+    """The golden result, after checking that C (every path) and Triton give the same bits."""
+    checked = check_int_gemm_args(*args)
+    want_acc, want_codes = int_gemm_numpy(checked)
+    results = {f"c/{path}": c_backend.int_gemm_c(checked, path) for path in c_paths()}
+    results["triton"] = int_gemm(*args, backend="triton")
+    for name, (acc, codes) in results.items():
+        np.testing.assert_array_equal(acc, want_acc, err_msg=f"{name} acc")
+        np.testing.assert_array_equal(codes, want_codes, err_msg=f"{name} codes")
+    return want_acc, want_codes
+
+
+def random_case(rng: np.random.Generator, m: int, n: int, k: int, bits_x: int, bits_w: int, signed_x: bool,
+                realistic: bool = True) -> list:
+    codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
+    codes_w = rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8)
+    lut_x = (rng.integers(-128, 128, 1 << bits_x).astype(np.int8) if signed_x
+             else rng.integers(0, 256, 1 << bits_x).astype(np.uint8))
+    lut_w = rng.integers(-128, 128, (n, 1 << bits_w)).astype(np.int8)
+    if realistic:
+        shift = int(rng.integers(10, 24))
+        mult = rng.integers(0, 1 << 8, n).astype(np.int32)
+        offset = rng.integers(-(1 << 28), 1 << 28, n).astype(np.int64)
+    else:
+        shift = int(rng.integers(1, 62))
+        mult = rng.integers(0, 1 << 30, n).astype(np.int32)
+        offset = rng.integers(-(1 << 61) + 1, 1 << 61, n).astype(np.int64)
+    i_min = np.where(rng.random(n) < 0.3, rng.integers(0, 256, n), 0).astype(np.int32)
+    return [codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, int(rng.integers(1, 9))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        bits_x, bits_w = (int(b) for b in rng.integers(1, 9, 2))
+        m, n, k = int(rng.integers(1, 24)), int(rng.integers(1, 24)), int(rng.integers(1, 700))
+        run_all(*random_case(rng, m, n, k, bits_x, bits_w, bool(rng.integers(2)), realistic=bool(rng.integers(2))))
+
+
+def test_every_bitwidth_and_bits_out_with_odd_shapes():
+    rng = np.random.default_rng(7)
+    for bits_x in range(1, 9):
+        for bits_w in range(1, 9):
+            case = random_case(rng, 7, 13, int(rng.integers(1, 300)), bits_x, bits_w, bits_x % 2 == 0)
+            case[8] = (bits_x + bits_w) % 8 + 1
+            case[7][:5] = [1, 17, 100, 200, 255]
+            run_all(*case)
+
+
+def test_rounding_ties_and_the_clamp_edge():
+    """Row 0 has acc = 0, so z = offset: ties (z + 2^(s−1) = j·2^s) round up, z < −2^(s−1) gives 0."""
+    for shift in (1, 2, 7, 30, 53):
+        half, scale = 1 << (shift - 1), 1 << shift
+        targets = [-half - 1, -half, -half + 1, scale - half, 7 * scale - half, 255 * scale - half, 256 * scale - half,
+                   3 * scale - half - 1]
+        expected = [0, 0, 0, 1, 7, 255, 255, 2]
+        n = len(targets)
+        codes_x = np.array([[0], [1]], dtype=np.uint8)
+        lut_x = np.array([0, 1], dtype=np.int8)
+        codes_w = np.zeros((n, 1), dtype=np.uint8)
+        lut_w = np.ones((n, 2), dtype=np.int8)
+        mult = np.full(n, 1 if shift < 30 else 0, dtype=np.int32)
+        offset = np.array(targets, dtype=np.int64)
+        _, codes = run_all(codes_x, lut_x, codes_w, lut_w, mult, offset, shift, np.zeros(n, np.int32), 8)
+        np.testing.assert_array_equal(codes[0], expected)
+
+
+@pytest.mark.parametrize("signed_x", [False, True])
+@pytest.mark.parametrize("weight", [-128, 127, -127])
+def test_maximum_magnitude_at_the_k_limit(signed_x, weight):
+    k = 65536
+    codes_x = np.zeros((2, k), dtype=np.uint8)
+    lut_x = np.array([-128, 127], dtype=np.int8) if signed_x else np.array([255, 0], dtype=np.uint8)
+    codes_w = np.full((3, k), 15, dtype=np.uint8)
+    lut_w = np.full((3, 16), weight, dtype=np.int8)
+    mult = np.full(3, (1 << 30) - 1, dtype=np.int32)
+    offset = np.array([(1 << 61) - 1, -(1 << 61) + 1, 0], dtype=np.int64)
+    acc, _ = run_all(codes_x, lut_x, codes_w, lut_w, mult, offset, 61, np.array([0, 100, 255], np.int32), 8)
+    assert acc[0, 0] == weight * int(lut_x.astype(np.int64)[0]) * k
+
+
+def test_k_equal_one_and_i_min_above_zero():
+    rng = np.random.default_rng(3)
+    for bits_out in range(1, 9):
+        case = random_case(rng, 5, 9, 1, 8, 8, False)
+        case[7] = np.full(9, 37 * bits_out % 256, dtype=np.int32)
+        case[8] = bits_out
+        run_all(*case)
+
+
+@pytest.mark.parametrize("decode", [0, 1])
+@pytest.mark.parametrize("predecode", [False, True])
+def test_triton_decode_variants(decode, predecode):
+    """Both weight-decode variants (global LUT gather, tl.gather) and both activation modes agree."""
+    import torch
+
+    from ddq.deploy.packing import pack
+    from ddq_kernels.int_gemm import TileConfig, int_gemm_packed
+
+    rng = np.random.default_rng(11)
+    for bits_w in (1, 2, 3, 4):
+        case = random_case(rng, 19, 21, 333, 4, bits_w, bits_w % 2 == 1)
+        want_acc, want_codes = int_gemm_numpy(check_int_gemm_args(*case))
+        codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+        tensors = [torch.from_numpy(a) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+        acc, codes = int_gemm_packed(*tensors, shift, torch.from_numpy(i_min), bits_out, bits_w, 333,
+                                     config=TileConfig(16, 16, 32, decode=decode), predecode=predecode)
+        np.testing.assert_array_equal(acc.numpy(), want_acc)
+        np.testing.assert_array_equal(codes.numpy(), want_codes)

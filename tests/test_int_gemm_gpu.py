@@ -1,0 +1,130 @@
+"""GPU checks of spec §5: the Triton kernel on the GPU against the NumPy golden, and a large randomized
+cross-check (millions of outputs) against arm_ref's scalar C compiled for the GPU with CuPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddq.deploy import int_gemm
+from ddq.deploy.packing import pack
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+def random_case(rng, m, n, k, bits_x, bits_w, signed_x):
+    codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
+    codes_w = rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8)
+    lut_x = (rng.integers(-128, 128, 1 << bits_x).astype(np.int8) if signed_x
+             else rng.integers(0, 256, 1 << bits_x).astype(np.uint8))
+    lut_w = rng.integers(-128, 128, (n, 1 << bits_w)).astype(np.int8)
+    shift = int(rng.integers(12, 20))
+    mult = rng.integers(0, 1 << 6, n).astype(np.int32)
+    offset = rng.integers(-(1 << 26), 1 << 26, n).astype(np.int64)
+    i_min = np.where(rng.random(n) < 0.3, rng.integers(0, 256, n), 0).astype(np.int32)
+    return [codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, int(rng.integers(1, 9))]
+
+
+def test_triton_gpu_matches_the_golden():
+    rng = np.random.default_rng(0)
+    for bits_w in range(1, 9):
+        for m in (1, 16, 300):
+            case = random_case(rng, m, int(rng.integers(1, 200)), int(rng.integers(1, 2000)), 1 + bits_w % 8, bits_w,
+                               bits_w % 2 == 0)
+            want = int_gemm(*case)
+            got = int_gemm(*case, backend="triton")
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_triton_gpu_maximum_magnitude_at_the_k_limit():
+    k = 65536
+    case = [np.zeros((3, k), np.uint8), np.array([255, 0], np.uint8), np.full((5, k), 15, np.uint8),
+            np.full((5, 16), -128, np.int8), np.full(5, (1 << 30) - 1, np.int32),
+            np.array([(1 << 61) - 1, -(1 << 61) + 1, 0, 5, -5], np.int64), 61, np.array([0, 9, 255, 0, 0], np.int32), 8]
+    want = int_gemm(*case)
+    got = int_gemm(*case, backend="triton")
+    assert want[0][0, 0] == -128 * 255 * k
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_cupy_matches_the_golden():
+    pytest.importorskip("cupy")
+    rng = np.random.default_rng(1)
+    for bits_w in range(1, 9):
+        case = random_case(rng, 37, 41, int(rng.integers(1, 900)), 8 - bits_w % 8, bits_w, bits_w % 2 == 1)
+        want = int_gemm(*case)
+        got = int_gemm(*case, backend="cupy")
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_triton_and_cupy_agree_on_millions_of_random_outputs():
+    """Two independent GPU implementations (Triton, and the C reference compiled by NVRTC) on ≥ 4M outputs."""
+    pytest.importorskip("cupy")
+    from ddq.deploy.cupy_backend import int_gemm_cupy_packed
+    from ddq_kernels.int_gemm import int_gemm_packed
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    rng = np.random.default_rng(2)
+    outputs = 0
+
+    def randint(low, high, shape, dtype):
+        return torch.randint(low, high, shape, generator=generator, device="cuda", dtype=torch.int64).to(dtype)
+
+    for bits_w in range(1, 9):
+        for signed_x in (False, True):
+            bits_x = int(rng.integers(1, 9))
+            m, n, k = 512, 512, int(rng.integers(1, 1200))
+            codes_x = randint(0, 1 << bits_x, (m, k), torch.uint8)
+            codes_w = randint(0, 1 << bits_w, (n, k), torch.uint8)
+            lut_x = randint(-128, 128, (1 << bits_x,), torch.int8) if signed_x else randint(0, 256, (1 << bits_x,),
+                                                                                              torch.uint8)
+            lut_w = randint(-128, 128, (n, 1 << bits_w), torch.int8)
+            shift = int(rng.integers(8, 24))
+            mult = randint(0, 1 << 8, (n,), torch.int32)
+            offset = randint(-(1 << 30), 1 << 30, (n,), torch.int64)
+            i_min = randint(0, 64, (n,), torch.int32)
+            bits_out = int(rng.integers(1, 9))
+            packed = torch.from_numpy(pack(codes_w.cpu().numpy(), bits_w)).cuda()
+            acc_t, codes_t = int_gemm_packed(codes_x, lut_x, packed, lut_w, mult, offset, shift, i_min, bits_out,
+                                             bits_w, k)
+            acc_c, codes_c = int_gemm_cupy_packed(codes_x, lut_x, signed_x, packed, lut_w, mult, offset, shift,
+                                                  i_min, bits_out, bits_w, k)
+            assert torch.equal(acc_t, torch.as_tensor(acc_c, device="cuda")), (bits_w, signed_x, k)
+            assert torch.equal(codes_t, torch.as_tensor(codes_c, device="cuda")), (bits_w, signed_x, k)
+            outputs += m * n
+    assert outputs >= 4_000_000
+
+
+def test_the_exported_model_gives_identical_codes_on_gpu_backends(tmp_path):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("safetensors")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from deploy_fixtures import trained_ddq_cnn
+
+    from ddq.deploy import export, load
+
+    model, images, _ = trained_ddq_cnn()
+    export(model.cpu(), tmp_path / "cnn.safetensors")
+    integer = load(tmp_path / "cnn.safetensors")
+    golden = integer.run(images[:200], backend="c")
+    backends = ["triton"]
+    try:
+        import cupy  # noqa: F401
+
+        backends.append("cupy")
+    except ImportError:
+        pass
+    for backend in backends:
+        run = integer.run(images[:200], backend=backend)
+        for got, want in zip(run.codes, golden.codes):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(run.logits, golden.logits)
