@@ -75,13 +75,16 @@ class Settings:
 
 
 class Dataset:
-    """Images on the training device as float tensors normalised by the training set's statistics."""
+    """Images on the training device as float tensors in [0, 1].
+
+    Non-negative inputs give the first layer a zero-anchored (unsigned) quantizer, so the zero padding of
+    its convolution is a level and the exported integer model pads exactly (spec §5).
+    """
 
     def __init__(self, split: tuple[np.ndarray, ...], device: torch.device) -> None:
         train_x, train_y, test_x, test_y = split
-        mean, std = float(train_x.mean()), float(train_x.std())
         def prepare(x: np.ndarray) -> Tensor:
-            return ((torch.from_numpy(x).to(device, torch.float32)) - mean) / std
+            return torch.from_numpy(x).to(device, torch.float32) / 255.0
         self.train_x, self.test_x = prepare(train_x), prepare(test_x)
         self.train_y, self.test_y = torch.from_numpy(train_y).to(device), torch.from_numpy(test_y).to(device)
         self.channels, self.image_size = train_x.shape[1], train_x.shape[2]
@@ -181,6 +184,8 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
     losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
     result = {"run": config.name, "seed": seed, "accuracy": accuracy(model, data.test_x, data.test_y),
               "accuracy_at_init": initial, "final_train_loss": losses[-1], "train_losses": losses}
+    if config.method == "ddq":
+        result.update(integer_model_accuracy(model, data))
     if config.method is not None:
         result.update(ddq.summarize_bits(model))
         result["layers"] = [row._asdict() for row in ddq.model_bits_report(model)]
@@ -188,6 +193,22 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
         params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
         result.update(avg_weight_bits=32.0, avg_act_bits=32.0, weight_kib=params * 4 / 1024)
     return result
+
+
+def integer_model_accuracy(model: nn.Module, data: Dataset) -> dict:
+    """Spec §5: the exported integer model's test accuracy and its agreement with the float QAT model."""
+    from ddq import deploy
+    from ddq.deploy.export import float_agreement, integer_accuracy
+
+    backend = "c" if sorted(Path(deploy.__file__).parent.glob("_arm_ref*.so")) else "numpy"
+    images = data.test_x.cpu().numpy()
+    try:
+        agreement = float_agreement(model, images, backend=backend)
+    except ValueError as error:  # e.g. learned levels moved 0 off the grid of a zero-padded conv's input
+        print(f"integer export not possible: {error}")
+        return {"integer_accuracy": float("nan"), "integer_agreement": float("nan"), "integer_error": str(error)}
+    return {"integer_accuracy": 100.0 * integer_accuracy(model, images, data.test_y.cpu(), backend=backend),
+            "integer_agreement": 100.0 * agreement, "integer_backend": backend}
 
 
 def pretrain(data: Dataset, settings: Settings, seed: int) -> dict:
@@ -206,6 +227,7 @@ def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
         table[name] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                        "accuracy_at_init_mean": float(np.mean([r["accuracy_at_init"] for r in rows])),
                        "final_train_loss_mean": float(np.mean([r["final_train_loss"] for r in rows])),
+                       "integer_accuracy_mean": float(np.mean([r.get("integer_accuracy", np.nan) for r in rows])),
                        **{k: float(np.mean([r[k] for r in rows])) for k in ("avg_weight_bits", "avg_act_bits", "weight_kib")}}
     paired = {}
     for a, b in PAIRS:
@@ -219,11 +241,12 @@ def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
 
 def format_table(summary: dict, seeds: int) -> str:
     spread = "± sd" if seeds > 1 else ""
-    lines = [f"{'run':<10} {'test acc %':>16} {'acc@init %':>10} {'train loss':>10} {'w bits':>7} {'a bits':>7} {'size KiB':>9}"]
+    lines = [f"{'run':<10} {'test acc %':>16} {'acc@init %':>10} {'train loss':>10} {'w bits':>7} {'a bits':>7} {'size KiB':>9} {'int acc %':>9}"]
     for name, row in summary["table"].items():
         acc = f"{row['accuracy_mean']:.2f}" + (f" ± {row['accuracy_std']:.2f}" if seeds > 1 else "")
         lines.append(f"{name:<10} {acc:>16} {row['accuracy_at_init_mean']:>10.2f} {row['final_train_loss_mean']:>10.4f} "
-                     f"{row['avg_weight_bits']:>7.2f} {row['avg_act_bits']:>7.2f} {row['weight_kib']:>9.2f}")
+                     f"{row['avg_weight_bits']:>7.2f} {row['avg_act_bits']:>7.2f} {row['weight_kib']:>9.2f} "
+                     f"{row['integer_accuracy_mean']:>9.2f}")
     for pair, diff in summary["paired"].items():
         lines.append(f"paired {pair}: {diff['mean']:+.2f} {spread} {diff['std']:.2f}".replace("  ", " ") if seeds > 1 else f"{pair}: {diff['mean']:+.2f}")
     return "\n".join(lines)
