@@ -24,10 +24,11 @@ except ImportError:
 METHODS = ("ddq", "lsq")
 
 
-def _record_macs(layer: nn.Module, inputs: Any, output: Tensor) -> None:
-    """One-shot forward hook: a layer's MACs per sample are known once its output shape is."""
-    layer.macs = macs_per_sample(layer, output)
-    layer._macs_hook.remove()
+def _recorded(layer: nn.Module, output: Tensor) -> Tensor:
+    """A layer's MACs per sample are known once its output shape is: note them on the first forward."""
+    if layer.macs is None:
+        layer.macs = macs_per_sample(layer, output)
+    return output
 
 
 def make_quantizers(
@@ -65,7 +66,6 @@ class DDQLinear(nn.Linear):
         self.weight_quantizer, self.input_quantizer = make_quantizers(out_features, **quant)
         self.to(self.weight.device)
         self.macs: Optional[int] = None
-        self._macs_hook = self.register_forward_hook(_record_macs)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant: Any) -> "DDQLinear":
@@ -78,6 +78,9 @@ class DDQLinear(nn.Linear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        return _recorded(self, self._quantized_forward(x))
+
+    def _quantized_forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and uses_fused_matmul(self):
             return fused_quantized_linear(x, self.weight, self.bias, self.input_quantizer, self.weight_quantizer)
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -93,7 +96,6 @@ class DDQConv2d(nn.Conv2d):
         self.weight_quantizer, self.input_quantizer = make_quantizers(out_channels, **quant)
         self.to(self.weight.device)
         self.macs: Optional[int] = None
-        self._macs_hook = self.register_forward_hook(_record_macs)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant: Any) -> "DDQConv2d":
@@ -107,6 +109,9 @@ class DDQConv2d(nn.Conv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        return _recorded(self, self._quantized_forward(x))
+
+    def _quantized_forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and self.is_pointwise() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
                 and uses_fused_matmul(self):
             # A 1×1 convolution on channels_last input is DDQLinear's GEMM over the (N·H·W, C) view.

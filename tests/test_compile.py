@@ -145,8 +145,6 @@ def test_small_model_trains_under_compile_like_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="ddq/nn.py: the one-shot MACs hook removes itself inside the first compiled "
-                   "forward, a graph break (unregistered RemovableHandle); remove this marker once fixed")
 def test_layer_restored_from_a_checkpoint_compiles_without_an_eager_batch():
     """Quantizers restored from a state_dict are initialised, so a checkpoint should compile directly."""
     source = DDQLinear(6, 3)
