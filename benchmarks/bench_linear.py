@@ -1,0 +1,127 @@
+"""Quantize-and-matmul speed (issue 3): cuBLAS bf16, LSQ W4A4 (eager, compiled) and DDQ, forward and
+forward+backward, CUDA-event medians. Run: pytest benchmarks --benchmark-only --benchmark-json=FILE;
+benchmarks/print_ratios.py FILE prints the ratio table. Shapes are M×K×N with x (M, K), w (N, K).
+
+Variants beyond the issue's four, for the evidence in docs/kernels.md:
+- ddq_kernels: the Triton kernels alone (no quantizer-parameter table math, no autograd);
+- ddq_unfused: quantize kernels around cuBLAS (x_q materialised, separate reduction pass).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_timing import record
+
+SHAPES = [(8192, 4096, 4096), (401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
+VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused")
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_layer(method: str, K: int, N: int, weight: torch.Tensor, x: torch.Tensor):
+    from ddq.nn import DDQLinear
+
+    layer = DDQLinear(K, N, bias=False, weight_bits=4, act_bits=4, method=method).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer(x)  # initialises the quantizers from this batch
+    return layer
+
+
+def layer_step(layer, x, grad_y, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return layer(x)
+    y = layer(x)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return torch.autograd.grad(y, [x, *params], grad_y)
+
+
+def kernel_steps(layer, x, grad_y, fused: bool):
+    """The DDQ kernels called directly, fused (Triton GEMMs) or around cuBLAS (quantize passes)."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_input import linear_backward_input
+    from ddq_kernels.linear_backward_weight import linear_backward_weight
+    from ddq_kernels.linear_forward import linear_forward
+    from ddq_kernels.quantize import quantize
+    from ddq_kernels.quantize_backward import quantize_reductions
+
+    aq, wq_ = layer.input_quantizer, layer.weight_quantizer
+    with torch.no_grad():
+        a_lo, a_hi = (t.detach().contiguous() for t in aq.range())
+        w_lo, w_hi = (t.detach().contiguous() for t in wq_.range())
+    a_res, a_log = aq.residuals.detach(), aq.gate_logits.detach()
+    w_res, w_log = wq_.residuals.detach(), wq_.gate_logits.detach()
+    w = layer.weight.detach()
+    x = x.detach()
+
+    def forward():
+        w_q = quantize(w, w_lo, w_hi, w_res, w_log, wq_.min_bits)
+        if fused:
+            table = level_table(a_lo, a_hi, a_res, a_log, aq.min_bits)
+            return linear_forward(x, w_q, None, a_lo, a_hi, table, a_log, aq.min_bits), w_q
+        return quantize(x, a_lo, a_hi, a_res, a_log, aq.min_bits) @ w_q.t(), w_q
+
+    def forward_backward():
+        _, w_q = forward()
+        if fused:
+            linear_backward_input(grad_y, w_q, x, a_lo, a_hi)
+            table = level_table(a_lo, a_hi, a_res, a_log, aq.min_bits)
+            grad_w_q = linear_backward_weight(grad_y, x, a_lo, a_hi, table, a_log, aq.min_bits)
+        else:
+            quantize_reductions(grad_y @ w_q, x, a_lo, a_hi)
+            grad_w_q = grad_y.t() @ quantize(x, a_lo, a_hi, a_res, a_log, aq.min_bits)
+        return quantize_reductions(grad_w_q, w, w_lo, w_hi)
+
+    return forward, forward_backward
+
+
+def build_step(variant: str, M: int, K: int, N: int, backward: bool):
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    if variant == "cublas":
+        x.requires_grad_(backward)
+        weight.requires_grad_(backward)
+
+        def step():
+            if not backward:
+                with torch.no_grad():
+                    return x @ weight.t()
+            return torch.autograd.grad(x @ weight.t(), (x, weight), grad_y)
+
+        return step
+    method = "lsq" if variant.startswith("lsq") else "ddq"
+    layer = make_layer(method, K, N, weight, x)
+    if variant in ("ddq_kernels", "ddq_unfused"):
+        forward, forward_backward = kernel_steps(layer, x, grad_y, fused=variant == "ddq_kernels")
+        return forward_backward if backward else forward
+    x.requires_grad_(backward)
+    if variant == "lsq_compiled":
+        layer = torch.compile(layer)
+    return lambda: layer_step(layer, x, grad_y, backward)
+
+
+def peak_extra_bytes(step) -> int:
+    """Peak memory a step allocates beyond what is already held (inputs, parameters)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - held
+
+
+@pytest.mark.parametrize("phase", ["forward", "forward_backward"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear(benchmark, shape, variant, phase):
+    M, K, N = shape
+    step = build_step(variant, M, K, N, backward=phase == "forward_backward")
+    step()  # compile / autotune / initialise outside the timing
+    peak = peak_extra_bytes(step)
+    record(benchmark, step, shape=list(shape), variant=variant, phase=phase, peak_extra_bytes=peak)
+    torch.cuda.empty_cache()

@@ -1,0 +1,49 @@
+"""Print the issue-3 ratio tables from a pytest-benchmark JSON of benchmarks/bench_*.py.
+
+Usage: python benchmarks/print_ratios.py benchmarks/results/<file>.json
+Ratios are CUDA-event medians over cuBLAS bf16 (x @ w.t()) of the same run; bandwidths over the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    with open(path) as handle:
+        report = json.load(handle)
+    linear = defaultdict(dict)
+    bandwidth = {}
+    info = None
+    for bench in report["benchmarks"]:
+        extra = bench["extra_info"]
+        info = info or {k: extra.get(k) for k in ("card", "torch", "triton", "cuda")}
+        if "variant" in extra:
+            linear[(tuple(extra["shape"]), extra["phase"])][extra["variant"]] = extra["cuda_median_ms"]
+        elif "op" in extra:
+            bandwidth[(extra["op"], extra["granularity"])] = extra["gb_per_s"]
+    print(f"{info}  date {report.get('datetime', '?')}")
+    variants = sorted({v for times in linear.values() for v in times}, key=lambda v: (v != "cublas", v))
+    print(f"{'M×K×N':>16} {'phase':>16} " + " ".join(f"{v:>13}" for v in variants))
+    for (shape, phase), times in sorted(linear.items()):
+        base = times.get("cublas")
+        cells = []
+        for v in variants:
+            if v not in times:
+                cells.append(f"{'-':>13}")
+            elif v == "cublas":
+                cells.append(f"{times[v]:>10.3f} ms")
+            else:
+                cells.append(f"{times[v] / base:>12.2f}×")
+        print(f"{'×'.join(map(str, shape)):>16} {phase:>16} " + " ".join(cells))
+    if bandwidth:
+        copy = bandwidth.get(("copy", "per_tensor"))
+        for (op, granularity), gbps in sorted(bandwidth.items()):
+            share = f"{gbps / copy:.0%} of copy" if copy else ""
+            print(f"{op:>18} {granularity:>12} {gbps:8.0f} GB/s {share}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,121 @@
+"""`torch.ops.ddq.quantized_linear`: DDQLinear's quantize-and-matmul as one custom op (DDQ_SPEC.md §2–3).
+
+y = Q_x(x) · Q_w(W)ᵀ + bias with a per-tensor activation quantizer and a per-output-channel weight
+quantizer. The op also returns W_q (weight-sized, computed anyway) so that backward reuses it; x is
+saved as float training saves it, and x_q is recomputed where backward needs it, so activation memory
+stays at float training's level. The bodies here are the plain-PyTorch reference (any device);
+`ddq_kernels.registration` adds the fused Triton bodies for CUDA. Importing this module needs no Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ddq.functional import quantize_reference, validate_arguments
+
+
+@torch.library.custom_op("ddq::quantized_linear", mutates_args=())
+def quantized_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor],
+    act_lo: Tensor, act_hi: Tensor, act_residuals: Tensor, act_logits: Tensor,
+    weight_lo: Tensor, weight_hi: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
+    act_min_bits: int, weight_min_bits: int, act_grad_scale: bool, weight_grad_scale: bool,
+) -> tuple[Tensor, Tensor]:
+    """Spec §2: (y = Q_x(x)·W_qᵀ + bias, W_q) for x (M, K) and weight (N, K)."""
+    w_q = quantize_reference(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)
+    x_q = quantize_reference(x, act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    return F.linear(x_q, w_q, bias), w_q
+
+
+@quantized_linear_op.register_fake
+def _quantized_linear_fake(x, weight, bias, *params_and_flags):
+    return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(weight)
+
+
+@torch.library.custom_op("ddq::quantized_linear_backward", mutates_args=())
+def quantized_linear_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor, w_q: Tensor,
+    act_lo: Tensor, act_hi: Tensor, act_residuals: Tensor, act_logits: Tensor,
+    weight_lo: Tensor, weight_hi: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
+    act_min_bits: int, weight_min_bits: int, act_grad_scale: bool, weight_grad_scale: bool, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Spec §3: (∂x, ∂W, ∂bias, ∂act lo/hi/residuals/logits, ∂weight lo/hi/residuals/logits).
+
+    ∂bias is an empty tensor when the layer has no bias (a reduction over dY saved).
+    """
+    x_q = quantize_reference(x, act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    grad_x_q = grad_y @ w_q
+    grad_w_q = grad_y.t() @ x_q
+    act = torch.ops.ddq.quantize_backward(grad_x_q, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale)
+    wgt = torch.ops.ddq.quantize_backward(grad_w_q, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
+                                          weight_min_bits, weight_grad_scale)
+    return act[0], wgt[0], bias_grad(grad_y, has_bias), *act[1:], *wgt[1:]
+
+
+def bias_grad(grad_y: Tensor, has_bias: bool) -> Tensor:
+    """Σ_m dY[m, :] accumulated in float32, or an empty tensor without a bias."""
+    if not has_bias:
+        return grad_y.new_empty(0)
+    return grad_y.sum(dim=0, dtype=torch.float32).to(grad_y.dtype)
+
+
+@quantized_linear_backward_op.register_fake
+def _quantized_linear_backward_fake(grad_y, x, weight, w_q, act_lo, act_hi, act_residuals, act_logits,
+                                    weight_lo, weight_hi, weight_residuals, weight_logits, *flags):
+    has_bias = flags[-1]
+    return (torch.empty_like(x), torch.empty_like(weight), grad_y.new_empty(grad_y.shape[1] if has_bias else 0),
+            torch.empty_like(act_lo), torch.empty_like(act_hi), torch.empty_like(act_residuals), torch.empty_like(act_logits),
+            torch.empty_like(weight_lo), torch.empty_like(weight_hi), torch.empty_like(weight_residuals),
+            torch.empty_like(weight_logits))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, *params = inputs[:11]
+    ctx.flags = inputs[11:]
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output[1], *params)
+
+
+def _backward(ctx, grad_y, grad_w_q):
+    x, weight, w_q, *params = ctx.saved_tensors
+    grads = torch.ops.ddq.quantized_linear_backward(grad_y.contiguous(), x, weight, w_q, *params, *ctx.flags, ctx.has_bias)
+    grad_x, grad_weight, grad_bias, *param_grads = grads
+    if grad_w_q is not None:
+        grad_weight = grad_weight + grad_w_q
+    return (grad_x, grad_weight, grad_bias if ctx.has_bias else None, *param_grads, None, None, None, None)
+
+
+quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_quantizer, weight_quantizer) -> Tensor:
+    """Spec §2: DDQLinear's forward through `torch.ops.ddq.quantized_linear` for x of shape (..., K).
+
+    act_quantizer must be per tensor and weight_quantizer per output channel (the layers' layout);
+    both are initialised on first use, as their own forward would.
+    """
+    if act_quantizer.axis is not None or weight_quantizer.axis != 0:
+        raise ValueError("quantized_linear: needs a per-tensor input quantizer and a per-channel weight quantizer")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"quantized_linear: x has {x.shape[-1]} features but the weight expects {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"quantized_linear: x is {x.dtype} but the weight is {weight.dtype}")
+    for quantizer, tensor in ((act_quantizer, x), (weight_quantizer, weight)):
+        if not quantizer._initialized:
+            quantizer.initialize(tensor)
+    act_lo, act_hi = act_quantizer.range()
+    weight_lo, weight_hi = weight_quantizer.range()
+    flat = x.reshape(-1, x.shape[-1])
+    validate_arguments(flat, act_lo, act_hi, act_quantizer.residuals, act_quantizer.gate_logits, None, act_quantizer.min_bits)
+    validate_arguments(weight, weight_lo, weight_hi, weight_quantizer.residuals, weight_quantizer.gate_logits, 0,
+                       weight_quantizer.min_bits)
+    y, _ = torch.ops.ddq.quantized_linear(
+        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_quantizer.residuals, act_quantizer.gate_logits,
+        weight_lo, weight_hi, weight_quantizer.residuals, weight_quantizer.gate_logits,
+        act_quantizer.min_bits, weight_quantizer.min_bits, act_quantizer.grad_scale, weight_quantizer.grad_scale,
+    )
+    return y.reshape(*x.shape[:-1], weight.shape[0])

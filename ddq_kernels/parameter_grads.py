@@ -1,0 +1,127 @@
+"""Quantizer-parameter gradients from the per-group reductions, on the device (DDQ_SPEC.md Section 3).
+
+The same function as `ddq.quantizer_math.parameter_grads` (the reference, which the tests compare it
+with), in two launches instead of ~220 small PyTorch ops: that reference, run once per quantizer per
+backward, cost ~2 ms of host time per call, more than the GEMMs of a CNN layer (docs/kernels.md).
+
+Kernel 1, one program per group; it reads the bitwidth b from the gate logits and branches to a body
+compiled for that b (s = 2^(8−b)), so no host sync is needed:
+- ΣvT = Σ_c H_c·T_c with H_c the histogram summed over code c's block and T_c its block-mean position;
+  ∂hi = (ΣvT − Σv·u·in)/N, ∂lo = (Σv·u·in − ΣvT + N·Σv·(1 − in))/N, times LSQ's scale when asked;
+- ∂r_{g,j} = Δ_g·H_{c(j)};
+- ∂L/∂g_k = Σ_i H_i·(x_q|g_k=1 − x_q|g_k=0)(i) in the Kronecker form: for a kept factor (k < b) the
+  level without it is the mean of the block and its partner block, so the term is
+  Σ_pairs (H_c − H_c')·(B_c − B_c')/2 with B the block means of the fine levels q; for a merged
+  factor (k ≥ b) the level with it is the mean of q over the half block that shares bit k, so the
+  term is Σ_halves H_half·Q_half − Σ_c H_c·B_c. Each program adds its 8 terms atomically.
+Kernel 2, one program: ∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ddq_kernels.fine_grid import bitwidth_from_logits
+
+
+@triton.jit
+def pair_difference(values, HIGH: tl.constexpr, LOW: tl.constexpr):
+    """values (HIGH·2·LOW,) → (HIGH, LOW): the element whose middle bit is 0 minus its partner."""
+    cube = tl.reshape(values, (HIGH, 2, LOW))
+    sign = (1 - 2 * tl.arange(0, 2)).to(tl.float32)
+    return tl.sum(cube * sign[None, :, None], axis=1)
+
+
+@triton.jit
+def half_block_sums(values, CODES: tl.constexpr, ABOVE: tl.constexpr, BELOW: tl.constexpr):
+    """values (256,) → (CODES, 2): sums over each half of every block, split on one bit inside the block."""
+    cube = tl.reshape(values, (CODES, ABOVE, 2, BELOW))
+    return tl.sum(tl.sum(cube, axis=3), axis=1)
+
+
+@triton.jit
+def group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr,
+                grad_gates_ptr, group, numel_per_group, GRAD_SCALE: tl.constexpr, BITS: tl.constexpr):
+    BLOCK: tl.constexpr = 1 << (8 - BITS)
+    CODES: tl.constexpr = 1 << BITS
+    cells = tl.arange(0, 256)
+    lo = tl.load(lo_ptr + group)
+    delta = (tl.load(hi_ptr + group) - lo) / 255.0
+    histogram = tl.load(hist_ptr + group * 256 + cells)
+    residuals = tl.load(residuals_ptr + group * 256 + cells)
+
+    code = tl.arange(0, CODES).to(tl.float32)
+    block_hist = tl.sum(tl.reshape(histogram, (CODES, BLOCK)), axis=1)
+    position = code * BLOCK + (BLOCK - 1) / 2 + tl.sum(tl.reshape(residuals, (CODES, BLOCK)), axis=1)
+    sum_vt = tl.sum(block_hist * position, axis=0)
+    sum_vu = tl.load(sums_ptr + group * 2)
+    sum_clipped = tl.load(sums_ptr + group * 2 + 1)
+    range_scale = 1.0
+    if GRAD_SCALE:
+        range_scale = 1.0 / tl.sqrt(tl.maximum(numel_per_group, 1).to(tl.float32) * max(CODES - 1, 1))
+    tl.store(grad_hi_ptr + group, (sum_vt - sum_vu) / 255.0 * range_scale)
+    tl.store(grad_lo_ptr + group, (sum_vu - sum_vt + 255.0 * sum_clipped) / 255.0 * range_scale)
+    per_cell = tl.reshape(tl.broadcast_to(block_hist[:, None], (CODES, BLOCK)), (256,))
+    tl.store(grad_residuals_ptr + group * 256 + cells, delta * per_cell)
+
+    fine_levels = lo + delta * (cells.to(tl.float32) + BLOCK * residuals)
+    block_means = tl.sum(tl.reshape(fine_levels, (CODES, BLOCK)), axis=1) / BLOCK
+    current = tl.sum(block_hist * block_means, axis=0)
+    for k in tl.static_range(8):
+        if k < BITS:
+            hist_diff = pair_difference(block_hist, 1 << k, 1 << (BITS - 1 - k))
+            mean_diff = pair_difference(block_means, 1 << k, 1 << (BITS - 1 - k))
+            term = tl.sum(tl.sum(hist_diff * mean_diff, axis=1), axis=0) / 2
+        else:
+            half_hist = half_block_sums(histogram, CODES, 1 << (k - BITS), BLOCK >> (k - BITS + 1))
+            half_means = half_block_sums(fine_levels, CODES, 1 << (k - BITS), BLOCK >> (k - BITS + 1)) / (BLOCK // 2)
+            term = tl.sum(tl.sum(half_hist * half_means, axis=1), axis=0) - current
+        tl.atomic_add(grad_gates_ptr + k, term)
+
+
+@triton.jit
+def range_residual_gate_kernel(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, logits_ptr,
+                               grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, grad_gates_ptr, numel_per_group,
+                               MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr):
+    group = tl.program_id(0)
+    bits = bitwidth_from_logits(logits_ptr, MIN_BITS)
+    # The bitwidth is read here, on the device: one branch per candidate keeps every shape static
+    # and the host never waits for the GPU.
+    for candidate in tl.static_range(9):
+        if bits == candidate:
+            group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr,
+                        grad_gates_ptr, group, numel_per_group, GRAD_SCALE, candidate)
+
+
+@triton.jit
+def gate_logit_grads_kernel(grad_gates_ptr, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr):
+    j = tl.arange(0, 8)
+    hard = (tl.load(logits_ptr + j) > 0) | (j < MIN_BITS)
+    closed = 1 - hard.to(tl.int32)
+    closed_through = tl.cumsum(closed, axis=0)  # closed gates among l ≤ k
+    k = j
+    # Π_{l ≤ k, l ≠ j} h_l = 1 iff no closed gate among l ≤ k other than j itself.
+    others_closed = closed_through[None, :] - closed[:, None] * (j[:, None] <= k[None, :]).to(tl.int32)
+    weight = ((k[None, :] >= j[:, None]) & (others_closed == 0)).to(tl.float32)
+    grads = tl.sum(weight * tl.load(grad_gates_ptr + k)[None, :], axis=1)
+    tl.store(grad_logits_ptr + j, tl.where(j >= MIN_BITS, grads, 0.0))
+
+
+def parameter_grads(histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits: int,
+                    grad_scale: bool, numel_per_group: int):
+    """Spec §3: (∂lo, ∂hi, ∂residuals, ∂θ); same contract as `ddq.quantizer_math.parameter_grads`."""
+    groups = lo.shape[0]
+    device = lo.device
+    grad_lo = torch.empty(groups, device=device, dtype=torch.float32)
+    grad_hi = torch.empty_like(grad_lo)
+    grad_residuals = torch.empty(groups, 256, device=device, dtype=torch.float32)
+    grad_gates = torch.zeros(8, device=device, dtype=torch.float32)
+    grad_logits = torch.empty(8, device=device, dtype=torch.float32)
+    sums = torch.stack([sum_vu_inside, sum_v_clipped], dim=1).to(torch.float32).contiguous()
+    range_residual_gate_kernel[(groups,)](
+        histogram.to(torch.float32).contiguous(), sums, lo.contiguous(), hi.contiguous(), residuals.contiguous(),
+        gate_logits.contiguous(), grad_lo, grad_hi, grad_residuals, grad_gates, numel_per_group,
+        MIN_BITS=min_bits, GRAD_SCALE=grad_scale,
+    )
+    gate_logit_grads_kernel[(1,)](grad_gates, gate_logits.contiguous(), grad_logits, MIN_BITS=min_bits)
+    return grad_lo, grad_hi, grad_residuals, grad_logits

@@ -1,0 +1,76 @@
+"""CUDA bodies (Triton) for the ddq custom ops; imported by `ddq.functional` when CUDA and Triton exist.
+
+- ddq::quantize → `level_table` + `quantize` (one pass over x).
+- ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
+  (G, 256) tables (two launches; `ddq.quantizer_math.parameter_grads` is its reference).
+- ddq::quantized_linear → W_q by `quantize` (once per step), y by the GEMM with the activation
+  quantizer in its A-operand load.
+- ddq::quantized_linear_backward → ∂x and the activation reductions from the backward-input GEMM's
+  epilogue, ∂W_q from the backward-weight GEMM that re-quantizes x on load, then the weight
+  quantizer's reductions over ∂W_q.
+Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
+quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
+
+Host syncs: none in the forward; every kernel reads the bitwidth from the gate logits on the device.
+The backward syncs only where `torch.bincount` is the chosen histogram strategy (it reads its largest bin).
+"""
+
+import torch
+
+from ddq.functional import check_parameter_values
+from ddq_kernels.linear_op import bias_grad  # also defines ddq::quantized_linear before its CUDA body is registered
+from ddq_kernels.level_table import level_table
+from ddq_kernels.linear_backward_input import linear_backward_input
+from ddq_kernels.linear_backward_weight import linear_backward_weight
+from ddq_kernels.linear_forward import linear_forward
+from ddq_kernels.parameter_grads import parameter_grads
+from ddq_kernels.quantize import quantize
+from ddq_kernels.quantize_backward import quantize_reductions
+
+
+def reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    grad_x, histogram, sum_vu, sum_clipped = reductions
+    numel_per_group = x.numel() // lo.shape[0]
+    grads = parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale,
+                               numel_per_group)
+    return (grad_x, *grads)
+
+
+@torch.library.register_kernel("ddq::quantize", "cuda")
+def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_parameter_values(lo, hi, residuals, gate_logits)
+    return quantize(x, lo, hi, residuals, gate_logits, min_bits)
+
+
+@torch.library.register_kernel("ddq::quantize_backward", "cuda")
+def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    reductions = quantize_reductions(grad, x, lo, hi)
+    return reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
+
+
+@torch.library.register_kernel("ddq::quantized_linear", "cuda")
+def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_logits,
+                          weight_lo, weight_hi, weight_residuals, weight_logits,
+                          act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale):
+    check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
+    check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
+    w_q = quantize(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)
+    table = level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    y = linear_forward(x.contiguous(), w_q, bias, act_lo.contiguous(), act_hi.contiguous(), table,
+                       act_logits.contiguous(), act_min_bits)
+    return y, w_q
+
+
+@torch.library.register_kernel("ddq::quantized_linear_backward", "cuda")
+def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_lo, act_hi, act_residuals, act_logits,
+                                   weight_lo, weight_hi, weight_residuals, weight_logits,
+                                   act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, has_bias):
+    grad_y = grad_y.contiguous()
+    act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
+    act = reduce_to_parameter_grads(linear_backward_input(grad_y, w_q, x, act_lo, act_hi), x, act_lo, act_hi,
+                                    act_residuals, act_logits, act_min_bits, act_grad_scale)
+    table = level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    grad_w_q = linear_backward_weight(grad_y, x, act_lo, act_hi, table, act_logits, act_min_bits)
+    wgt = reduce_to_parameter_grads(quantize_reductions(grad_w_q, weight, weight_lo, weight_hi), weight, weight_lo,
+                                    weight_hi, weight_residuals, weight_logits, weight_min_bits, weight_grad_scale)
+    return act[0], wgt[0], bias_grad(grad_y, has_bias), *act[1:], *wgt[1:]

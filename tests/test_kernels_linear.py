@@ -1,0 +1,210 @@
+"""Fused quantize-and-matmul kernels (DDQLinear, 1×1 DDQConv2d) vs the reference op bodies.
+
+The CUDA bodies of ddq::quantized_linear(_backward) (ddq_kernels.registration) run the Triton GEMMs
+with the activation quantizer fused into their operand loads and the quantizer reductions fused into
+the backward-input epilogue. They are compared with the ops' plain-PyTorch bodies on CPU, on fresh
+random inputs with M, N, K that are multiples of no block size. Tolerances (relative, in norm) follow
+the operand dtype: float32 GEMMs differ only in summation order (1e-5); 16-bit results are rounded to
+the dtype after float32 accumulation, so a different summation order can move an element by one unit
+in the last place of the 16-bit value (bf16 1e-2, fp16 2e-3). Quantized weights must match exactly
+except elements within rounding distance of a cell boundary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddq.functional import quantize_reference
+from kernel_cases import DEVICE, DTYPES, ambiguous, levels_differ, quantizer_params, relative_error, sample_input
+
+import ddq_kernels.registration as cuda_bodies  # noqa: E402  (the Triton bodies, callable on CPU in the interpreter)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_NAMES = ("x", "weight", "bias", "act lo", "act hi", "act residuals", "act logits",
+              "weight lo", "weight hi", "weight residuals", "weight logits")
+
+
+def linear_case(M: int, K: int, N: int, dtype: torch.dtype, act_mode: str, act_bits: int, weight_bits: int):
+    act_min = min(act_bits, 1)
+    weight_min = min(weight_bits, 2)
+    act = quantizer_params(act_mode, 1, act_bits, act_min)
+    weight_params = quantizer_params("symmetric", N, weight_bits, weight_min)
+    x = sample_input((M, K), act[0], act[1], dtype, 1)
+    weight = sample_input((N, K), weight_params[0], weight_params[1], dtype, N)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    return (x, weight, bias, *act, *weight_params, act_min, weight_min, True, True)
+
+
+def on_cpu(args):
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
+    args = linear_case(M, K, N, dtype, act_mode, act_bits, weight_bits)
+    x, weight, bias = args[:3]
+    tolerance = TOLERANCE[dtype]
+    y, w_q = cuda_bodies.quantized_linear_cuda(*args)
+    want_y, want_w_q = torch.ops.ddq.quantized_linear(*on_cpu(args))
+    differ = levels_differ(w_q, want_w_q, args[7], args[8])
+    assert not (differ & ~ambiguous(weight, args[7], args[8])).any()
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert relative_error(y, want_y.float()) <= tolerance
+
+    grad_y = torch.randn(M, N, device=x.device).to(dtype)
+    backward_args = (grad_y, x, weight, w_q, *args[3:], True)
+    got = cuda_bodies.quantized_linear_backward_cuda(*backward_args)
+    want = torch.ops.ddq.quantized_linear_backward(*on_cpu(backward_args))
+    # Gate gradients are differences of sums over every element: their rounding scales with Σ|v|·max|level|.
+    cpu = on_cpu(backward_args)
+    x_q = quantize_reference(cpu[1], *cpu[4:8], cpu[12])
+    gate_scale = {
+        "act logits": (cpu[0].float() @ cpu[3].float()).abs().sum() * torch.maximum(cpu[4].abs(), cpu[5].abs()).max(),
+        "weight logits": (cpu[0].float().t() @ x_q.float()).abs().sum() * torch.maximum(cpu[8].abs(), cpu[9].abs()).max(),
+    }
+    for name, g, w in zip(GRAD_NAMES, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        if name in gate_scale:
+            assert (g.cpu() - w).abs().max() <= tolerance * gate_scale[name], name
+        else:
+            assert relative_error(g, w) <= 10 * tolerance if name not in ("x", "weight", "bias") else tolerance, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act_mode", ("symmetric", "unsigned", "affine"))
+def test_quantized_linear_matches_reference(dtype, act_mode):
+    check_linear(37, 45, 19, dtype, act_mode, act_bits=4, weight_bits=3)
+
+
+@pytest.mark.parametrize("act_bits,weight_bits", [(1, 2), (8, 8), (2, 5)])
+def test_quantized_linear_bitwidths(act_bits, weight_bits):
+    check_linear(21, 33, 17, torch.float32, "affine", act_bits, weight_bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act_mode", ("symmetric", "unsigned", "affine"))
+@pytest.mark.parametrize("M,K,N", [(1031, 577, 67), (4099, 33, 195), (259, 1029, 517)])
+def test_quantized_linear_odd_shapes_on_gpu(M, K, N, dtype, act_mode):
+    check_linear(M, K, N, dtype, act_mode, act_bits=4, weight_bits=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_bits,weight_bits", [(2, 2), (3, 5), (8, 8)])
+def test_quantized_linear_bitwidths_on_gpu(act_bits, weight_bits):
+    check_linear(1031, 257, 129, torch.bfloat16, "unsigned", act_bits, weight_bits)
+
+
+@pytest.mark.gpu
+def test_layers_use_fused_op_and_match_cpu():
+    """DDQLinear and a channels_last 1×1 DDQConv2d on CUDA (fused op) agree with the CPU path, grads included."""
+    from ddq.nn import DDQConv2d, DDQLinear
+
+    torch.manual_seed(0)
+    for make, shape in ((lambda: DDQLinear(45, 19), (5, 7, 45)), (lambda: DDQConv2d(24, 40, 1), (3, 24, 9, 11))):
+        cpu_layer = make()
+        gpu_layer = make().cuda()
+        gpu_layer.load_state_dict(cpu_layer.state_dict())
+        x = torch.randn(shape).relu()
+        x_gpu = x.cuda()
+        if x.dim() == 4:
+            x_gpu = x_gpu.to(memory_format=torch.channels_last)
+        cpu_layer(x)
+        gpu_layer(x_gpu)  # initialise both quantizers from the same batch
+        y_cpu = cpu_layer(x)
+        y_gpu = gpu_layer(x_gpu)
+        assert relative_error(y_gpu, y_cpu) < 1e-5
+        y_cpu.square().sum().backward()
+        y_gpu.square().sum().backward()
+        for (name, p_cpu), p_gpu in zip(cpu_layer.named_parameters(), gpu_layer.parameters()):
+            if p_cpu.grad is not None:
+                assert relative_error(p_gpu.grad, p_cpu.grad) < 1e-4, name
+
+
+@pytest.mark.gpu
+def test_compiled_model_has_no_graph_breaks_on_gpu():
+    from ddq.nn import DDQConv2d, DDQLinear
+
+    model = torch.nn.Sequential(DDQConv2d(8, 16, 1), torch.nn.ReLU(), DDQConv2d(16, 16, 3, padding=1), torch.nn.Flatten(),
+                                DDQLinear(16 * 25, 10)).cuda()
+    x = torch.randn(4, 8, 5, 5, device="cuda").to(memory_format=torch.channels_last)
+    model(x)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(x).sum().backward()
+
+
+@pytest.mark.gpu
+def test_opcheck_quantized_linear_on_gpu():
+    args = linear_case(67, 45, 19, torch.float32, "affine", 4, 4)
+    torch.library.opcheck(torch.ops.ddq.quantized_linear.default, args)
+
+
+def test_opcheck_quantized_linear_on_cpu():
+    args = on_cpu(linear_case(13, 9, 5, torch.float32, "unsigned", 3, 4))
+    torch.library.opcheck(torch.ops.ddq.quantized_linear.default, args)
+
+
+def test_unfused_strategies_match_fused():
+    """Each GEMM's UNFUSED candidate (quantize passes around cuBLAS) computes what the fused kernel does."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_input import linear_backward_input
+    from ddq_kernels.linear_backward_weight import linear_backward_weight
+    from ddq_kernels.linear_forward import UNFUSED, forward_configs, linear_forward
+
+    x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(35, 41, 23, torch.float32, "affine", 4, 4)
+    grad_y = torch.randn(35, 23, device=DEVICE)
+    table = level_table(lo, hi, residuals, logits, 1)
+    fused = forward_configs(35, 23, 41)[0]
+    assert relative_error(linear_forward(x, weight, bias, lo, hi, table, logits, 1, UNFUSED),
+                          linear_forward(x, weight, bias, lo, hi, table, logits, 1, fused)) <= 1e-5
+    for got, want in zip(linear_backward_input(grad_y, weight, x, lo, hi, UNFUSED), linear_backward_input(grad_y, weight, x, lo, hi)):
+        assert relative_error(got, want) <= 1e-5
+    assert relative_error(linear_backward_weight(grad_y, x, lo, hi, table, logits, 1, config=UNFUSED),
+                          linear_backward_weight(grad_y, x, lo, hi, table, logits, 1)) <= 1e-5
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_op_autograd_matches_separate_quantizers_on_cpu(with_bias):
+    """The op's autograd (reference bodies) gives the gradients of F.linear(Q_x(x), Q_w(W)) + bias."""
+    from ddq.functional import ddq_quantize
+
+    args = list(on_cpu(linear_case(13, 9, 5, torch.float32, "affine", 3, 4)))
+    if not with_bias:
+        args[2] = None
+    leaves = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    y, _ = torch.ops.ddq.quantized_linear(*leaves)
+    grad_y = torch.randn_like(y)
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    got = torch.autograd.grad(y, tensors, grad_y)
+
+    plain = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    x, weight, bias, a_lo, a_hi, a_res, a_log, w_lo, w_hi, w_res, w_log, a_min, w_min, a_gs, w_gs = plain
+    want_y = torch.nn.functional.linear(ddq_quantize(x, a_lo, a_hi, a_res, a_log, None, a_min, a_gs),
+                                        ddq_quantize(weight, w_lo, w_hi, w_res, w_log, 0, w_min, w_gs), bias)
+    want = torch.autograd.grad(want_y, [a for a in plain if isinstance(a, torch.Tensor)], grad_y)
+    torch.testing.assert_close(y, want_y)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_quantized_linear_without_bias_on_cpu():
+    args = list(on_cpu(linear_case(11, 7, 6, torch.float32, "symmetric", 4, 3)))
+    args[2] = None
+    torch.library.opcheck(torch.ops.ddq.quantized_linear.default, tuple(args))
+
+
+def test_op_compiles_fullgraph_on_cpu():
+    """No graph break around the op, forward and backward (aot_eager traces the fake and autograd)."""
+    args = list(on_cpu(linear_case(9, 7, 5, torch.float32, "unsigned", 4, 4)))
+    x = args[0].clone().requires_grad_(True)
+
+    def step(x):
+        y, _ = torch.ops.ddq.quantized_linear(x, *args[1:])
+        return y.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(x), [x])
+    (want,) = torch.autograd.grad(step(x), [x])
+    torch.testing.assert_close(grad, want)

@@ -1,0 +1,39 @@
+"""ddq_kernels.parameter_grads (Triton) vs ddq.quantizer_math.parameter_grads (DDQ_SPEC.md §3).
+
+Random per-group reductions and parameters for every bitwidth and min_bits, per tensor and per
+channel. Both compute in float32 from the same tables in a different order: 1e-5 relative to each
+output's largest magnitude (gate gradients: to Σ|H|·max|level|, the size of the sums they are
+differences of).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddq import quantizer_math as qm
+from kernel_cases import DEVICE, logits_for_bits
+
+from ddq_kernels.parameter_grads import parameter_grads
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+@pytest.mark.parametrize("min_bits", [0, 2])
+@pytest.mark.parametrize("bits", range(9))
+def test_parameter_grads_match_reference(bits, min_bits, groups):
+    if bits < min_bits:
+        pytest.skip("the bitwidth is at least min_bits")
+    histogram = torch.randn(groups, 256, device=DEVICE)
+    sum_vu, sum_clipped = torch.randn(groups, device=DEVICE), torch.randn(groups, device=DEVICE)
+    lo = -torch.rand(groups, device=DEVICE) - 0.5
+    hi = torch.rand(groups, device=DEVICE) + 0.5
+    residuals = torch.randn(groups, 256, device=DEVICE) * 0.3
+    logits = logits_for_bits(bits, min_bits).to(DEVICE)
+    grad_scale = bits % 2 == 0  # both settings of LSQ's gradient scale across the bitwidths
+    args = (histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, min_bits, grad_scale, 1001)
+    # Gate gradients are differences of sums over every cell: their rounding scales with Σ|H|·max|level|.
+    gate_scale = histogram.abs().sum() * torch.maximum(lo.abs().max(), hi.abs().max())
+    for name, got, want in zip(("lo", "hi", "residuals", "logits"), parameter_grads(*args), qm.parameter_grads(*args)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        scale = gate_scale if name == "logits" else want.abs().max().clamp_min(1e-6)
+        assert (got - want).abs().max() <= 1e-5 * scale, name
