@@ -1,9 +1,9 @@
 """ddq_kernels.parameter_grads (Triton) vs ddq.quantizer_math.parameter_grads (DDQ_SPEC.md §3).
 
 Random per-group reductions and parameters for every bitwidth and min_bits, per tensor and per
-channel. Both compute in float32 from the same tables in a different order: 1e-5 relative to each
-output's largest magnitude (gate gradients: to Σ|H|·max|level|, the size of the sums they are
-differences of).
+channel. Both compute in float32 from the same tables in a different order: 1e-5 relative to the size
+of the sums each output is a difference of (range gradients: Σ|H|·N + |Σvu| + N·|Σv_clipped|, over N;
+gate gradients: Σ|H|·max|level|; residuals: their largest magnitude).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def test_parameter_grads_match_reference(bits, min_bits, groups):
     args = (histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, min_bits, grad_scale, 1001)
     # Gate gradients are differences of sums over every cell: their rounding scales with Σ|H|·max|level|.
     gate_scale = histogram.abs().sum() * torch.maximum(lo.abs().max(), hi.abs().max())
+    # ∂lo and ∂hi are (Σ H·T − Σvu + N·Σv_clipped)/N-style differences: their rounding scales with the terms.
+    range_scale = ((histogram.abs().sum(dim=1) * qm.FINE_MAX + sum_vu.abs() + qm.FINE_MAX * sum_clipped.abs()) / qm.FINE_MAX).max()
     for name, got, want in zip(("lo", "hi", "residuals", "logits"), parameter_grads(*args), qm.parameter_grads(*args)):
         assert got.shape == want.shape and got.dtype == want.dtype, name
-        scale = gate_scale if name == "logits" else want.abs().max().clamp_min(1e-6)
+        scale = {"logits": gate_scale, "lo": range_scale, "hi": range_scale}.get(name, want.abs().max().clamp_min(1e-6))
         assert (got - want).abs().max() <= 1e-5 * scale, name
