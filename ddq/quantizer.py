@@ -142,11 +142,25 @@ class DDQQuantizer(nn.Module):
             return lo, lo + torch.maximum((self.range_top - lo).abs(), min_width)
         raise RuntimeError("DDQQuantizer: mode 'auto' is resolved on the first batch; call it on data first")
 
+    def effective_residuals(self) -> Tensor:
+        """The residuals the op sees: in `unsigned` mode code 0's block has mean 0, so 0 stays a level.
+
+        Spec §2 makes 0 a level of the unsigned grid (the most common ReLU output, and the zero padding
+        of the next convolution); learned residuals would move it. Removing block 0's mean (at the
+        current block size, computed on the device) keeps it exactly there and leaves every other level free.
+        """
+        if self.mode != "unsigned":
+            return self.residuals
+        block = torch.pow(2.0, (qm.FINEST_BITS - self.bits_tensor().detach()).to(torch.float32))
+        in_block0 = (torch.arange(qm.FINE_CELLS, device=self.residuals.device) < block).to(self.residuals.dtype)
+        block0_mean = (self.residuals * in_block0).sum(dim=1, keepdim=True) / block
+        return self.residuals - in_block0 * block0_mean
+
     @torch.no_grad()
     def levels(self) -> Tensor:
         """Spec §5's V: the (G, 2^b) block-mean levels at the current bitwidth."""
         lo, hi = self.range()
-        return qm.block_levels(lo, hi, self.residuals, self.bits)
+        return qm.block_levels(lo, hi, self.effective_residuals(), self.bits)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
@@ -210,7 +224,7 @@ class DDQQuantizer(nn.Module):
         if not self._initialized:
             self.initialize(x)
         lo, hi = self.range()
-        return ddq_quantize(x, lo, hi, self.residuals, self.gate_logits, self.axis, self.min_bits, self.grad_scale)
+        return ddq_quantize(x, lo, hi, self.effective_residuals(), self.gate_logits, self.axis, self.min_bits, self.grad_scale)
 
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.axis is None else f"per channel ({self.groups})"

@@ -109,13 +109,14 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_quan
             quantizer.initialize(tensor)
     act_lo, act_hi = act_quantizer.range()
     weight_lo, weight_hi = weight_quantizer.range()
+    act_residuals, weight_residuals = act_quantizer.effective_residuals(), weight_quantizer.effective_residuals()
     flat = x.reshape(-1, x.shape[-1])
-    validate_arguments(flat, act_lo, act_hi, act_quantizer.residuals, act_quantizer.gate_logits, None, act_quantizer.min_bits)
-    validate_arguments(weight, weight_lo, weight_hi, weight_quantizer.residuals, weight_quantizer.gate_logits, 0,
+    validate_arguments(flat, act_lo, act_hi, act_residuals, act_quantizer.gate_logits, None, act_quantizer.min_bits)
+    validate_arguments(weight, weight_lo, weight_hi, weight_residuals, weight_quantizer.gate_logits, 0,
                        weight_quantizer.min_bits)
     y, _ = torch.ops.ddq.quantized_linear(
-        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_quantizer.residuals, act_quantizer.gate_logits,
-        weight_lo, weight_hi, weight_quantizer.residuals, weight_quantizer.gate_logits,
+        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_residuals, act_quantizer.gate_logits,
+        weight_lo, weight_hi, weight_residuals, weight_quantizer.gate_logits,
         act_quantizer.min_bits, weight_quantizer.min_bits, act_quantizer.grad_scale, weight_quantizer.grad_scale,
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -149,8 +149,15 @@ def test_module_gradients_follow_the_range_parametrisation(bits, mode, channels)
     shape = (45,) if channels is None else (groups, 45)
     out = quantizer(torch.tensor(x, dtype=torch.float32).reshape(shape))
     out.backward(torch.tensor(v, dtype=torch.float32).reshape(shape))
-    residuals, theta = numpy(quantizer.residuals), numpy(quantizer.gate_logits)
+    residuals, theta = numpy(quantizer.effective_residuals().detach()), numpy(quantizer.gate_logits)
     expected = oracle.gradients(v, x, lo, hi, residuals, theta, 1, grad_scale=True)
+    dresiduals = expected.dresiduals
+    if mode == "unsigned":
+        # The unsigned module removes code 0's block mean from the residuals (0 stays a level), so the
+        # gradient reaching the stored residuals is the oracle's with its block-0 mean removed too.
+        block0 = slice(0, 2 ** (8 - bits))
+        dresiduals = dresiduals.copy()
+        dresiduals[:, block0] -= dresiduals[:, block0].mean(axis=1, keepdims=True)
 
     if mode == "symmetric":
         chain = {"range_top": (expected.dhi - expected.dlo, expected.dhi_scale + expected.dlo_scale)}
@@ -159,7 +166,7 @@ def test_module_gradients_follow_the_range_parametrisation(bits, mode, channels)
         chain = {"range_top": (b_s * expected.dhi - a_s * expected.dlo, b_s * expected.dhi_scale + a_s * expected.dlo_scale)}
     else:
         chain = {"range_top": (expected.dhi, expected.dhi_scale), "range_bottom": (expected.dlo, expected.dlo_scale)}
-    chain["residuals"] = (expected.dresiduals, expected.dresiduals_scale)
+    chain["residuals"] = (dresiduals, expected.dresiduals_scale)
     chain["gate_logits"] = (expected.dtheta, expected.dtheta_scale)
     for name, (want, scale) in chain.items():
         got = numpy(getattr(quantizer, name).grad)
@@ -176,7 +183,7 @@ def test_levels_and_codes_match_spec(mode, bits):
     with torch.no_grad():
         quantizer.residuals.copy_(torch.from_numpy(rng.normal(0, 0.3, (4, 256))))
     lo, hi = (numpy(t) for t in quantizer.range())
-    residuals = numpy(quantizer.residuals)
+    residuals = numpy(quantizer.effective_residuals().detach())
     block_starts = np.tile(np.arange(0, 256, 2 ** (8 - bits)), (4, 1))
     want_levels = oracle.quantize_index(block_starts, lo, hi, residuals, bits)[2]
     np.testing.assert_allclose(numpy(quantizer.levels()), want_levels, rtol=0, atol=1e-6 * np.abs(hi - lo).max())
@@ -184,6 +191,19 @@ def test_levels_and_codes_match_spec(mode, bits):
     codes = quantizer.codes(torch.tensor(x, dtype=torch.float32))
     assert codes.dtype == torch.uint8
     np.testing.assert_array_equal(codes.numpy(), oracle.quantize(x, lo, hi, residuals, numpy(quantizer.gate_logits), 1).c)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4, 8))
+def test_unsigned_zero_stays_a_level_with_learned_residuals(bits):
+    """Spec §2: 0 is a level of the unsigned grid; the module keeps it one when residuals are learned."""
+    quantizer = initialised("unsigned", None, bits, min_bits=1, seed=bits)
+    with torch.no_grad():
+        quantizer.residuals.copy_(torch.randn(1, 256))
+    levels = numpy(quantizer.levels())
+    assert abs(levels[0, 0]) <= 1e-6 * quantizer.range_top.item()
+    assert quantizer(torch.zeros(5)).abs().max().item() <= 1e-6 * quantizer.range_top.item()
+    effective = numpy(quantizer.effective_residuals().detach())
+    np.testing.assert_array_equal(effective[:, 2 ** (8 - bits):], numpy(quantizer.residuals)[:, 2 ** (8 - bits):])
 
 
 def test_affine_range_keeps_hi_above_lo_far_from_zero():

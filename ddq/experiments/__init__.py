@@ -1,0 +1,1 @@
+"""Experiments at GPU scale on real data (CIFAR-10: `python -m ddq.experiments.cifar10`)."""
