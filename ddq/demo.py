@@ -16,7 +16,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +29,7 @@ import ddq
 from ddq.data import load_dataset
 from ddq.models import SmallCNN
 from ddq.optim import parameter_groups
+from ddq.resource import budget_at, set_learned_bits
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,6 @@ class Settings:
     device: str = "auto"
     out: str = "ddq_runs/demo"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class Dataset:
@@ -133,32 +133,13 @@ def train(model: nn.Module, data: Dataset, epochs: int, optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+def predict(model: nn.Module, x: Tensor, batch: int = 1000) -> Tensor:
     model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
-    return 100.0 * correct / len(y)
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
 
 
-def budget_at(model: nn.Module, learned_bits: int) -> tuple[float, float]:
-    """(average weight bits, average b_w·b_a per MAC) over all quantized layers if the learned-bit layers sat at
-    `learned_bits`: the mixed-precision run gets the WkAk model's weight size and BitOps as its budget
-    (spec §4 counts fixed-bit layers as constants). Needs one forward pass (for the MACs)."""
-    rows = ddq.model_bits_report(model)
-    learned = [layer.weight_quantizer.gate_logits.requires_grad for _, layer in ddq.quantized_layers(model)]
-    w_bits = [learned_bits if is_learned else r.weight_bits for r, is_learned in zip(rows, learned)]
-    a_bits = [learned_bits if is_learned else r.act_bits for r, is_learned in zip(rows, learned)]
-    weight = sum(r.params * b for r, b in zip(rows, w_bits)) / sum(r.params for r in rows)
-    bitops = sum(r.macs * bw * ba for r, bw, ba in zip(rows, w_bits, a_bits)) / sum(r.macs for r in rows)
-    return weight, bitops
-
-
-def start_from_8_bits(model: nn.Module) -> None:
-    """Learned-bit quantizers start at 8 bits and descend to the budget (spec §2's graded logits)."""
-    with torch.no_grad():
-        for _, layer in ddq.quantized_layers(model):
-            for quantizer in (layer.weight_quantizer, layer.input_quantizer):
-                if quantizer.gate_logits.requires_grad:
-                    quantizer.gate_logits.copy_(ddq.quantizer.graded_gate_logits(8))
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return 100.0 * float((predict(model, x) == y).float().mean())
 
 
 def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings, seed: int) -> dict:
@@ -178,7 +159,7 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
                                                       scale_range_lr=settings.scale_range_lr))
         if config.learn_bits:
             weight_budget, bitops_budget = budget_at(model, config.bits)
-            start_from_8_bits(model)
+            set_learned_bits(model, 8)
             resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
     initial = accuracy(model, data.test_x, data.test_y)
     losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
@@ -197,18 +178,20 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
 
 def integer_model_accuracy(model: nn.Module, data: Dataset) -> dict:
     """Spec §5: the exported integer model's test accuracy and its agreement with the float QAT model."""
-    from ddq import deploy
+    from ddq.deploy.c_backend import library_path
     from ddq.deploy.export import integer_predictions
 
-    backend = "c" if sorted(Path(deploy.__file__).parent.glob("_arm_ref*.so")) else "numpy"
+    try:
+        library_path()
+        backend = "c"
+    except RuntimeError:  # arm_ref not built (no C compiler at install time): the NumPy golden instead
+        backend = "numpy"
     try:
         predictions = integer_predictions(model, data.test_x.cpu().numpy(), backend=backend)
     except ValueError as error:  # e.g. learned levels moved 0 off the grid of a zero-padded conv's input
         print(f"integer export not possible: {error}")
         return {"integer_accuracy": float("nan"), "integer_agreement": float("nan"), "integer_error": str(error)}
-    with torch.no_grad():
-        model.eval()
-        floats = torch.cat([model(data.test_x[i : i + 1000]).argmax(1) for i in range(0, len(data.test_y), 1000)])
+    floats = predict(model, data.test_x)
     labels = data.test_y.cpu().numpy()
     return {"integer_accuracy": 100.0 * float((predictions == labels).mean()),
             "integer_agreement": 100.0 * float((predictions == floats.cpu().numpy()).mean()), "integer_backend": backend}
@@ -243,7 +226,6 @@ def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
 
 
 def format_table(summary: dict, seeds: int) -> str:
-    spread = "± sd" if seeds > 1 else ""
     lines = [f"{'run':<10} {'test acc %':>16} {'acc@init %':>10} {'train loss':>10} {'w bits':>7} {'a bits':>7} {'size KiB':>9} {'int acc %':>9}"]
     for name, row in summary["table"].items():
         acc = f"{row['accuracy_mean']:.2f}" + (f" ± {row['accuracy_std']:.2f}" if seeds > 1 else "")
@@ -251,7 +233,7 @@ def format_table(summary: dict, seeds: int) -> str:
                      f"{row['avg_weight_bits']:>7.2f} {row['avg_act_bits']:>7.2f} {row['weight_kib']:>9.2f} "
                      f"{row['integer_accuracy_mean']:>9.2f}")
     for pair, diff in summary["paired"].items():
-        lines.append(f"paired {pair}: {diff['mean']:+.2f} {spread} {diff['std']:.2f}".replace("  ", " ") if seeds > 1 else f"{pair}: {diff['mean']:+.2f}")
+        lines.append(f"paired {pair}: {diff['mean']:+.2f} ± sd {diff['std']:.2f}" if seeds > 1 else f"{pair}: {diff['mean']:+.2f}")
     return "\n".join(lines)
 
 

@@ -21,20 +21,9 @@ from ddq.quantizer import DDQQuantizer
 QUANTIZER_TYPES = (DDQQuantizer, LSQQuantizer)
 
 
-def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Trainable parameters by role: "weights", "quant_range" (range and residuals), "gates"."""
-    roles: dict[str, list[nn.Parameter]] = {"weights": [], "quant_range": [], "gates": []}
-    quantizer_params: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, QUANTIZER_TYPES):
-            for name, param in module.named_parameters(recurse=False):
-                quantizer_params.add(id(param))
-                if param.requires_grad:
-                    roles["gates" if name == "gate_logits" else "quant_range"].append(param)
-                    if isinstance(module, DDQQuantizer) and name.startswith("range_"):
-                        param._ddq_levels = 2**module.init_bits - 1
-    roles["weights"] = [p for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params]
-    return roles
+def range_lr_multiplier(module: nn.Module, name: str) -> int:
+    """2^init_bits − 1 for a DDQ range parameter (it spans that many steps), 1 for everything else."""
+    return 2**module.init_bits - 1 if isinstance(module, DDQQuantizer) and name.startswith("range_") else 1
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
@@ -42,14 +31,25 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, qua
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
     scaled by 2^init_bits − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
     decayed. Empty groups are left out."""
-    roles = split_parameters(model)
     quant_lr = quant_lr or lr
-    groups = [{"params": roles["weights"], "lr": lr, "weight_decay": weight_decay, "role": "weights"}]
-    by_levels: dict[int, list[nn.Parameter]] = {}
-    for param in roles["quant_range"]:
-        levels = getattr(param, "_ddq_levels", 1) if scale_range_lr else 1
-        by_levels.setdefault(levels, []).append(param)
-    for levels, params in sorted(by_levels.items()):
-        groups.append({"params": params, "lr": quant_lr * levels, "weight_decay": 0.0, "role": "quant_range"})
-    groups.append({"params": roles["gates"], "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
+    quantizer_params: set[int] = set()
+    range_params: dict[int, list[nn.Parameter]] = {}
+    gates: list[nn.Parameter] = []
+    for module in model.modules():
+        if not isinstance(module, QUANTIZER_TYPES):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            quantizer_params.add(id(param))
+            if not param.requires_grad:
+                continue
+            if name == "gate_logits":
+                gates.append(param)
+            else:
+                multiplier = range_lr_multiplier(module, name) if scale_range_lr else 1
+                range_params.setdefault(multiplier, []).append(param)
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params]
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "role": "weights"}]
+    for multiplier, params in sorted(range_params.items()):
+        groups.append({"params": params, "lr": quant_lr * multiplier, "weight_decay": 0.0, "role": "quant_range"})
+    groups.append({"params": gates, "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
     return [g for g in groups if g["params"]]

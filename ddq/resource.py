@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -9,7 +11,7 @@ from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
 from ddq.convert import quantized_layers
-from ddq.quantizer import DDQQuantizer
+from ddq.quantizer import DDQQuantizer, graded_gate_logits
 
 
 class LayerBits(NamedTuple):
@@ -82,7 +84,7 @@ class ResourceLoss(nn.Module):
         which is what makes the allocation non-uniform. Call once per optimizer step. Returns λ.
         """
         excess = self.over_budget()
-        self.strength = float(min(max(self.strength * torch.exp(torch.tensor(rate * (excess if excess > 0 else -1.0))), floor), ceiling))
+        self.strength = min(max(self.strength * math.exp(rate * (excess if excess > 0 else -1.0)), floor), ceiling)
         return self.strength
 
     def forward(self) -> Tensor:
@@ -108,3 +110,25 @@ def summarize_bits(model: nn.Module) -> dict[str, float]:
     with_macs = [r for r in rows if r.macs is not None]
     act_bits = sum(r.macs * r.act_bits for r in with_macs) / sum(r.macs for r in with_macs) if with_macs else float("nan")
     return {"avg_weight_bits": weight_bits, "avg_act_bits": act_bits, "weight_kib": weight_bits * params / 8 / 1024}
+
+
+def budget_at(model: nn.Module, learned_bits: int) -> tuple[float, float]:
+    """Spec §4 targets for a mixed-precision run: (average weight bits, average b_w·b_a per MAC) over all
+    quantized layers if the learned-bit layers sat at `learned_bits` (fixed-bit layers count as they are).
+    The result is the weight size and BitOps of the WkAk model. Needs one forward pass (for the MACs)."""
+    rows = model_bits_report(model)
+    learned = [layer.weight_quantizer.gate_logits.requires_grad for _, layer in quantized_layers(model)]
+    w_bits = [learned_bits if is_learned else r.weight_bits for r, is_learned in zip(rows, learned)]
+    a_bits = [learned_bits if is_learned else r.act_bits for r, is_learned in zip(rows, learned)]
+    weight = sum(r.params * b for r, b in zip(rows, w_bits)) / sum(r.params for r in rows)
+    bitops = sum(r.macs * bw * ba for r, bw, ba in zip(rows, w_bits, a_bits)) / sum(r.macs for r in rows)
+    return weight, bitops
+
+
+def set_learned_bits(model: nn.Module, bits: int) -> None:
+    """Learned-bit quantizers restart at `bits` with spec §2's graded logits, to descend to the budget."""
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+                if quantizer.gate_logits.requires_grad:
+                    quantizer.gate_logits.copy_(graded_gate_logits(bits))

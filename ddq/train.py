@@ -35,12 +35,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import ddq
-from ddq.demo import budget_at
+from ddq.resource import budget_at, set_learned_bits
 from ddq.distributed import gather_objects, is_distributed, state_fingerprint, sync_buffers, sync_quantizers
 from ddq.imagefolder import DataError, ImageFolder, ResumableDistributedSampler, normalize
 from ddq.models import SmallCNN
 from ddq.optim import QUANTIZER_TYPES, parameter_groups
-from ddq.quantizer import graded_gate_logits
 
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50")
 MODELS = TORCHVISION_MODELS + ("small_cnn",)
@@ -111,7 +110,6 @@ class Config:
 def parse_args(argv: Optional[list[str]] = None) -> Config:
     parser = argparse.ArgumentParser(prog="python -m ddq.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
     data = parser.add_argument_group("data")
     data.add_argument("--train-dir", required=True, help="ImageFolder root: train/<class>/<image>")
     data.add_argument("--val-dir", required=True, help="ImageFolder root with the same class folders")
@@ -312,15 +310,6 @@ def quantize(model: nn.Module, config: Config) -> nn.Module:
     if config.method == "ddq":
         options.update(learn_bits=config.learn_bits, learn_levels=config.learn_levels, min_bits=config.min_bits)
     return ddq.quantize_model(model, config.weight_bits, config.act_bits, **options)
-
-
-def set_learned_bits(model: nn.Module, bits: int) -> None:
-    """Learned-bit quantizers start at `bits` with spec §2's graded logits and descend to the budget."""
-    with torch.no_grad():
-        for _, layer in ddq.quantized_layers(model):
-            for quantizer in (layer.weight_quantizer, layer.input_quantizer):
-                if quantizer.gate_logits.requires_grad:
-                    quantizer.gate_logits.copy_(graded_gate_logits(bits))
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:

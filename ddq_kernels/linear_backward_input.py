@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ddq_kernels.fine_grid import cast_rounded, cell_histogram, fine_cell, fine_position, grid_scalars, inside_range
-from ddq_kernels.gemm_tiles import dot_operand, grouped_tile
+from ddq_kernels.gemm_tiles import grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_forward import UNFUSED, block_size, dot_precision
 from ddq_kernels.quantize_backward import accumulate_reductions, quantize_reductions

@@ -10,9 +10,7 @@ they commute with the code map). The last layer returns acc and float logits acc
 
 from __future__ import annotations
 
-import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union

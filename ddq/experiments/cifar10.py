@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import ddq
-from ddq.demo import RunConfig, budget_at, make_progress, start_from_8_bits
+from ddq.demo import RunConfig, make_progress
+from ddq.resource import budget_at, set_learned_bits
 from ddq.experiments import report
 from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
@@ -399,7 +400,7 @@ def prepare_qat_model(job: Job, fp_state: dict[str, Tensor], data: Data, env: En
     if not config.learn_bits:
         return model, None, None
     weight_budget, bitops_budget = budget_at(model, config.bits)
-    start_from_8_bits(model)
+    set_learned_bits(model, 8)
     resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
     return model, resource, {"avg_weight_bits": weight_budget, "avg_bitops_per_mac": bitops_budget}
 
