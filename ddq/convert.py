@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +27,13 @@ def quantize_model(
     weight_bits: int = 4,
     act_bits: int = 4,
     method: str = "ddq",
-    learn_bits: bool = False,
+    learn_bits: Union[bool, str] = False,
     learn_levels: bool = True,
     min_bits: int = 2,
     first_last_bits: Optional[int] = 8,
     act_mode: str = "auto",
+    range_init: str = "mse",
+    weight_max_bits: int = 8,
     skip: Iterable[str] = (),
     inplace: bool = False,
 ) -> nn.Module:
@@ -40,6 +42,11 @@ def quantize_model(
     Spec §2 granularity: weights per output channel, activations per tensor. The first and last
     quantizable layers (in module order) get `first_last_bits` fixed bits (default 8; None treats them
     like the rest). `skip` names layers left in float. method="lsq" builds the LSQ baseline instead.
+    learn_bits: True learns every other layer's weight and activation bits, "weights" or "activations"
+    only those. range_init="mse" (default) shrinks each initial range to the least-error fraction of the
+    spec's max/percentile range at the layer's bits; "spec" keeps the spec §2 range (docs/method.md).
+    weight_max_bits caps DDQ weight bits (first/last layers included); 7 makes every layer exportable
+    bit-exactly under spec §5's int8 weight LUT, which cannot hold an 8-bit symmetric grid.
     Quantizer ranges initialise on the first batch: run one eager forward before `torch.compile`.
     """
     if not inplace:
@@ -51,10 +58,12 @@ def quantize_model(
     for name in names:
         layer = model.get_submodule(name)
         if name in edge:
-            config = dict(weight_bits=first_last_bits, act_bits=first_last_bits, learn_bits=False)
+            edge_weight_bits = first_last_bits if method == "lsq" else min(first_last_bits, weight_max_bits)
+            config = dict(weight_bits=edge_weight_bits, act_bits=first_last_bits, learn_bits=False)
         else:
             config = dict(weight_bits=weight_bits, act_bits=act_bits, learn_bits=learn_bits)
-        config.update(method=method, learn_levels=learn_levels, min_bits=min(min_bits, config["weight_bits"], config["act_bits"]), act_mode=act_mode)
+        config.update(method=method, learn_levels=learn_levels, min_bits=min(min_bits, config["weight_bits"], config["act_bits"]), act_mode=act_mode, range_init=range_init,
+                      weight_max_bits=weight_max_bits)
         if method == "lsq":
             config = {key: config[key] for key in ("weight_bits", "act_bits", "method", "act_mode")}
         quantized_class = DDQLinear if isinstance(layer, nn.Linear) else DDQConv2d
@@ -69,8 +78,19 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def initialize_quantizers(model: nn.Module, batch: Tensor) -> None:
-    """Run one eager forward so every quantizer initialises its range (needed before torch.compile)."""
+    """Run one eager forward so every quantizer initialises its range (needed before torch.compile).
+
+    The pass runs in training mode, so BatchNorm normalises with the batch's own statistics: the quantizers
+    see the activations that QAT will feed them (running statistics of an untrained model would scale
+    them arbitrarily, and every later activation would clip). BatchNorm's running statistics are restored
+    afterwards, so the pass leaves no trace but the quantizers' ranges.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
     was_training = model.training
-    model.eval()
+    model.train()
     model(batch)
     model.train(was_training)
+    for module, buffers in zip(norms, saved):
+        for name, value in buffers.items():
+            getattr(module, name).copy_(value)

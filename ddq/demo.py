@@ -2,9 +2,9 @@
 
 Every QAT run fine-tunes the same FP checkpoint (per seed) with the same schedule; the FP row is that
 checkpoint fine-tuned as long (the fair ceiling). Runs:
-- fp; lsq_w4a4; ddq_w4a4 (fixed 4 bits, learned range and levels); ddq_mixed (learned bits with a
-  ResourceLoss whose target is the W4A4 model's weight size, i.e. an average of 4 bits over the
-  learned layers); lsq_w2a2 and ddq_w2a2 (all layers, first and last included, at 2 bits).
+- fp; lsq_w4a4; ddq_w4a4 (fixed 4 bits, learned range and levels); ddq_mixed (learned weight bits,
+  activations at 4 bits as in W4A4, with a ResourceLoss whose target is the W4A4 model's weight size,
+  i.e. an average of 4 bits over the learned layers); lsq_w2a2 and ddq_w2a2 (all layers, first and last included, at 2 bits).
 Writes results.json, a per-layer bitwidth plot and prints a table with mean ± spread over seeds and
 DDQ − LSQ differences paired by seed.
 """
@@ -18,7 +18,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch.nn import functional as F
 import ddq
 from ddq.data import load_dataset
 from ddq.models import SmallCNN
-from ddq.optim import parameter_groups
+from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 from ddq.resource import budget_at, set_learned_bits
 
 
@@ -37,7 +37,7 @@ class RunConfig:
     name: str
     method: Optional[str]
     bits: int = 4
-    learn_bits: bool = False
+    learn_bits: Union[bool, str] = False
     first_last_bits: Optional[int] = 8
 
 
@@ -45,10 +45,13 @@ RUNS = {
     "fp": RunConfig("fp", None),
     "lsq_w4a4": RunConfig("lsq_w4a4", "lsq", 4),
     "ddq_w4a4": RunConfig("ddq_w4a4", "ddq", 4),
-    "ddq_mixed": RunConfig("ddq_mixed", "ddq", 4, learn_bits=True),
+    "ddq_mixed": RunConfig("ddq_mixed", "ddq", 4, learn_bits="weights"),
     "lsq_w2a2": RunConfig("lsq_w2a2", "lsq", 2, first_last_bits=None),
     "ddq_w2a2": RunConfig("ddq_w2a2", "ddq", 2, first_last_bits=None),
 }
+# DDQ weights at most 7 bits, so the exported integer model computes what the QAT model does (spec §5's
+# int8 weight LUT cannot hold an 8-bit symmetric grid); the first/last layers are W7A8 for DDQ, W8A8 for LSQ.
+DEPLOYABLE_WEIGHT_BITS = 7
 PAIRS = (("ddq_w4a4", "lsq_w4a4"), ("ddq_w2a2", "lsq_w2a2"), ("ddq_mixed", "ddq_w4a4"))
 
 
@@ -63,7 +66,7 @@ class Settings:
     lr: float = 2e-3
     qat_lr: float = 5e-4
     quant_lr: float = 1e-3
-    gate_lr: float = 1e-2
+    gate_lr: float = GATE_LR
     scale_range_lr: bool = True
     resource_strength: float = 1e-3
     dual_rate: float = 0.05
@@ -100,12 +103,18 @@ def make_progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def train(model: nn.Module, data: Dataset, epochs: int, optimizer: torch.optim.Optimizer, settings: Settings,
-          seed: int, desc: str, resource: Optional[ddq.ResourceLoss] = None) -> list[float]:
-    """Cosine-scheduled training with random flips off (digits are not mirror-symmetric); returns epoch losses."""
+def train(model: nn.Module, data: Dataset, epochs: int, optimizers: list[torch.optim.Optimizer], settings: Settings,
+          seed: int, desc: str, resource: Optional[ddq.ResourceLoss] = None,
+          gates: Optional[torch.optim.Optimizer] = None) -> list[float]:
+    """Cosine-scheduled training (one schedule for every optimizer) without augmentation; learned bits (the
+    `gates` optimizer, constant rate) freeze once past FREEZE_BITS_AT of the steps and within budget.
+    Returns epoch losses."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     steps_per_epoch = math.ceil(len(data.train_y) / settings.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * steps_per_epoch, 1))
+    total_steps = epochs * steps_per_epoch
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=max(total_steps, 1)) for o in optimizers]
+    stepping = optimizers + ([gates] if gates is not None else [])
+    step = 0
     progress = make_progress(epochs * steps_per_epoch, desc, settings.progress)
     losses = []
     model.train()
@@ -116,12 +125,18 @@ def train(model: nn.Module, data: Dataset, epochs: int, optimizer: torch.optim.O
             index = order[start : start + settings.batch_size]
             loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
             objective = loss + resource() if resource is not None else loss
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in stepping:
+                optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            optimizer.step()
-            scheduler.step()
+            for optimizer in stepping:
+                optimizer.step()
+            for scheduler in schedulers:
+                scheduler.step()
             if resource is not None:
                 resource.adapt_strength(settings.dual_rate)
+            step += 1
+            if gates is not None and step >= FREEZE_BITS_AT * total_steps:
+                freeze_bits_once_within_budget(gates, resource)
             total += float(loss.detach()) * len(index)
             if progress is not None:
                 progress.update(1)
@@ -148,21 +163,23 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
     model.load_state_dict(fp_state)
     resource = None
     if config.method is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.qat_lr)
+        optimizers, gates = [torch.optim.Adam(model.parameters(), lr=settings.qat_lr)], None
     else:
         model = ddq.quantize_model(model, config.bits, config.bits, method=config.method, learn_bits=config.learn_bits,
                                    first_last_bits=config.first_last_bits,
-                                   **({"learn_levels": True} if config.method == "ddq" else {}))
+                                   **({"learn_levels": True, "weight_max_bits": DEPLOYABLE_WEIGHT_BITS} if config.method == "ddq" else {}))
         ddq.initialize_quantizers(model, data.train_x[: settings.batch_size * 4])
         # Groups first: range learning rates follow the bits the layer is meant to end at, not the 8 it starts from.
-        optimizer = torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr,
-                                                      scale_range_lr=settings.scale_range_lr))
+        optimizers = [torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr,
+                                                        scale_range_lr=settings.scale_range_lr, include_gates=False))]
+        gates = gate_optimizer(model, settings.gate_lr)
         if config.learn_bits:
             weight_budget, bitops_budget = budget_at(model, config.bits)
             set_learned_bits(model, 8)
-            resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
+            resource = ddq.ResourceLoss(model, weight_bits=weight_budget, strength=settings.resource_strength,
+                                        bitops=bitops_budget if config.learn_bits is True else None)
     initial = accuracy(model, data.test_x, data.test_y)
-    losses = train(model, data, settings.qat_epochs, optimizer, settings, seed, f"{config.name} seed {seed}", resource)
+    losses = train(model, data, settings.qat_epochs, optimizers, settings, seed, f"{config.name} seed {seed}", resource, gates)
     result = {"run": config.name, "seed": seed, "accuracy": accuracy(model, data.test_x, data.test_y),
               "accuracy_at_init": initial, "final_train_loss": losses[-1], "train_losses": losses}
     if config.method == "ddq":
@@ -201,7 +218,7 @@ def pretrain(data: Dataset, settings: Settings, seed: int) -> dict:
     torch.manual_seed(seed)
     model = SmallCNN(data.channels, 10, settings.width, data.image_size).to(data.train_x.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    train(model, data, settings.fp_epochs, optimizer, settings, seed, f"fp pretrain seed {seed}")
+    train(model, data, settings.fp_epochs, [optimizer], settings, seed, f"fp pretrain seed {seed}")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -6,7 +6,7 @@ computes the float layer on the quantized weight and input (fake quantization fo
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ except ImportError:
 
 
 METHODS = ("ddq", "lsq")
+LEARN_BITS = (False, True, "weights", "activations")
 
 
 def _recorded(layer: nn.Module, output: Tensor) -> Tensor:
@@ -36,25 +37,31 @@ def make_quantizers(
     weight_bits: int = 4,
     act_bits: int = 4,
     act_mode: str = "auto",
-    learn_bits: bool = False,
+    learn_bits: Union[bool, str] = False,
     learn_levels: bool = True,
     min_bits: int = 2,
     grad_scale: bool = True,
     method: str = "ddq",
+    range_init: str = "mse",
+    weight_max_bits: int = 8,
 ) -> tuple[nn.Module, nn.Module]:
     """The (weight, input) quantizer pair of a layer: weights per output channel and symmetric.
 
     method="ddq" builds `DDQQuantizer`s (spec §2); method="lsq" the LSQ baseline at fixed bits, so that
-    comparisons run through the same layers.
+    comparisons run through the same layers. learn_bits: True (both quantizers), "weights" or
+    "activations" (that one only; the other stays at its bits), False.
     """
+    if learn_bits not in LEARN_BITS or not isinstance(learn_bits, (bool, str)):
+        raise ValueError(f"learn_bits must be one of {LEARN_BITS}, got {learn_bits!r}")
     if method == "lsq":
         signedness = {"auto": "auto", "unsigned": "unsigned"}.get(act_mode, "signed")
         return LSQQuantizer(weight_bits, "signed", channels=out_channels), LSQQuantizer(act_bits, signedness)
     if method != "ddq":
         raise ValueError(f"unknown quantization method {method!r}; choose one of {METHODS}")
-    common = dict(min_bits=min_bits, learn_bits=learn_bits, learn_levels=learn_levels, grad_scale=grad_scale)
-    weight = DDQQuantizer("symmetric", channels=out_channels, init_bits=weight_bits, **common)
-    act = DDQQuantizer(act_mode, channels=None, init_bits=act_bits, **common)
+    common = dict(min_bits=min_bits, learn_levels=learn_levels, grad_scale=grad_scale, range_init=range_init)
+    weight = DDQQuantizer("symmetric", channels=out_channels, init_bits=weight_bits, max_bits=weight_max_bits,
+                          learn_bits=learn_bits in (True, "weights"), **common)
+    act = DDQQuantizer(act_mode, channels=None, init_bits=act_bits, learn_bits=learn_bits in (True, "activations"), **common)
     return weight, act
 
 

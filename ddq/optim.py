@@ -1,24 +1,33 @@
 """Optimizer parameter groups for QAT: weights, quantizer ranges and levels, and gate logits apart.
 
 RESEARCH_NOTES: a range parameter is ~(2^b − 1)× larger than a step and its gradient ~(2^b − 1)×
-smaller, so SGD barely moves it; per-parameter normalised updates (Adam) suit ranges, residuals and
-gate logits, each with its own learning rate and no weight decay. Adam moves a parameter by about its
-learning rate per step whatever the gradient's scale, so a DDQ range (α, h, lo/hi: 2^b − 1 steps wide)
-moves (2^b − 1)× slower, relative to its size, than an LSQ step at the same learning rate. With
+smaller, so SGD barely moves it; per-parameter normalised updates (Adam) suit ranges and residuals,
+each with its own learning rate and no weight decay. Adam moves a parameter by about its learning rate
+per step whatever the gradient's scale, so a DDQ range (α, h, lo/hi: 2^b − 1 steps wide) moves
+(2^b − 1)× slower, relative to its size, than an LSQ step at the same learning rate. With
 `scale_range_lr` the DDQ range parameters get quant_lr·(2^b − 1), b = the quantizer's init_bits (the
 bits it was built for, also when learned bits start higher): the same relative speed as LSQ's step.
+
+Gate logits are the exception to normalised updates: Adam moves every layer's gates at the same speed
+whatever the layer's share of the resource cost, so all layers end at identical bits (uniform precision
+in disguise). Plain SGD keeps the spec §4 gradient's per-layer scale (λ·params_l or λ·MACs_l):
+`gate_optimizer` gives the gates their own SGD, and `freeze_bits_once_within_budget` ends bit learning
+on a feasible allocation (docs/method.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from ddq.baselines import LSQQuantizer
 from ddq.quantizer import DDQQuantizer
 
 QUANTIZER_TYPES = (DDQQuantizer, LSQQuantizer)
+GATE_LR = 0.1
+FREEZE_BITS_AT = 0.75
 
 
 def range_lr_multiplier(module: nn.Module, name: str) -> int:
@@ -27,10 +36,10 @@ def range_lr_multiplier(module: nn.Module, name: str) -> int:
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
-                     gate_lr: float | None = None, scale_range_lr: bool = True) -> list[dict[str, Any]]:
+                     gate_lr: float | None = None, scale_range_lr: bool = True, include_gates: bool = True) -> list[dict[str, Any]]:
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
     scaled by 2^init_bits − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
-    decayed. Empty groups are left out."""
+    decayed. `include_gates=False` leaves the gates out (for `gate_optimizer`). Empty groups are left out."""
     quant_lr = quant_lr or lr
     quantizer_params: set[int] = set()
     range_params: dict[int, list[nn.Parameter]] = {}
@@ -51,5 +60,39 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, qua
     groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "role": "weights"}]
     for multiplier, params in sorted(range_params.items()):
         groups.append({"params": params, "lr": quant_lr * multiplier, "weight_decay": 0.0, "role": "quant_range"})
-    groups.append({"params": gates, "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
+    if include_gates:
+        groups.append({"params": gates, "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
     return [g for g in groups if g["params"]]
+
+
+def learned_gate_logits(model: nn.Module) -> list[nn.Parameter]:
+    """The gate logits of every DDQ quantizer whose bits are learned."""
+    return [m.gate_logits for m in model.modules() if isinstance(m, DDQQuantizer) and m.gate_logits.requires_grad]
+
+
+def gate_optimizer(model: nn.Module, lr: float) -> Optional[torch.optim.SGD]:
+    """Plain SGD (no momentum) over the learned gate logits, or None when no bits are learned.
+
+    SGD keeps each layer's share of the spec §4 cost in its gates' step, so the layers that cost most
+    per unit of task loss give up bits first (RESEARCH_NOTES: Adam here ended every layer at the same bits).
+    """
+    gates = learned_gate_logits(model)
+    return torch.optim.SGD(gates, lr=lr, momentum=0.0) if gates else None
+
+
+def freeze_bits_once_within_budget(optimizer: torch.optim.Optimizer, resource: Optional[Any]) -> bool:
+    """End bit learning for good once `resource` (a ResourceLoss, or None) is within its budget: the gate
+    optimizer's learning rate becomes 0 (kept in its state_dict, so a resumed run stays frozen).
+
+    Call it every step from where bit learning should end (e.g. FREEZE_BITS_AT of the steps): the hinge
+    of spec §4 pushes only while over budget, so bits hover at the budget's edge while they learn; freezing
+    at a step that meets the budget ends training on a feasible allocation, with the remaining steps to
+    adapt the weights to it. Returns whether the bits are frozen.
+    """
+    if all(group["lr"] == 0 for group in optimizer.param_groups):
+        return True
+    if resource is not None and resource.over_budget() > 0:
+        return False
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    return True

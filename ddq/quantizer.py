@@ -16,12 +16,21 @@ GATE_INIT_STEP = 0.25
 MIN_RANGE = 1e-8
 AFFINE_MIN_RELATIVE_WIDTH = 2.0**-16
 PERCENTILE_SAMPLE = 1 << 22
+RANGE_INITS = ("spec", "mse")
+RANGE_SEARCH_FRACTIONS = torch.linspace(0.2, 1.0, 33)
+RANGE_SEARCH_SAMPLE = 1 << 18
 
 
 def graded_gate_logits(init_bits: int, step: float = GATE_INIT_STEP) -> Tensor:
-    """Spec §2: θ_k = θ0·(init_bits + 1 − k) for k ≤ init_bits, −θ0·(k − init_bits) above (k = 1..8)."""
+    """θ_k = θ0·(init_bits + 1 − k)² for k ≤ init_bits, −θ0·(k − init_bits) above (k = 1..8).
+
+    Spec §2 grades linearly so that the finest bits go first. Under plain SGD (ddq.optim.gate_optimizer)
+    an open gate j receives the straight-through gradient of all open gates k ≥ j, b + 1 − j of them, so
+    linear logits would all reach 0 in the same step (the collapse to min_bits the spec warns of); squared
+    distances keep the spec's order: gate b closes first, then b − 1, … (docs/method.md).
+    """
     k = torch.arange(1, qm.FINEST_BITS + 1, dtype=torch.float32)
-    return torch.where(k <= init_bits, step * (init_bits + 1 - k), -step * (k - init_bits))
+    return torch.where(k <= init_bits, step * (init_bits + 1 - k) ** 2, -step * (k - init_bits))
 
 
 def is_int(value: object) -> bool:
@@ -45,7 +54,9 @@ class DDQQuantizer(nn.Module):
     no negative value, else "symmetric"). channels=None quantizes per tensor; channels=C per slice
     along dim 0 (per output channel for weights). The range is initialised from the first tensor seen:
     max|x| per channel for per-channel quantizers (unsigned: max x; affine: min x and max x), the 99.9th
-    (and 0.1th) percentile per tensor. learn_bits=False fixes the bitwidth at init_bits;
+    (and 0.1th) percentile per tensor, then (range_init="mse", the default) shrunk to the fraction of
+    that range with the least quantization error at init_bits (docs/method.md; "spec" keeps it).
+    learn_bits=False fixes the bitwidth at init_bits; max_bits caps it (gates above held closed);
     learn_levels=False keeps the levels uniform. The parameters stay float32 when the module is cast.
     """
 
@@ -55,17 +66,23 @@ class DDQQuantizer(nn.Module):
         channels: Optional[int] = None,
         init_bits: int = 8,
         min_bits: int = 2,
+        max_bits: int = qm.FINEST_BITS,
         learn_bits: bool = True,
         learn_levels: bool = True,
         grad_scale: bool = True,
+        range_init: str = "mse",
     ) -> None:
         super().__init__()
+        if range_init not in RANGE_INITS:
+            raise ValueError(f"DDQQuantizer: range_init must be one of {RANGE_INITS}, got {range_init!r}")
         if mode not in MODES:
             raise ValueError(f"DDQQuantizer: mode must be one of {MODES}, got {mode!r}")
         if not is_int(min_bits) or not 0 <= min_bits <= qm.FINEST_BITS:
             raise ValueError(f"DDQQuantizer: min_bits must be an int in [0, 8], got {min_bits!r}")
-        if not is_int(init_bits) or not min_bits <= init_bits <= qm.FINEST_BITS:
-            raise ValueError(f"DDQQuantizer: init_bits must be an int in [min_bits={min_bits}, 8], got {init_bits!r}")
+        if not is_int(max_bits) or not max(min_bits, 1) <= max_bits <= qm.FINEST_BITS:
+            raise ValueError(f"DDQQuantizer: max_bits must be an int in [max(min_bits, 1)={max(min_bits, 1)}, 8], got {max_bits!r}")
+        if not is_int(init_bits) or not min_bits <= init_bits <= max_bits:
+            raise ValueError(f"DDQQuantizer: init_bits must be an int in [min_bits={min_bits}, max_bits={max_bits}], got {init_bits!r}")
         if mode in ("unsigned", "auto") and min_bits < 1:
             raise ValueError("DDQQuantizer: unsigned mode needs min_bits >= 1 (a zero-anchored grid needs two levels)")
         if channels is not None and (not is_int(channels) or channels < 1):
@@ -73,9 +90,11 @@ class DDQQuantizer(nn.Module):
         self.mode = mode
         self.axis = None if channels is None else 0
         self.min_bits = min_bits
+        self.max_bits = max_bits
         self.grad_scale = grad_scale
         self.learn_bits = learn_bits
         self.init_bits = init_bits
+        self.range_init = range_init
         groups = 1 if channels is None else channels
         self.range_top = nn.Parameter(torch.ones(groups))
         self.range_bottom = nn.Parameter(torch.zeros(groups), requires_grad=mode in ("affine",))
@@ -120,11 +139,22 @@ class DDQQuantizer(nn.Module):
     @property
     def bits(self) -> int:
         """The current bitwidth b (spec §2: the number of kept gates). Syncs on GPU."""
-        return qm.bitwidth_int(self.gate_logits, self.min_bits)
+        return qm.bitwidth_int(self.effective_gate_logits(), self.min_bits)
 
     def bits_tensor(self) -> Tensor:
         """The current bitwidth as a 0-d tensor (no host sync)."""
-        return qm.bitwidth(self.gate_logits, self.min_bits)
+        return qm.bitwidth(self.effective_gate_logits(), self.min_bits)
+
+    def effective_gate_logits(self) -> Tensor:
+        """The logits the op sees: gates above max_bits held closed (constant −1, no gradient), so b ≤ max_bits.
+
+        max_bits = 7 keeps a symmetric weight grid exportable exactly: spec §5's int8 weight LUT holds the
+        128 levels of a 7-bit grid (odd multiples of α/127) but not the 256 of an 8-bit one (docs/method.md).
+        """
+        if self.max_bits == qm.FINEST_BITS:
+            return self.gate_logits
+        above = torch.arange(1, qm.FINEST_BITS + 1, device=self.gate_logits.device) > self.max_bits
+        return torch.where(above, torch.full_like(self.gate_logits, -1.0), self.gate_logits)
 
     def range(self) -> tuple[Tensor, Tensor]:
         """(lo, hi) of the fine grid for the current bitwidth, shape (G,), hi > lo by construction."""
@@ -192,8 +222,32 @@ class DDQQuantizer(nn.Module):
             top = torch.maximum(percentile(x, 0.999), bottom + MIN_RANGE)
             self.range_bottom.fill_(bottom)
             self.range_top.fill_(top)
+        if self.range_init == "mse":
+            self._shrink_range_to_least_error(x)
         self.initialized.fill_(True)
         self._initialized = True
+
+    def _shrink_range_to_least_error(self, x: Tensor) -> None:
+        """Scale each group's spec-initialised range by the fraction f ∈ [0.2, 1] whose uniform grid at
+        init_bits quantizes x with the least squared error (the spec's max/percentile range, f = 1, is
+        a candidate). At 8 bits this keeps ~the spec's range; at 2 bits the max|w| range puts levels at
+        ±α/4 and ±3α/4, far from where most weights sit, and the least-error range is ~0.6·max|w|."""
+        rows = x.detach().reshape(self.groups, -1).to(torch.float32)
+        if rows.shape[1] > RANGE_SEARCH_SAMPLE:
+            rows = rows[:, :: rows.shape[1] // RANGE_SEARCH_SAMPLE + 1]
+        spec_top, spec_bottom = self.range_top.detach().clone(), self.range_bottom.detach().clone()
+        uniform = torch.zeros_like(self.residuals)
+        errors = []
+        for fraction in RANGE_SEARCH_FRACTIONS.tolist():
+            self.range_top.copy_(spec_top * fraction)
+            self.range_bottom.copy_(spec_bottom * fraction)
+            lo, hi = self.range()
+            quantized = ddq_quantize(rows if self.axis == 0 else rows.reshape(-1), lo, hi, uniform, self.effective_gate_logits(),
+                                     self.axis, self.min_bits, self.grad_scale)
+            errors.append((quantized.reshape(self.groups, -1) - rows).square().sum(dim=1))
+        best = RANGE_SEARCH_FRACTIONS.to(rows.device)[torch.stack(errors).argmin(dim=0)]
+        self.range_top.copy_(torch.maximum(spec_top * best, spec_top.new_tensor(MIN_RANGE)) if self.mode != "affine" else spec_top * best)
+        self.range_bottom.copy_(spec_bottom * best)
 
     def _check_first_batch(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dtype not in FLOAT_INPUT_DTYPES:
@@ -224,8 +278,9 @@ class DDQQuantizer(nn.Module):
         if not self._initialized:
             self.initialize(x)
         lo, hi = self.range()
-        return ddq_quantize(x, lo, hi, self.effective_residuals(), self.gate_logits, self.axis, self.min_bits, self.grad_scale)
+        return ddq_quantize(x, lo, hi, self.effective_residuals(), self.effective_gate_logits(), self.axis, self.min_bits, self.grad_scale)
 
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.axis is None else f"per channel ({self.groups})"
-        return f"mode={self.mode}, {granularity}, bits={self.bits}, min_bits={self.min_bits}, learn_bits={self.learn_bits}"
+        return (f"mode={self.mode}, {granularity}, bits={self.bits}, min_bits={self.min_bits}, max_bits={self.max_bits}, "
+                f"learn_bits={self.learn_bits}")

@@ -28,7 +28,7 @@ def differentiable_bits(quantizer: nn.Module) -> Tensor:
     """Spec §4: b = Σ g_k with ∂b/∂g_k = 1, reaching free gate logits straight through (∂h/∂θ = 1)."""
     if not isinstance(quantizer, DDQQuantizer) or not quantizer.gate_logits.requires_grad:
         return torch.tensor(float(quantizer.bits))
-    logits = quantizer.gate_logits
+    logits = quantizer.effective_gate_logits()
     free = torch.arange(qm.FINEST_BITS, device=logits.device) >= quantizer.min_bits
     hard = qm.hard_gates(logits, quantizer.min_bits)
     gates = hard + torch.where(free, logits - logits.detach(), torch.zeros_like(logits))
@@ -83,8 +83,8 @@ class ResourceLoss(nn.Module):
         without hand-tuning λ; layers whose task gradient outweighs λ·cost keep their bits longest,
         which is what makes the allocation non-uniform. Call once per optimizer step. Returns λ.
         """
-        excess = self.over_budget()
-        self.strength = min(max(self.strength * math.exp(rate * (excess if excess > 0 else -1.0)), floor), ceiling)
+        direction = 1.0 if self.over_budget() > 0 else -1.0
+        self.strength = min(max(self.strength * math.exp(rate * direction), floor), ceiling)
         return self.strength
 
     def forward(self) -> Tensor:
@@ -131,4 +131,4 @@ def set_learned_bits(model: nn.Module, bits: int) -> None:
         for _, layer in quantized_layers(model):
             for quantizer in (layer.weight_quantizer, layer.input_quantizer):
                 if quantizer.gate_logits.requires_grad:
-                    quantizer.gate_logits.copy_(graded_gate_logits(bits))
+                    quantizer.gate_logits.copy_(graded_gate_logits(min(bits, quantizer.max_bits)))

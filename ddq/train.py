@@ -39,12 +39,12 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.distributed import gather_objects, is_distributed, state_fingerprint, sync_buffers, sync_quantizers
 from ddq.imagefolder import DataError, ImageFolder, ResumableDistributedSampler, normalize
 from ddq.models import SmallCNN
-from ddq.optim import QUANTIZER_TYPES, parameter_groups
+from ddq.optim import FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50")
 MODELS = TORCHVISION_MODELS + ("small_cnn",)
 METHODS = ("fp", "ddq", "lsq")
-CHECKPOINT_FORMAT = "ddq.train/1"
+CHECKPOINT_FORMAT = "ddq.train/2"
 # Settings that define the model or the trajectory: a resumed run must match them to continue exactly.
 RESUME_KEYS = ("model", "width", "image_size", "method", "weight_bits", "act_bits", "learn_bits", "target_bits",
                "bitops_budget", "learn_levels", "min_bits", "first_last_bits", "act_mode", "start_bits", "batch_size",
@@ -86,7 +86,7 @@ class Config:
     weight_decay: float = 4e-5
     quant_lr: Optional[float] = None
     quant_weight_decay: float = 0.0
-    gate_lr: Optional[float] = None
+    gate_lr: float = GATE_LR
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     amp: str = "auto"
@@ -144,8 +144,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     opt.add_argument("--momentum", type=float, default=0.9, help="SGD only")
     opt.add_argument("--weight-decay", type=float, default=4e-5, help="weights' weight decay")
     opt.add_argument("--quant-lr", type=float, default=None, help="quantizer ranges and levels (default --lr)")
-    opt.add_argument("--quant-weight-decay", type=float, default=0.0, help="quantizer ranges, levels and gates")
-    opt.add_argument("--gate-lr", type=float, default=None, help="bit gates (default --quant-lr)")
+    opt.add_argument("--quant-weight-decay", type=float, default=0.0, help="quantizer ranges and levels")
+    opt.add_argument("--gate-lr", type=float, default=GATE_LR, help="bit gates, by plain SGD (ddq.optim.gate_optimizer)")
     opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up, then cosine to 0")
     opt.add_argument("--label-smoothing", type=float, default=0.1)
     run = parser.add_argument_group("run")
@@ -191,7 +191,7 @@ def validate(config: Config) -> Config:
         (config.image_size >= 8, f"--image-size must be at least 8, got {config.image_size}"),
         (config.model != "small_cnn" or config.image_size % 8 == 0, "--image-size must be a multiple of 8 for small_cnn"),
         (config.width >= 1, f"--width must be positive, got {config.width}"),
-        (config.lr > 0 and (config.quant_lr is None or config.quant_lr > 0) and (config.gate_lr is None or config.gate_lr > 0),
+        (config.lr > 0 and (config.quant_lr is None or config.quant_lr > 0) and config.gate_lr > 0,
          "learning rates must be positive"),
         (config.weight_decay >= 0 and config.quant_weight_decay >= 0, "weight decays must be non-negative"),
         (0 <= config.warmup_epochs < config.epochs, f"--warmup-epochs must be in [0, --epochs), got {config.warmup_epochs}"),
@@ -313,8 +313,7 @@ def quantize(model: nn.Module, config: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr or config.lr,
-                              gate_lr=config.gate_lr or config.quant_lr or config.lr)
+    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr or config.lr, include_gates=False)
     for group in groups:
         if group["role"] != "weights":
             group["weight_decay"] = config.quant_weight_decay
@@ -439,6 +438,8 @@ class Trainer:
         seed_everything(config.seed + context.rank)
         self.model = self.prepare_model()
         self.optimizer = make_optimizer(self.model, config)
+        # Learned bits: plain SGD at a constant rate, frozen from FREEZE_BITS_AT of the steps once within budget.
+        self.gate_optimizer = gate_optimizer(self.model, config.gate_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch)))
         if self.resume_path is not None:
@@ -525,6 +526,7 @@ class Trainer:
             "step": self.step, "epoch": self.step // self.steps_per_epoch, "best_top1": self.best_top1,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "gates": None if self.gate_optimizer is None else self.gate_optimizer.state_dict(),
             "resource": None if self.resource is None else {"strength": self.resource.strength,
                                                             "weight_bits": self.resource.weight_bits, "bitops": self.resource.bitops},
             "rng": states,
@@ -558,6 +560,8 @@ class Trainer:
         load_weights(self.model, payload["model"], f"checkpoint {str(path)!r}", self.config.model)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.load_state_dict(payload["gates"])
         if self.resource is not None:
             self.resource.strength = payload["resource"]["strength"]
         self.step, self.best_top1 = payload["step"], payload["best_top1"]
@@ -593,12 +597,18 @@ class Trainer:
                 loss = F.cross_entropy(self.train_model(images), labels, label_smoothing=config.label_smoothing)
             objective = loss + self.resource() if self.resource is not None else loss
             self.optimizer.zero_grad(set_to_none=True)
+            if self.gate_optimizer is not None:
+                self.gate_optimizer.zero_grad(set_to_none=True)
             objective.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.gate_optimizer is not None:
+                self.gate_optimizer.step()
             if self.resource is not None:
                 self.resource.adapt_strength(config.dual_rate)
             self.step += 1
+            if self.gate_optimizer is not None and self.step >= FREEZE_BITS_AT * self.total_steps:
+                freeze_bits_once_within_budget(self.gate_optimizer, self.resource)
             if self.step == self.fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             window_loss += loss.detach().float()

@@ -45,9 +45,10 @@ def bitwidth(theta, min_bits: int) -> int:
 
 
 def graded_logits(init_bits: int) -> np.ndarray:
-    """θ_k = θ0·(init_bits + 1 − k) for k ≤ init_bits, −θ0·(k − init_bits) above."""
+    """θ_k = θ0·(init_bits + 1 − k)² for k ≤ init_bits, −θ0·(k − init_bits) above (docs/method.md: the
+    spec's linear grading, squared so that SGD still closes the finest gate first)."""
     return np.array(
-        [THETA0 * (init_bits + 1 - k) if k <= init_bits else -THETA0 * (k - init_bits) for k in range(1, K + 1)]
+        [THETA0 * (init_bits + 1 - k) ** 2 if k <= init_bits else -THETA0 * (k - init_bits) for k in range(1, K + 1)]
     )
 
 

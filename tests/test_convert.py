@@ -123,3 +123,52 @@ def test_torchvision_models_convert_when_available():
 def test_quantizer_types_in_a_converted_model_are_ddq():
     model = ddq.quantize_model(SmallCNN())
     assert all(isinstance(layer.weight_quantizer, DDQQuantizer) for _, layer in ddq.quantized_layers(model))
+
+
+def test_initialize_quantizers_sees_training_mode_activations_and_keeps_batchnorm_state():
+    """Ranges come from BatchNorm-normalised activations (training mode), whatever the running statistics
+    say, and the running statistics are left as they were."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].running_var.fill_(1e6)  # eval-mode BatchNorm would shrink activations 1000×
+    model = ddq.quantize_model(model, 4, 4, first_last_bits=None)
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    model.eval()
+    x = torch.randn(8, 1, 12, 12)
+    ddq.initialize_quantizers(model, x)
+    assert not model.training
+    for key, value in model[1].state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with torch.no_grad():
+        normalised = torch.relu(nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias,
+                                                         training=True))
+    top = float(model[3].input_quantizer.range()[1])
+    assert 0.3 * float(normalised.max()) < top <= 1.01 * float(normalised.max())
+
+
+def test_learn_bits_weights_learns_only_weight_gates_and_bad_values_are_rejected():
+    model = ddq.quantize_model(SmallCNN(), 4, 4, learn_bits="weights")
+    middle = ddq.quantized_layers(model)[1:-1]
+    assert all(layer.weight_quantizer.gate_logits.requires_grad for _, layer in middle)
+    assert not any(layer.input_quantizer.gate_logits.requires_grad for _, layer in ddq.quantized_layers(model))
+    acts = ddq.quantize_model(SmallCNN(), 4, 4, learn_bits="activations")
+    assert [layer.input_quantizer.gate_logits.requires_grad for _, layer in ddq.quantized_layers(acts)] == [False, True, True, False]
+    for bad in ("both", 1, None):
+        with pytest.raises(ValueError, match="learn_bits"):
+            ddq.quantize_model(SmallCNN(), 4, 4, learn_bits=bad)
+
+
+def test_weight_max_bits_caps_ddq_weights_first_and_last_included():
+    """weight_max_bits=7: DDQ edge layers become W7A8 and learned weight bits never pass 7; LSQ keeps W8A8."""
+    from ddq.resource import set_learned_bits
+
+    model = ddq.quantize_model(SmallCNN(), 4, 4, learn_bits="weights", weight_max_bits=7)
+    ddq.initialize_quantizers(model, torch.rand(2, 1, 28, 28))
+    set_learned_bits(model, 8)
+    rows = ddq.model_bits_report(model)
+    assert [(r.weight_bits, r.act_bits) for r in rows] == [(7, 8), (7, 4), (7, 4), (7, 8)]
+    lsq = ddq.quantize_model(SmallCNN(), 4, 4, method="lsq", weight_max_bits=7)
+    ddq.initialize_quantizers(lsq, torch.rand(2, 1, 28, 28))
+    assert [(r.weight_bits, r.act_bits) for r in ddq.model_bits_report(lsq)][0] == (8, 8)
+    with pytest.raises(ValueError, match="init_bits"):
+        ddq.quantize_model(SmallCNN(), 8, 4, weight_max_bits=7, first_last_bits=None)

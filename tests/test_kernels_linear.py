@@ -49,7 +49,12 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
     differ = levels_differ(w_q, want_w_q, args[7], args[8])
     assert not (differ & ~ambiguous(weight, args[7], args[8])).any()
     assert y.shape == (M, N) and y.dtype == dtype
-    assert relative_error(y, want_y.float()) <= tolerance
+    # A row holding an activation within rounding distance of a cell boundary (sample_input plants some) may
+    # take the neighbouring level there (arithmetic order): such rows are left out; most rows must remain.
+    boundary_rows = ambiguous(x, args[3], args[4]).any(dim=1)
+    assert int(boundary_rows.sum()) <= M // 2
+    clean = ~boundary_rows.to(y.device)
+    assert relative_error(y[clean], want_y.float()[clean.cpu()]) <= tolerance
 
     grad_y = torch.randn(M, N, device=x.device).to(dtype)
     backward_args = (grad_y, x, weight, w_q, *args[3:], True)
@@ -208,3 +213,49 @@ def test_op_compiles_fullgraph_on_cpu():
     (grad,) = torch.autograd.grad(compiled(x), [x])
     (want,) = torch.autograd.grad(step(x), [x])
     torch.testing.assert_close(grad, want)
+
+
+def test_fused_wrapper_casts_like_autocast_on_cpu():
+    """Under autocast, quantized_linear casts x, weight and bias to the autocast dtype before quantizing (the
+    custom op itself is opaque to autocast): fp32 parameters, bf16 activations, the weight quantized from
+    its bf16 copy, gradients back to the fp32 parameters."""
+    from torch.nn import functional as F
+
+    from ddq.nn import DDQLinear
+    from ddq_kernels.linear_op import quantized_linear
+
+    torch.manual_seed(0)
+    layer = DDQLinear(24, 10)
+    x = torch.randn(6, 24).to(torch.bfloat16)
+    layer(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = quantized_linear(x, layer.weight, layer.bias, layer.input_quantizer, layer.weight_quantizer)
+    with torch.no_grad():
+        want = F.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight.to(torch.bfloat16)),
+                        layer.bias.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y.float(), want.float()) < 1e-2  # the same bf16 operands; bf16 output rounding
+    y.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+    assert layer.input_quantizer.range_top.grad is not None and layer.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_layers_under_autocast_on_gpu():
+    """DDQLinear and a channels_last 1×1 DDQConv2d on CUDA under bf16 autocast (fp32 parameters) run the
+    fused op and return bf16; elements near a weight cell boundary may take the neighbouring level (the
+    weight is quantized from its bf16 copy), hence the loose bound."""
+    from ddq.nn import DDQConv2d, DDQLinear
+
+    torch.manual_seed(0)
+    for layer, shape in ((DDQLinear(45, 19).cuda(), (5, 7, 45)), (DDQConv2d(24, 40, 1).cuda(), (3, 24, 9, 11))):
+        x = torch.randn(shape, device="cuda").relu()
+        if x.dim() == 4:
+            x = x.to(memory_format=torch.channels_last)
+        want = layer(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        assert relative_error(y.float(), want) < 5e-2
+        y.float().square().sum().backward()
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()

@@ -46,12 +46,67 @@ def test_graded_gate_logits_and_initial_bitwidth(init_bits):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_per_channel_symmetric_initialises_alpha_to_max_abs(dtype):
     w = torch.randn(6, 3, 3, 3).to(dtype) * torch.arange(1, 7).reshape(6, 1, 1, 1)
-    quantizer = DDQQuantizer("symmetric", channels=6, init_bits=4)
+    quantizer = DDQQuantizer("symmetric", channels=6, init_bits=4, range_init="spec")
     quantizer(w)
     want = w.float().abs().amax(dim=(1, 2, 3))
     assert torch.equal(quantizer.range_top.detach(), want)
     lo, hi = quantizer.range()
     assert torch.equal(hi.detach(), want) and torch.equal(lo.detach(), -want)
+
+
+@pytest.mark.parametrize("mode,channels", (("symmetric", 5), ("unsigned", None), ("symmetric", None), ("affine", 5)))
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_mse_range_init_picks_the_least_error_fraction_of_the_spec_range(mode, channels, bits):
+    """range_init="mse": each group's range is f·(the spec's range) with f from RANGE_SEARCH_FRACTIONS
+    minimising the squared quantization error at init_bits (checked against every candidate)."""
+    from ddq.quantizer import RANGE_SEARCH_FRACTIONS
+
+    torch.manual_seed(bits)
+    x = torch.randn(5, 200) * torch.linspace(0.5, 2, 5)[:, None]
+    if mode == "unsigned":
+        x = x.relu()
+    spec = DDQQuantizer(mode, channels=channels, init_bits=bits, learn_bits=False, range_init="spec")
+    mse = DDQQuantizer(mode, channels=channels, init_bits=bits, learn_bits=False)
+    spec(x)
+    mse(x)
+    groups = x.reshape(spec.groups, -1)
+
+    def errors(quantizer):
+        return (quantizer(x).detach().reshape(spec.groups, -1) - groups).square().sum(dim=1)
+
+    best = errors(mse)
+    for fraction in RANGE_SEARCH_FRACTIONS.tolist():
+        candidate = DDQQuantizer(mode, channels=channels, init_bits=bits, learn_bits=False, range_init="spec")
+        candidate(x)
+        with torch.no_grad():
+            candidate.range_top.mul_(fraction)
+            candidate.range_bottom.mul_(fraction)
+        assert (best <= errors(candidate) * (1 + 1e-5) + 1e-6).all()
+    ratio = mse.range_top.detach().abs() / spec.range_top.detach().abs()
+    assert ((ratio >= RANGE_SEARCH_FRACTIONS[0] - 1e-6) & (ratio <= 1 + 1e-6)).all()
+    if bits == 2 and mode == "symmetric" and channels:
+        assert (ratio < 0.9).all()  # at 2 bits the max|w| grid wastes its levels on the tails
+
+
+def test_range_init_is_validated():
+    with pytest.raises(ValueError, match="range_init"):
+        DDQQuantizer(range_init="max")
+
+
+def test_max_bits_holds_gates_above_it_closed():
+    """max_bits caps the bitwidth: the gates above it are constant closed (no gradient), also when their
+    logits say open, so a learned-bit quantizer never exceeds it."""
+    quantizer = DDQQuantizer("symmetric", channels=3, init_bits=7, max_bits=7)
+    with torch.no_grad():
+        quantizer.gate_logits.fill_(1.0)
+    assert quantizer.bits == 7
+    x = torch.randn(3, 40)
+    quantizer(x).square().sum().backward()
+    assert quantizer.gate_logits.grad[7] == 0
+    with pytest.raises(ValueError, match="init_bits"):
+        DDQQuantizer(init_bits=8, max_bits=7)
+    with pytest.raises(ValueError, match="max_bits"):
+        DDQQuantizer(min_bits=4, init_bits=4, max_bits=3)
 
 
 def test_per_channel_unsigned_and_affine_initialise_to_the_channel_extremes():

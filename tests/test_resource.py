@@ -1,12 +1,14 @@
 """Spec §4: ResourceLoss values and gradients, the bit report, and the dual ascent on λ."""
 
+import math
+
 import pytest
 import torch
 
 import ddq
 from ddq.models import SmallCNN
 from ddq.quantizer import graded_gate_logits
-from ddq.resource import differentiable_bits
+from ddq.resource import differentiable_bits, set_learned_bits
 
 
 def quantized_cnn(**kwargs):
@@ -70,18 +72,59 @@ def test_bitops_need_a_forward_pass_and_bad_targets_are_rejected():
         ddq.ResourceLoss(SmallCNN())
 
 
-def test_resource_loss_lowers_bits_under_adam():
+def test_resource_loss_lowers_bits_one_at_a_time_and_largest_layer_most_under_gate_sgd():
+    """With ddq.optim's plain-SGD gate optimizer and the squared graded logits, bits leave one at a time
+    (no collapse to min_bits), the budget is met, and the 4×-larger layer gives up more bits."""
+    from ddq.optim import gate_optimizer
+
     torch.manual_seed(0)
     model = quantized_cnn()
-    for _, layer in ddq.quantized_layers(model)[1:3]:
-        with torch.no_grad():
-            layer.weight_quantizer.gate_logits.copy_(graded_gate_logits(8))
+    set_learned_bits(model, 8)
+    layers = [layer for _, layer in ddq.quantized_layers(model)[1:3]]
     loss = ddq.ResourceLoss(model, weight_bits=4.0, strength=1.0)
-    gates = [p for n, p in model.named_parameters() if n.endswith("gate_logits") and p.requires_grad]
-    optimizer = torch.optim.Adam(gates, lr=0.05)
-    for _ in range(60):
+    optimizer = gate_optimizer(model, lr=1.0)
+    history = [[layer.weight_quantizer.bits for layer in layers]]
+    for _ in range(400):
         optimizer.zero_grad()
         loss().backward()
         optimizer.step()
-    assert ddq.summarize_bits(model)["avg_weight_bits"] <= 4.0 + 1e-6
-    assert all(layer.weight_quantizer.bits >= 2 for _, layer in ddq.quantized_layers(model))
+        history.append([layer.weight_quantizer.bits for layer in layers])
+        if loss.over_budget() <= 0:
+            break
+    assert loss.over_budget() <= 0
+    steps = [[before - after for before, after in zip(a, b)] for a, b in zip(history, history[1:])]
+    assert all(0 <= drop <= 1 for step in steps for drop in step)
+    small, large = history[-1]
+    assert large < small and large >= 2
+
+
+def test_freeze_bits_waits_for_the_budget_then_holds_through_a_state_dict_round_trip():
+    from ddq.optim import freeze_bits_once_within_budget, gate_optimizer
+
+    model = quantized_cnn()
+    set_learned_bits(model, 8)
+    loss = ddq.ResourceLoss(model, weight_bits=4.0, strength=1.0)
+    optimizer = gate_optimizer(model, lr=1.0)
+    assert loss.over_budget() > 0 and not freeze_bits_once_within_budget(optimizer, loss)
+    assert all(group["lr"] == 1.0 for group in optimizer.param_groups)
+    while loss.over_budget() > 0:
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert freeze_bits_once_within_budget(optimizer, loss)
+    restored = gate_optimizer(model, lr=1.0)
+    restored.load_state_dict(optimizer.state_dict())
+    bits = [layer.weight_quantizer.bits for _, layer in ddq.quantized_layers(model)]
+    restored.zero_grad()
+    (loss() - 100 * sum(differentiable_bits(layer.weight_quantizer) for _, layer in ddq.quantized_layers(model))).backward()
+    restored.step()
+    assert [layer.weight_quantizer.bits for _, layer in ddq.quantized_layers(model)] == bits
+    assert gate_optimizer(ddq.quantize_model(SmallCNN()), lr=1.0) is None
+
+
+def test_dual_ascent_moves_lambda_by_the_same_factor_either_way():
+    model = quantized_cnn()
+    loss = ddq.ResourceLoss(model, weight_bits=2.0, strength=1.0)
+    assert loss.adapt_strength(0.1) == pytest.approx(math.exp(0.1))
+    loss.weight_bits = 8.0
+    assert loss.adapt_strength(0.1) == pytest.approx(1.0)

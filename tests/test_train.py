@@ -20,7 +20,7 @@ from ddq.models import SmallCNN
 
 TRAIN_IMAGES_PER_CLASS, VAL_IMAGES_PER_CLASS = 24, 6
 COMMON = ["--model", "small_cnn", "--width", "8", "--image-size", "16", "--epochs", "2", "--workers", "0",
-          "--optimizer", "adamw", "--lr", "1e-3", "--gate-lr", "0.1", "--learn-bits", "--device", "cpu",
+          "--optimizer", "adamw", "--lr", "1e-3", "--gate-lr", "5", "--resource-strength", "1", "--learn-bits", "--device", "cpu",
           "--log-every", "2", "--no-progress", "--batch-size", "8"]
 
 
@@ -97,7 +97,7 @@ def test_one_process_stop_and_resume_continues_exactly(data, tmp_path, one_threa
     resumed = train.main(args + ["--out", str(tmp_path / "split"), "--resume", "auto"])
     assert resumed["step"] == 12
     final = assert_same_checkpoints(tmp_path / "full", tmp_path / "split")
-    assert final["step"] == 12 and final["resource"]["strength"] != 1e-3, "λ adapted and was carried over"
+    assert final["step"] == 12 and final["resource"]["strength"] != 1.0, "λ adapted and was carried over"
 
     out = tmp_path / "full"
     assert [e["epoch"] for e in events(out, "epoch")] == [0, 1]

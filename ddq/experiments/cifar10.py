@@ -37,7 +37,7 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.experiments import report
 from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
-from ddq.optim import parameter_groups
+from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 from ddq.train import atomic_save, warmup_cosine
 
 MODELS = ("resnet20", "mobilenetv2")
@@ -47,8 +47,8 @@ RUNS = {
     "ddq_w4a4": RunConfig("ddq_w4a4", "ddq", 4),
     "lsq_w2a2": RunConfig("lsq_w2a2", "lsq", 2),
     "ddq_w2a2": RunConfig("ddq_w2a2", "ddq", 2),
-    "ddq_mixed4": RunConfig("ddq_mixed4", "ddq", 4, learn_bits=True),
-    "ddq_mixed3": RunConfig("ddq_mixed3", "ddq", 3, learn_bits=True),
+    "ddq_mixed4": RunConfig("ddq_mixed4", "ddq", 4, learn_bits="weights"),
+    "ddq_mixed3": RunConfig("ddq_mixed3", "ddq", 3, learn_bits="weights"),
 }
 ONE_SEED_RUNS = ("fp", "lsq_w4a4", "ddq_w4a4")
 PHASES = ("pretrain", "qat", "all", "estimate")
@@ -76,7 +76,7 @@ class Settings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     quant_lr: float = 1e-3
-    gate_lr: float = 1e-2
+    gate_lr: float = GATE_LR
     resource_strength: float = 1e-3
     dual_rate: float = 0.05
     resnet_width: int = 16
@@ -179,18 +179,21 @@ class Data:
 # ----------------------------------------------------------------------------------------- training
 
 class Training:
-    """One model's optimisation: weights by SGD with momentum (the same for FP, LSQ and DDQ), quantizer ranges,
-    levels and gate logits by Adam at their own rates (ddq.optim's groups), one cosine schedule for all."""
+    """One model's optimisation: weights by SGD with momentum (the same for FP, LSQ and DDQ), quantizer ranges
+    and levels by Adam at their own rates (ddq.optim's groups), both on one cosine schedule; learned gate
+    logits by plain SGD at a constant rate (ddq.optim.gate_optimizer) until FREEZE_BITS_AT of the steps,
+    then frozen at the first step within budget."""
 
     def __init__(self, model: nn.Module, data: Data, env: Environment, settings: Settings, epochs: int, lr: float,
                  seed: int, resource: Optional[ddq.ResourceLoss] = None) -> None:
         self.model, self.data, self.env, self.settings, self.epochs, self.resource = model, data, env, settings, epochs, resource
-        groups = parameter_groups(model, lr, settings.weight_decay, quant_lr=settings.quant_lr, gate_lr=settings.gate_lr)
+        groups = parameter_groups(model, lr, settings.weight_decay, quant_lr=settings.quant_lr, include_gates=False)
         weights = [g for g in groups if g["role"] == "weights"]
         quantizer = [g for g in groups if g["role"] != "weights"]
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(weights, lr=lr, momentum=settings.momentum)]
         if quantizer:
             self.optimizers.append(torch.optim.Adam(quantizer, lr=settings.quant_lr))
+        self.gates = gate_optimizer(model, settings.gate_lr)
         self.steps_per_epoch = len(data.train) // settings.batch_size
         schedule = warmup_cosine(epochs * self.steps_per_epoch, 0)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in self.optimizers]
@@ -200,6 +203,7 @@ class Training:
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "gates": None if self.gates is None else self.gates.state_dict(),
                 "schedulers": [s.state_dict() for s in self.schedulers], "generator": self.generator.get_state(),
                 "epoch": self.epoch, "curve": self.curve,
                 "resource_strength": None if self.resource is None else self.resource.strength}
@@ -210,6 +214,8 @@ class Training:
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
+        if self.gates is not None:
+            self.gates.load_state_dict(state["gates"])
         self.generator.set_state(state["generator"])
         self.epoch, self.curve = state["epoch"], state["curve"]
         if self.resource is not None:
@@ -231,14 +237,18 @@ class Training:
                 logits = self.model(images)
             loss = F.cross_entropy(logits.float(), labels)
             objective = loss + self.resource() if self.resource is not None else loss
-            for optimizer in self.optimizers:
+            stepping = self.optimizers + ([self.gates] if self.gates is not None else [])
+            for optimizer in stepping:
                 optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            for optimizer in stepping:
                 optimizer.step()
+            for scheduler in self.schedulers:
                 scheduler.step()
             if self.resource is not None:
                 self.resource.adapt_strength(settings.dual_rate)
+            if self.gates is not None and self.epoch * self.steps_per_epoch + step + 1 >= FREEZE_BITS_AT * self.epochs * self.steps_per_epoch:
+                freeze_bits_once_within_budget(self.gates, self.resource)
             loss_sum += loss.detach() * len(index)
             correct += (logits.detach().argmax(1) == labels).sum()
             if progress is not None:
@@ -401,6 +411,8 @@ def prepare_qat_model(job: Job, fp_state: dict[str, Tensor], data: Data, env: En
         return model, None, None
     weight_budget, bitops_budget = budget_at(model, config.bits)
     set_learned_bits(model, 8)
+    if config.learn_bits is not True:  # activations stay at their bits: the weight size is the whole budget
+        bitops_budget = None
     resource = ddq.ResourceLoss(model, weight_bits=weight_budget, bitops=bitops_budget, strength=settings.resource_strength)
     return model, resource, {"avg_weight_bits": weight_budget, "avg_bitops_per_mac": bitops_budget}
 
@@ -535,7 +547,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     add("--momentum", type=float, default=defaults.momentum)
     add("--weight-decay", type=float, default=defaults.weight_decay, help="weights only (quantizer parameters: none)")
     add("--quant-lr", type=float, default=defaults.quant_lr, help="Adam lr of quantizer ranges and levels (DDQ ranges ×(2^b−1))")
-    add("--gate-lr", type=float, default=defaults.gate_lr, help="Adam lr of DDQ gate logits (mixed runs)")
+    add("--gate-lr", type=float, default=defaults.gate_lr, help="SGD lr of DDQ gate logits (mixed runs)")
     add("--resource-strength", type=float, default=defaults.resource_strength, help="initial λ of the mixed runs")
     add("--dual-rate", type=float, default=defaults.dual_rate, help="dual-ascent rate of λ per step")
     add("--resnet-width", type=int, default=defaults.resnet_width, help="ResNet-20's first-stage channels")
