@@ -88,6 +88,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_compiled_training_matches_eager(data, tmp_path, one_thread):
+    """--compile (torch.compile of the model after quantizer initialisation) trains the same steps as eager:
+    the quantizers are custom ops, so the graph has no break, and the losses agree to float tolerance."""
+    args = COMMON + data_args(data) + ["--stop-after-steps", "3", "--log-every", "1"]
+    eager = train.main(args + ["--out", str(tmp_path / "eager")])
+    compiled = train.main(args + ["--out", str(tmp_path / "compiled"), "--compile"])
+    assert eager == compiled == {"step": 3, "stopped": True}
+    eager_losses = [e["loss"] for e in events(tmp_path / "eager", "train")]
+    compiled_losses = [e["loss"] for e in events(tmp_path / "compiled", "train")]
+    assert len(eager_losses) == 3 and np.allclose(compiled_losses, eager_losses, rtol=1e-3, atol=1e-4)
+
+
 def test_one_process_stop_and_resume_continues_exactly(data, tmp_path, one_thread):
     args = COMMON + data_args(data) + ["--batch-size", "8"]
     full = train.main(args + ["--out", str(tmp_path / "full")])
