@@ -246,7 +246,7 @@ class DDQQuantizer(nn.Module):
                                      self.axis, self.min_bits, self.grad_scale)
             errors.append((quantized.reshape(self.groups, -1) - rows).square().sum(dim=1))
         best = RANGE_SEARCH_FRACTIONS.to(rows.device)[torch.stack(errors).argmin(dim=0)]
-        self.range_top.copy_(torch.maximum(spec_top * best, spec_top.new_tensor(MIN_RANGE)) if self.mode != "affine" else spec_top * best)
+        self.range_top.copy_(spec_top * best)  # range() keeps it above MIN_RANGE
         self.range_bottom.copy_(spec_bottom * best)
 
     def _check_first_batch(self, x: Tensor) -> None:

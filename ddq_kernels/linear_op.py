@@ -115,13 +115,13 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_quan
     act_lo, act_hi = act_quantizer.range()
     weight_lo, weight_hi = weight_quantizer.range()
     act_residuals, weight_residuals = act_quantizer.effective_residuals(), weight_quantizer.effective_residuals()
+    act_logits, weight_logits = act_quantizer.effective_gate_logits(), weight_quantizer.effective_gate_logits()
     flat = x.reshape(-1, x.shape[-1])
-    validate_arguments(flat, act_lo, act_hi, act_residuals, act_quantizer.effective_gate_logits(), None, act_quantizer.min_bits)
-    validate_arguments(weight, weight_lo, weight_hi, weight_residuals, weight_quantizer.effective_gate_logits(), 0,
-                       weight_quantizer.min_bits)
+    validate_arguments(flat, act_lo, act_hi, act_residuals, act_logits, None, act_quantizer.min_bits)
+    validate_arguments(weight, weight_lo, weight_hi, weight_residuals, weight_logits, 0, weight_quantizer.min_bits)
     y, _ = torch.ops.ddq.quantized_linear(
-        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_residuals, act_quantizer.effective_gate_logits(),
-        weight_lo, weight_hi, weight_residuals, weight_quantizer.effective_gate_logits(),
+        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_residuals, act_logits,
+        weight_lo, weight_hi, weight_residuals, weight_logits,
         act_quantizer.min_bits, weight_quantizer.min_bits, act_quantizer.grad_scale, weight_quantizer.grad_scale,
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -194,6 +194,7 @@ class Training:
         if quantizer:
             self.optimizers.append(torch.optim.Adam(quantizer, lr=settings.quant_lr))
         self.gates = gate_optimizer(model, settings.gate_lr)
+        self.stepping = self.optimizers + ([self.gates] if self.gates is not None else [])
         self.steps_per_epoch = len(data.train) // settings.batch_size
         schedule = warmup_cosine(epochs * self.steps_per_epoch, 0)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in self.optimizers]
@@ -237,11 +238,10 @@ class Training:
                 logits = self.model(images)
             loss = F.cross_entropy(logits.float(), labels)
             objective = loss + self.resource() if self.resource is not None else loss
-            stepping = self.optimizers + ([self.gates] if self.gates is not None else [])
-            for optimizer in stepping:
+            for optimizer in self.stepping:
                 optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            for optimizer in stepping:
+            for optimizer in self.stepping:
                 optimizer.step()
             for scheduler in self.schedulers:
                 scheduler.step()
