@@ -14,7 +14,7 @@ def test_forward_rounds_to_the_grid_and_clips():
     y = q(x)
     codes = y / step
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-5)
-    assert codes.min() >= -4 and codes.max() <= 3
+    assert codes.round().min() >= -4 and codes.round().max() <= 3  # y/step carries float rounding (3.0000002)
     assert q.levels().shape == (1, 8)
 
 
