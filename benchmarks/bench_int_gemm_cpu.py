@@ -86,11 +86,25 @@ def median_seconds(call, seconds: float = 1.0) -> float:
     return float(np.median(times)) / 1e9
 
 
+def cpu_description() -> tuple[str, list[str]]:
+    """CPU model name and the /proc/cpuinfo flags the x86 paths test for (Linux; else the platform name)."""
+    wanted = {"avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "amx_tile", "amx_int8"}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return model or platform.machine(), sorted(wanted.intersection(flags))
+
+
 def run_all() -> dict:
     import onnxruntime
 
-    results = {"machine": platform.processor() or platform.machine(), "arm_ref_path": c_backend.best_path(),
-               "onnxruntime": onnxruntime.__version__, "threads": 1}
+    model, flags = cpu_description()
+    results = {"machine": platform.machine(), "cpu": model, "cpu_flags_used": flags,
+               "arm_ref_best_path": c_backend.best_path(), "onnxruntime": onnxruntime.__version__, "threads": 1}
     # The contenders alternate over several rounds and each keeps its best median, so that load from
     # other processes on a shared machine hits all of them alike.
     for m in (1, 16):
@@ -99,6 +113,7 @@ def run_all() -> dict:
         for _ in range(ROUNDS):
             for name, call in calls.items():
                 best[name] = min(best[name], median_seconds(call, 0.3))
+        results[f"arm_ref_path_m{m}"] = c_backend.auto_path(m)
         results[f"ort_matmulinteger_m{m}_us"] = best["ort"] * 1e6
         for bits_w in (8, 4):
             results[f"arm_ref_{bits_w}bit_m{m}_us"] = best[bits_w] * 1e6

@@ -1,5 +1,5 @@
-/* arm_ref: the integer layer of DDQ_SPEC.md Section 5 in portable C11, with NEON (aarch64) and
- * AVX-512 (x86-64) paths chosen at run time, plus a bounds-checked reader for exported files.
+/* arm_ref: the integer layer of DDQ_SPEC.md Section 5 in portable C11, with NEON (aarch64), AVX-512
+ * and AMX (x86-64) paths chosen at run time, plus a bounds-checked reader for exported files.
  *
  * Every entry point validates its arguments and returns an arm_ref_status; no function allocates
  * memory. Results are bit-identical across paths and to the NumPy golden (ddq.deploy.int_gemm). */
@@ -42,7 +42,8 @@ typedef enum {
     ARM_REF_PATH_AUTO = 0,
     ARM_REF_PATH_SCALAR = 1,
     ARM_REF_PATH_NEON = 2,
-    ARM_REF_PATH_AVX512 = 3
+    ARM_REF_PATH_AVX512 = 3,
+    ARM_REF_PATH_AMX = 4
 } arm_ref_path;
 
 /* One integer layer (spec §5). codes_x: uint8[M, K]; lut_x: 2^bits_x bytes, read as int8 when
@@ -71,8 +72,11 @@ const char *arm_ref_status_string(int status);
 const char *arm_ref_path_name(int path);
 /* 1 when this CPU (and this build) can run `path`, else 0. */
 int arm_ref_path_available(int path);
-/* The fastest available path (what ARM_REF_PATH_AUTO runs). */
+/* The fastest available path for many activation rows. */
 int arm_ref_best_path(void);
+/* What ARM_REF_PATH_AUTO runs for M activation rows: the best path, except that GEMVs with few rows
+ * (M < 8) take AVX-512 instead of AMX (measured crossover: AMX tile loads cost more than they save there). */
+int arm_ref_auto_path(size_t m);
 
 /* Container width w for b-bit codes (1, 2, 4 or 8), 0 for b outside 1..8. */
 int arm_ref_container_bits(int bits);

@@ -11,6 +11,8 @@
 #define MAX_OFFSET ((int64_t)1 << 61)
 #define MAX_SHIFT 61
 #define WORKSPACE_ALIGN_CODES 512u
+/* Below this many activation rows AUTO keeps AMX's work on AVX-512 (measured crossover, docs/deploy.md). */
+#define AMX_MIN_ROWS 8u
 
 const char *arm_ref_status_string(int status)
 {
@@ -46,6 +48,7 @@ const char *arm_ref_path_name(int path)
     case ARM_REF_PATH_SCALAR: return "scalar";
     case ARM_REF_PATH_NEON: return "neon";
     case ARM_REF_PATH_AVX512: return "avx512";
+    case ARM_REF_PATH_AMX: return "amx";
     default: return "unknown";
     }
 }
@@ -57,17 +60,26 @@ int arm_ref_path_available(int path)
     case ARM_REF_PATH_SCALAR: return 1;
     case ARM_REF_PATH_NEON: return arm_ref_neon_supported();
     case ARM_REF_PATH_AVX512: return arm_ref_avx512_supported();
+    case ARM_REF_PATH_AMX: return arm_ref_amx_supported();
     default: return 0;
     }
 }
 
 int arm_ref_best_path(void)
 {
+    if (arm_ref_amx_supported())
+        return ARM_REF_PATH_AMX;
     if (arm_ref_avx512_supported())
         return ARM_REF_PATH_AVX512;
     if (arm_ref_neon_supported())
         return ARM_REF_PATH_NEON;
     return ARM_REF_PATH_SCALAR;
+}
+
+int arm_ref_auto_path(size_t m)
+{
+    int best = arm_ref_best_path();
+    return best == ARM_REF_PATH_AMX && m < AMX_MIN_ROWS ? ARM_REF_PATH_AVX512 : best;
 }
 
 int arm_ref_container_bits(int bits)
@@ -172,10 +184,12 @@ static size_t workspace_stride(size_t k)
     return (k + WORKSPACE_ALIGN_CODES - 1) / WORKSPACE_ALIGN_CODES * WORKSPACE_ALIGN_CODES + 64u;
 }
 
+/* M activation rows, then ARM_REF_AMX_ROWS rows of decoded weights (AMX path), one stride each. */
 size_t arm_ref_workspace_bytes(size_t m, size_t k)
 {
     size_t total;
-    if (k > ARM_REF_MAX_K || !checked_product(m, workspace_stride(k), &total))
+    if (k > ARM_REF_MAX_K || m > SIZE_MAX - ARM_REF_AMX_ROWS ||
+        !checked_product(m + ARM_REF_AMX_ROWS, workspace_stride(k), &total))
         return SIZE_MAX;
     return total;
 }
@@ -210,27 +224,32 @@ static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
         if (a->i_min[col] < 0 || a->i_min[col] > 255)
             return ARM_REF_ERR_I_MIN;
     }
+    /* One OR over all codes (vectorised by the compiler) instead of a branch per code. */
+    uint8_t all_codes = 0;
     for (size_t i = 0; i < a->m * a->k; ++i)
-        if (a->codes_x[i] >> a->bits_x)
-            return ARM_REF_ERR_CODE_X_RANGE;
+        all_codes |= a->codes_x[i];
+    if (all_codes >> a->bits_x)
+        return ARM_REF_ERR_CODE_X_RANGE;
     return arm_ref_check_packed(a->packed_w, a->packed_size, a->n, a->k, a->bits_w);
 }
 
-/* Activation x = lut_x[code] stored as the byte x − x_base in the chunked slot order of arm_ref_plan. */
-static void arrange_activations(const arm_ref_gemm_args *a, size_t chunk_bytes, int32_t x_base, uint8_t *out,
-                                size_t stride, size_t k_vector)
+/* Activation x = lut_x[code] stored as the byte x − x_base in the row layout of arm_ref_plan. */
+static void arrange_rows(const arm_ref_gemm_args *a, size_t chunk_bytes, int32_t x_base, uint8_t *out,
+                         size_t stride, size_t k_vector)
 {
     size_t per_byte = 8u / (size_t)arm_ref_container_bits(a->bits_w);
     size_t chunk_codes = chunk_bytes * per_byte;
+    uint8_t table[256];
+    for (size_t code = 0; code < 256; ++code)
+        table[code] = (uint8_t)(arm_ref_activation(a->lut_x, a->lut_x_signed, (uint32_t)code & ((1u << a->bits_x) - 1u)) -
+                                x_base);
     for (size_t row = 0; row < a->m; ++row) {
         const uint8_t *codes = a->codes_x + row * a->k;
         uint8_t *dst = out + row * stride;
         for (size_t k0 = 0; k0 < k_vector; k0 += chunk_codes)
             for (size_t slot = 0; slot < per_byte; ++slot)
-                for (size_t t = 0; t < chunk_bytes; ++t) {
-                    int32_t x = arm_ref_activation(a->lut_x, a->lut_x_signed, codes[k0 + t * per_byte + slot]);
-                    dst[k0 + slot * chunk_bytes + t] = (uint8_t)(x - x_base);
-                }
+                for (size_t t = 0; t < chunk_bytes; ++t)
+                    dst[k0 + slot * chunk_bytes + t] = table[codes[k0 + t * per_byte + slot]];
     }
 }
 
@@ -247,16 +266,23 @@ static void acc_scalar_range(const arm_ref_gemm_args *a, size_t row_bytes, size_
 
 static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, uint8_t *workspace, int32_t *acc)
 {
-    size_t chunk_bytes = path == ARM_REF_PATH_AVX512 ? ARM_REF_AVX512_CHUNK : ARM_REF_NEON_CHUNK;
+    size_t chunk_bytes = path == ARM_REF_PATH_NEON ? ARM_REF_NEON_CHUNK : ARM_REF_AVX512_CHUNK;
     size_t chunk_codes = chunk_bytes * (8u / (size_t)arm_ref_container_bits(a->bits_w));
-    /* AVX-512 VNNI multiplies unsigned by signed bytes, NEON sdot signed by signed. */
-    int32_t x_base = path == ARM_REF_PATH_AVX512 ? (a->lut_x_signed ? -128 : 0) : (a->lut_x_signed ? 0 : 128);
-    arm_ref_plan plan = {a, workspace, workspace_stride(a->k), a->k / chunk_codes * chunk_codes, row_bytes, x_base};
-    arrange_activations(a, chunk_bytes, x_base, workspace, plan.x_stride, plan.k_vector);
-    if (path == ARM_REF_PATH_AVX512)
+    size_t stride = workspace_stride(a->k);
+    /* AVX-512 VNNI multiplies unsigned by signed bytes, NEON sdot signed by signed; AMX has both kinds. */
+    int32_t x_base = path == ARM_REF_PATH_AVX512 ? (a->lut_x_signed ? -128 : 0)
+                     : path == ARM_REF_PATH_NEON ? (a->lut_x_signed ? 0 : 128)
+                                                 : 0;
+    arm_ref_plan plan = {a,        workspace, stride, a->k / chunk_codes * chunk_codes, row_bytes, x_base,
+                         (int8_t *)(workspace + a->m * stride), stride};
+    if (path == ARM_REF_PATH_AMX) {
+        arm_ref_acc_amx(&plan, acc);
+    } else if (path == ARM_REF_PATH_AVX512) {
         arm_ref_acc_avx512(&plan, acc);
-    else
+    } else {
+        arrange_rows(a, chunk_bytes, x_base, workspace, plan.x_stride, plan.k_vector);
         arm_ref_acc_neon(&plan, acc);
+    }
     acc_scalar_range(a, row_bytes, plan.k_vector, acc);
 }
 
@@ -272,7 +298,7 @@ int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, s
     if (!arm_ref_path_available(path))
         return ARM_REF_ERR_PATH;
     if (path == ARM_REF_PATH_AUTO)
-        path = arm_ref_best_path();
+        path = arm_ref_auto_path(args->m);
     if (workspace == NULL || workspace_size < arm_ref_workspace_bytes(args->m, args->k))
         return ARM_REF_ERR_WORKSPACE;
     memset(acc, 0, args->m * args->n * sizeof(int32_t));

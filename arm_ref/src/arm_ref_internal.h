@@ -1,30 +1,42 @@
-/* Shared between arm_ref.c and the vector paths: the activation layout the vector kernels read. */
+/* Shared between arm_ref.c and the vector paths: the activation layouts the vector kernels read. */
 #ifndef ARM_REF_INTERNAL_H
 #define ARM_REF_INTERNAL_H
 
 #include "arm_ref.h"
 
 /* A vector path consumes packed weights CHUNK bytes at a time. Within the chunk starting at code k0,
- * slot j (0 ≤ j < 8/w) of byte t holds code k0 + t·(8/w) + j; the workspace stores activations in
- * the same order (all slot-0 codes of the chunk, then slot 1, ...), as bytes x − x_base, so one
- * weight vector per slot meets a contiguous activation vector. Codes past k_vector (less than one
- * chunk) are handled by the scalar kernel. */
+ * slot j (0 ≤ j < 8/w) of byte t holds code k0 + t·(8/w) + j; the kernels see codes in "arranged
+ * order" (all slot-0 codes of the chunk, then slot 1, ...), so one decoded weight vector per slot meets
+ * a contiguous run of activations. Codes past k_vector (less than one chunk) go to the scalar kernel.
+ *
+ * Row layout (AVX-512, NEON): row m of the activations at x_arranged + m·x_stride, in arranged order,
+ * as bytes x − x_base.
+ * Tile layout (AMX): rows in blocks of AMX_ROWS (the last block may be shorter, r rows); a block starts
+ * at x_arranged + m0·k_vector and holds, per 64 arranged positions, a 16 × 4r byte tile: tile row g,
+ * bytes 4·i .. 4·i+3 are the activations of row m0 + i at positions 4g .. 4g+3 (raw x, x_base = 0).
+ * decoded (AMX only) is scratch for AMX_ROWS output columns of decoded weights, decoded_stride apart. */
 typedef struct {
     const arm_ref_gemm_args *args;
-    const uint8_t *x_arranged;
+    uint8_t *x_arranged;
     size_t x_stride;
     size_t k_vector;
     size_t row_bytes;
     int32_t x_base;
+    int8_t *decoded;
+    size_t decoded_stride;
 } arm_ref_plan;
 
 #define ARM_REF_AVX512_CHUNK 64u
 #define ARM_REF_NEON_CHUNK 16u
+#define ARM_REF_AMX_ROWS 16u
 
 int arm_ref_avx512_supported(void);
+int arm_ref_amx_supported(void);
 int arm_ref_neon_supported(void);
-/* acc[m·N + n] += Σ over k < k_vector of lut_w·x, the stored-activation bias already corrected. */
+/* acc[m·N + n] += Σ over k < k_vector of lut_w·x, the stored-activation bias already corrected. The
+ * NEON kernel reads activations that arm_ref.c arranged; the x86 kernels arrange them themselves. */
 void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc);
+void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_neon(const arm_ref_plan *plan, int32_t *acc);
 
 #endif

@@ -1,17 +1,46 @@
-/* x86-64 path: LUT decode with vpshufb (≤ 4-bit containers) or vpermi2b (8-bit containers) and
- * vpdpbusd dot products. Compiled with target attributes only and chosen at run time. */
+/* x86-64 paths, compiled with target attributes only and chosen at run time.
+ *
+ * Weight decode (shared): vpshufb on a 16-entry table for ≤ 4-bit containers; for 8-bit containers
+ * vpermb (≤ 64 entries, bits 5-6), vpermi2b (≤ 128 entries, bits 7) or two vpermi2b and a blend on the
+ * code's top bit (256 entries, bits 8).
+ * AVX-512: vpdpbusd dot products of decoded weights with activation rows, several output columns and
+ * activation rows per decoded vector (the GEMV path).
+ * AMX: 16 output columns of weights are decoded once into a panel in the workspace, then tdpbssd /
+ * tdpbsud multiply the panel with 16-row activation tiles, so each weight is decoded once per call. */
+#define _GNU_SOURCE
 #include "arm_ref_internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <stdatomic.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi")))
+#define AVX512_FEATURES "avx512f,avx512bw,avx512vnni,avx512vbmi"
+#define AVX512_TARGET __attribute__((target(AVX512_FEATURES)))
 #define AVX512_INLINE AVX512_TARGET __attribute__((always_inline)) static inline
+#define AMX_TARGET __attribute__((target(AVX512_FEATURES ",amx-tile,amx-int8")))
+#define AMX_INLINE AMX_TARGET __attribute__((always_inline)) static inline
+/* GEMV blocking: ROW_BLOCK activation rows × COLS_WITH_ROWS columns per decoded vector, or one row ×
+ * COLS_ALONE columns (independent accumulator chains hide vpdpbusd latency); 32 zmm registers hold
+ * the tables, accumulators and operands of either shape. */
 #define ROW_BLOCK 4
-/* Codes per K block: ROW_BLOCK·4 activation rows of it stay in L1 while every output column passes. */
-#define K_BLOCK 2048u
+#define COLS_WITH_ROWS 2
+#define COLS_ALONE 4
+/* Codes per K block: ROW_BLOCK activation rows of it stay in L1 while every output column passes. */
+#define K_BLOCK 4096u
+/* Software prefetch distance for the packed weight streams (bytes ahead of the loads). */
+#define PREFETCH_AHEAD 256
+/* AMX: positions decoded per slice (a multiple of every chunk; 16 columns of it fill 16 KiB of L1). */
+#define DECODE_SLICE 1024u
+/* Linux: request permission for the AMX tile state (arch/x86/include/uapi/asm/prctl.h). */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
 
 int arm_ref_avx512_supported(void)
 {
@@ -20,29 +49,76 @@ int arm_ref_avx512_supported(void)
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
 }
 
+static int amx_probe(void)
+{
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned eax, ebx, ecx, edx;
+    if (!arm_ref_avx512_supported() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+        return 0;
+    const unsigned amx_tile = 1u << 24, amx_int8 = 1u << 25;
+    if ((edx & amx_tile) == 0 || (edx & amx_int8) == 0)
+        return 0;
+    /* The kernel grants the 8 KiB tile state per process, once asked. */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* Cached: under a hypervisor CPUID traps and costs tens of microseconds. 0 unknown, 1 no, 2 yes; racing
+ * first calls store the same answer. */
+int arm_ref_amx_supported(void)
+{
+    static atomic_int cached = 0;
+    int known = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (known == 0) {
+        known = amx_probe() ? 2 : 1;
+        atomic_store_explicit(&cached, known, memory_order_relaxed);
+    }
+    return known == 2;
+}
+
+/* table_parts: 64-byte pieces of the weight table the decoder reads (1, 2 or 4; 1 for ≤ 4-bit containers). */
+static int table_parts(int bits_w)
+{
+    return bits_w <= 6 ? 1 : bits_w == 7 ? 2 : 4;
+}
+
 typedef struct {
     __m512i table[4];
 } lut_registers;
 
+AVX512_INLINE __mmask64 first_bytes(size_t count)
+{
+    return count >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << count) - 1);
+}
+
+/* Masked loads read exactly the 2^bits table entries of this row. */
 AVX512_INLINE lut_registers load_lut(const int8_t *lut_row, int bits, int width)
 {
     lut_registers lut;
-    int8_t padded[256] = {0};
-    memcpy(padded, lut_row, (size_t)1 << bits);
+    const size_t size = (size_t)1 << bits;
+    for (int i = 0; i < 4; ++i)
+        lut.table[i] = _mm512_setzero_si512();
     if (width <= 4) {
-        lut.table[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)padded));
-    } else {
-        for (int i = 0; i < 4; ++i)
-            lut.table[i] = _mm512_loadu_si512((const void *)(padded + 64 * i));
+        __m512i table = _mm512_maskz_loadu_epi8(first_bytes(size), lut_row);
+        lut.table[0] = _mm512_broadcast_i32x4(_mm512_castsi512_si128(table));
+        return lut;
     }
+    for (size_t i = 0; i < 4 && 64 * i < size; ++i)
+        lut.table[i] = _mm512_maskz_loadu_epi8(first_bytes(size - 64 * i), lut_row + 64 * i);
     return lut;
 }
 
 /* The 64 int8 weights of slot `slot` of 64 packed bytes. */
-AVX512_INLINE __m512i decode_slot(__m512i bytes, const lut_registers *lut, int width, int slot)
+AVX512_INLINE __m512i decode_slot(__m512i bytes, const lut_registers *lut, int width, int parts, int slot)
 {
     if (width == 8) {
+        if (parts == 1)
+            return _mm512_permutexvar_epi8(bytes, lut->table[0]);
         __m512i low_half = _mm512_permutex2var_epi8(lut->table[0], bytes, lut->table[1]);
+        if (parts == 2)
+            return low_half;
         __m512i high_half = _mm512_permutex2var_epi8(lut->table[2], bytes, lut->table[3]);
         return _mm512_mask_blend_epi8(_mm512_movepi8_mask(bytes), low_half, high_half);
     }
@@ -52,58 +128,181 @@ AVX512_INLINE __m512i decode_slot(__m512i bytes, const lut_registers *lut, int w
     return _mm512_shuffle_epi8(lut->table[0], codes);
 }
 
-/* rows is 1 or ROW_BLOCK (a constant after inlining): named accumulators stay in registers. */
-AVX512_INLINE void row_block(const arm_ref_plan *plan, size_t col, size_t row0, int rows, int width,
-                             size_t k_begin, size_t k_end, int32_t *acc)
+/* Activations in arranged order (arm_ref_plan): slot s of the chunk at k0 is code k0 + t·p + s for
+ * t < 64 (p = 8/w codes per byte), gathered from the chunk's p input vectors by vpermi2b pairs, then
+ * looked up in lut_x with the weight decoder. */
+typedef struct {
+    __m512i index[8];
+    __mmask64 lanes[4];
+    lut_registers lut_x;
+    int per_byte;
+} arranger;
+
+AVX512_INLINE arranger arranger_new(const arm_ref_gemm_args *a, int per_byte)
+{
+    arranger r;
+    uint8_t index[64];
+    r.per_byte = per_byte;
+    for (int slot = 0; slot < 8; ++slot) {
+        for (int t = 0; t < 64; ++t)
+            index[t] = (uint8_t)((t * per_byte + slot) & 127);
+        r.index[slot] = _mm512_loadu_si512((const void *)index);
+    }
+    /* Lanes of slot output that come from input pair q: t·p + slot in [128q, 128q + 128). */
+    for (int q = 0; q < 4; ++q)
+        r.lanes[q] = per_byte <= 2       ? ~(__mmask64)0
+                     : 2 * q < per_byte ? first_bytes((size_t)(128 / per_byte)) << (128 / per_byte * q)
+                                         : 0;
+    r.lut_x = load_lut((const int8_t *)a->lut_x, a->bits_x, 8);
+    return r;
+}
+
+/* The 64 activation bytes of slot `slot` of the chunk whose codes start at `codes`. */
+AVX512_INLINE __m512i arranged_slot(const arranger *r, const uint8_t *codes, int x_parts, int slot)
+{
+    __m512i gathered = _mm512_loadu_si512((const void *)codes);
+    for (int q = 0; 2 * q + 1 < r->per_byte; ++q) {
+        __m512i pair = _mm512_permutex2var_epi8(_mm512_loadu_si512((const void *)(codes + 128 * q)), r->index[slot],
+                                                _mm512_loadu_si512((const void *)(codes + 128 * q + 64)));
+        gathered = _mm512_mask_blend_epi8(r->lanes[q], gathered, pair);
+    }
+    return decode_slot(gathered, &r->lut_x, 8, x_parts, 0);
+}
+
+/* Row layout for the GEMV path (bytes x − x_base: x_base = −128 flips the sign bit) or tile layout
+ * for AMX (one dword scatter puts a row's 16 position quads into the 16 tile rows). */
+AVX512_INLINE void arrange_width(const arm_ref_plan *plan, int width, int x_parts, int tiles)
 {
     const arm_ref_gemm_args *a = plan->args;
     const int per_byte = 8 / width;
     const size_t chunk_codes = ARM_REF_AVX512_CHUNK * (size_t)per_byte;
-    const uint8_t *packed_row = a->packed_w + col * plan->row_bytes;
-    lut_registers lut = load_lut(a->lut_w + (col << a->bits_w), a->bits_w, width);
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i sum0 = _mm512_setzero_si512(), sum1 = sum0, sum2 = sum0, sum3 = sum0, weight_sum = sum0;
-    const uint8_t *x0 = plan->x_arranged + row0 * plan->x_stride;
-    const uint8_t *x1 = x0 + (rows > 1 ? plan->x_stride : 0);
-    const uint8_t *x2 = x0 + (rows > 1 ? 2 * plan->x_stride : 0);
-    const uint8_t *x3 = x0 + (rows > 1 ? 3 * plan->x_stride : 0);
-    for (size_t k0 = k_begin, byte = k_begin / (size_t)per_byte; k0 < k_end; k0 += chunk_codes, byte += ARM_REF_AVX512_CHUNK) {
-        __m512i bytes = _mm512_loadu_si512((const void *)(packed_row + byte));
-        for (int slot = 0; slot < per_byte; ++slot) {
-            __m512i w = decode_slot(bytes, &lut, width, slot);
-            size_t at = k0 + (size_t)slot * ARM_REF_AVX512_CHUNK;
-            sum0 = _mm512_dpbusd_epi32(sum0, _mm512_loadu_si512((const void *)(x0 + at)), w);
-            if (rows > 1) {
-                sum1 = _mm512_dpbusd_epi32(sum1, _mm512_loadu_si512((const void *)(x1 + at)), w);
-                sum2 = _mm512_dpbusd_epi32(sum2, _mm512_loadu_si512((const void *)(x2 + at)), w);
-                sum3 = _mm512_dpbusd_epi32(sum3, _mm512_loadu_si512((const void *)(x3 + at)), w);
+    const arranger r = arranger_new(a, per_byte);
+    const __m512i flip = _mm512_set1_epi8(plan->x_base != 0 ? (char)0x80 : 0);
+    for (size_t row = 0; row < a->m; ++row) {
+        const uint8_t *codes = a->codes_x + row * a->k;
+        const size_t m0 = row / ARM_REF_AMX_ROWS * ARM_REF_AMX_ROWS;
+        const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
+        const __m512i quad_rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)rows));
+        uint8_t *block = plan->x_arranged + m0 * plan->k_vector + (row - m0) * 4;
+        uint8_t *out = plan->x_arranged + row * plan->x_stride;
+        for (size_t k0 = 0; k0 < plan->k_vector; k0 += chunk_codes)
+#pragma GCC unroll 8
+            for (int slot = 0; slot < per_byte; ++slot) {
+                const __m512i x = arranged_slot(&r, codes + k0, x_parts, slot);
+                const size_t at = k0 + (size_t)slot * ARM_REF_AVX512_CHUNK;
+                if (tiles)
+                    _mm512_i32scatter_epi32((void *)(block + at * rows), quad_rows, x, 4);
+                else
+                    _mm512_storeu_si512((void *)(out + at), _mm512_xor_si512(x, flip));
             }
-            if (plan->x_base != 0)
-                weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, w);
-        }
-    }
-    int32_t correction = plan->x_base * _mm512_reduce_add_epi32(weight_sum);
-    int32_t *out = acc + row0 * a->n + col;
-    out[0] += _mm512_reduce_add_epi32(sum0) + correction;
-    if (rows > 1) {
-        out[a->n] += _mm512_reduce_add_epi32(sum1) + correction;
-        out[2 * a->n] += _mm512_reduce_add_epi32(sum2) + correction;
-        out[3 * a->n] += _mm512_reduce_add_epi32(sum3) + correction;
     }
 }
 
-AVX512_INLINE void acc_width(const arm_ref_plan *plan, int width, int32_t *acc)
+AVX512_INLINE void arrange_x_parts(const arm_ref_plan *plan, int width, int tiles)
+{
+    switch (table_parts(plan->args->bits_x)) {
+    case 1: arrange_width(plan, width, 1, tiles); break;
+    case 2: arrange_width(plan, width, 2, tiles); break;
+    default: arrange_width(plan, width, 4, tiles); break;
+    }
+}
+
+AVX512_TARGET static void arrange_activations(const arm_ref_plan *plan, int tiles)
+{
+    switch (arm_ref_container_bits(plan->args->bits_w)) {
+    case 1: arrange_x_parts(plan, 1, tiles); break;
+    case 2: arrange_x_parts(plan, 2, tiles); break;
+    case 4: arrange_x_parts(plan, 4, tiles); break;
+    default: arrange_x_parts(plan, 8, tiles); break;
+    }
+}
+
+/* GEMV path. rows (1 or ROW_BLOCK) and cols (≤ COLS_ALONE) are constants after inlining, so the
+ * accumulator arrays live in registers. */
+AVX512_INLINE void gemv_block(const arm_ref_plan *plan, size_t col0, int cols, size_t row0, int rows, int width,
+                              int parts, size_t k_begin, size_t k_end, int32_t *acc)
 {
     const arm_ref_gemm_args *a = plan->args;
+    const int per_byte = 8 / width;
+    const size_t chunk_codes = ARM_REF_AVX512_CHUNK * (size_t)per_byte;
+    const __m512i ones = _mm512_set1_epi8(1);
+    lut_registers lut[COLS_ALONE];
+    const uint8_t *packed[COLS_ALONE];
+    const uint8_t *x[ROW_BLOCK];
+    __m512i sum[COLS_ALONE][ROW_BLOCK], weight_sum[COLS_ALONE];
+#pragma GCC unroll 4
+    for (int c = 0; c < cols; ++c) {
+        lut[c] = load_lut(a->lut_w + ((col0 + (size_t)c) << a->bits_w), a->bits_w, width);
+        packed[c] = a->packed_w + (col0 + (size_t)c) * plan->row_bytes;
+        weight_sum[c] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; ++r)
+            sum[c][r] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r)
+        x[r] = plan->x_arranged + (row0 + (size_t)r) * plan->x_stride;
+    for (size_t k0 = k_begin, byte = k_begin / (size_t)per_byte; k0 < k_end;
+         k0 += chunk_codes, byte += ARM_REF_AVX512_CHUNK) {
+        __m512i bytes[COLS_ALONE];
+#pragma GCC unroll 4
+        for (int c = 0; c < cols; ++c) {
+            bytes[c] = _mm512_loadu_si512((const void *)(packed[c] + byte));
+            _mm_prefetch((const char *)(packed[c] + byte + PREFETCH_AHEAD), _MM_HINT_T0);
+        }
+#pragma GCC unroll 8
+        for (int slot = 0; slot < per_byte; ++slot) {
+            const size_t at = k0 + (size_t)slot * ARM_REF_AVX512_CHUNK;
+            __m512i xs[ROW_BLOCK];
+#pragma GCC unroll 4
+            for (int r = 0; r < rows; ++r)
+                xs[r] = _mm512_loadu_si512((const void *)(x[r] + at));
+#pragma GCC unroll 4
+            for (int c = 0; c < cols; ++c) {
+                __m512i w = decode_slot(bytes[c], &lut[c], width, parts, slot);
+#pragma GCC unroll 4
+                for (int r = 0; r < rows; ++r)
+                    sum[c][r] = _mm512_dpbusd_epi32(sum[c][r], xs[r], w);
+                if (plan->x_base != 0)
+                    weight_sum[c] = _mm512_dpbusd_epi32(weight_sum[c], ones, w);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < cols; ++c) {
+        int32_t correction = plan->x_base * _mm512_reduce_add_epi32(weight_sum[c]);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; ++r)
+            acc[(row0 + (size_t)r) * a->n + col0 + (size_t)c] += _mm512_reduce_add_epi32(sum[c][r]) + correction;
+    }
+}
+
+AVX512_INLINE void gemv_columns(const arm_ref_plan *plan, size_t col0, int cols, int width, int parts,
+                                size_t k_begin, size_t k_end, int32_t *acc)
+{
+    size_t row0 = 0;
+    for (; row0 + ROW_BLOCK <= plan->args->m; row0 += ROW_BLOCK)
+        gemv_block(plan, col0, cols, row0, ROW_BLOCK, width, parts, k_begin, k_end, acc);
+}
+
+AVX512_INLINE void gemv_width(const arm_ref_plan *plan, int width, int parts, int32_t *acc)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const size_t n = a->n, block_rows = a->m / ROW_BLOCK * ROW_BLOCK;
     /* K_BLOCK is a multiple of every chunk (at most 64 bytes · 8 codes). */
     for (size_t k_begin = 0; k_begin < plan->k_vector; k_begin += K_BLOCK) {
         size_t k_end = plan->k_vector - k_begin < K_BLOCK ? plan->k_vector : k_begin + K_BLOCK;
-        for (size_t col = 0; col < a->n; ++col) {
-            size_t row0 = 0;
-            for (; row0 + ROW_BLOCK <= a->m; row0 += ROW_BLOCK)
-                row_block(plan, col, row0, ROW_BLOCK, width, k_begin, k_end, acc);
-            for (; row0 < a->m; ++row0)
-                row_block(plan, col, row0, 1, width, k_begin, k_end, acc);
+        size_t col0 = 0;
+        for (; col0 + COLS_WITH_ROWS <= n; col0 += COLS_WITH_ROWS)
+            gemv_columns(plan, col0, COLS_WITH_ROWS, width, parts, k_begin, k_end, acc);
+        for (; col0 < n; ++col0)
+            gemv_columns(plan, col0, 1, width, parts, k_begin, k_end, acc);
+        for (size_t row = block_rows; row < a->m; ++row) {
+            for (col0 = 0; col0 + COLS_ALONE <= n; col0 += COLS_ALONE)
+                gemv_block(plan, col0, COLS_ALONE, row, 1, width, parts, k_begin, k_end, acc);
+            for (; col0 < n; ++col0)
+                gemv_block(plan, col0, 1, row, 1, width, parts, k_begin, k_end, acc);
         }
     }
 }
@@ -112,11 +311,155 @@ AVX512_TARGET void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
 {
     if (plan->k_vector == 0)
         return;
+    arrange_activations(plan, 0);
     switch (arm_ref_container_bits(plan->args->bits_w)) {
-    case 1: acc_width(plan, 1, acc); break;
-    case 2: acc_width(plan, 2, acc); break;
-    case 4: acc_width(plan, 4, acc); break;
-    default: acc_width(plan, 8, acc); break;
+    case 1: gemv_width(plan, 1, 1, acc); break;
+    case 2: gemv_width(plan, 2, 1, acc); break;
+    case 4: gemv_width(plan, 4, 1, acc); break;
+    default:
+        switch (table_parts(plan->args->bits_w)) {
+        case 1: gemv_width(plan, 8, 1, acc); break;
+        case 2: gemv_width(plan, 8, 2, acc); break;
+        default: gemv_width(plan, 8, 4, acc); break;
+        }
+    }
+}
+
+/* AMX path. Tiles 0-1: accumulators C[n][m] (int32, even and odd K steps, so consecutive tile dot
+ * products do not wait on each other); 2-3: decoded weights A[n][64 positions]; 4-5: activations
+ * B[16 position quads][m][4]. */
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+AMX_INLINE void configure_tiles(size_t cols, size_t rows)
+{
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 2; ++t) {
+        config.rows[t] = (uint8_t)cols;
+        config.bytes_per_row[t] = (uint16_t)(4 * rows);
+        config.rows[2 + t] = (uint8_t)cols;
+        config.bytes_per_row[2 + t] = 64;
+        config.rows[4 + t] = 16;
+        config.bytes_per_row[4 + t] = (uint16_t)(4 * rows);
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Positions [begin, end) of columns col0 .. col0 + cols − 1, decoded into plan->decoded. */
+AMX_INLINE void decode_panel(const arm_ref_plan *plan, size_t col0, size_t cols, size_t begin, size_t end, int width,
+                             int parts)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const int per_byte = 8 / width;
+    const size_t chunk_codes = ARM_REF_AVX512_CHUNK * (size_t)per_byte;
+    for (size_t c = 0; c < cols; ++c) {
+        const lut_registers lut = load_lut(a->lut_w + ((col0 + c) << a->bits_w), a->bits_w, width);
+        const uint8_t *packed = a->packed_w + (col0 + c) * plan->row_bytes;
+        int8_t *out = plan->decoded + c * plan->decoded_stride;
+        for (size_t k0 = begin, byte = begin / (size_t)per_byte; k0 < end;
+             k0 += chunk_codes, byte += ARM_REF_AVX512_CHUNK) {
+            const __m512i bytes = _mm512_loadu_si512((const void *)(packed + byte));
+            _mm_prefetch((const char *)(packed + byte + PREFETCH_AHEAD), _MM_HINT_T0);
+#pragma GCC unroll 8
+            for (int slot = 0; slot < per_byte; ++slot)
+                _mm512_storeu_si512((void *)(out + k0 + (size_t)slot * ARM_REF_AVX512_CHUNK),
+                                    decode_slot(bytes, &lut, width, parts, slot));
+        }
+    }
+}
+
+/* Tile steps [s_begin, s_end) (s_begin even) of the activation block at m0: even steps into tile 0,
+ * odd into tile 1. */
+AMX_INLINE void tile_steps(const arm_ref_plan *plan, size_t m0, size_t rows, size_t s_begin, size_t s_end,
+                           int x_signed)
+{
+    const uint8_t *block = plan->x_arranged + m0 * plan->k_vector;
+    const size_t tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows, w_stride = plan->decoded_stride;
+    for (size_t s = s_begin; s < s_end; s += 2) {
+        _tile_loadd(2, plan->decoded + s * ARM_REF_AVX512_CHUNK, w_stride);
+        _tile_loadd(4, block + s * tile_bytes, x_row_bytes);
+        if (x_signed)
+            _tile_dpbssd(0, 2, 4);
+        else
+            _tile_dpbsud(0, 2, 4);
+        if (s + 1 < s_end) {
+            _tile_loadd(3, plan->decoded + (s + 1) * ARM_REF_AVX512_CHUNK, w_stride);
+            _tile_loadd(5, block + (s + 1) * tile_bytes, x_row_bytes);
+            if (x_signed)
+                _tile_dpbssd(1, 3, 5);
+            else
+                _tile_dpbsud(1, 3, 5);
+        }
+    }
+}
+
+/* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the two accumulator tiles (C[n][m]). */
+AMX_INLINE void add_tiles(const arm_ref_plan *plan, size_t col0, size_t cols, size_t m0, size_t rows, int32_t *acc)
+{
+    int32_t even[16][16], odd[16][16];
+    _tile_stored(0, even, sizeof even[0]);
+    _tile_stored(1, odd, sizeof odd[0]);
+    for (size_t r = 0; r < rows; ++r)
+        for (size_t c = 0; c < cols; ++c)
+            acc[(m0 + r) * plan->args->n + col0 + c] += even[c][r] + odd[c][r];
+}
+
+/* Per panel of 16 output columns: the first activation block's tile products follow the decode slice
+ * by slice (the slice is still in L1); later blocks reuse the whole decoded panel. */
+AMX_INLINE void amx_width(const arm_ref_plan *plan, int width, int parts, int32_t *acc)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const size_t steps = plan->k_vector / ARM_REF_AVX512_CHUNK;
+    size_t configured_cols = 0, configured_rows = 0;
+    for (size_t col0 = 0; col0 < a->n; col0 += ARM_REF_AMX_ROWS) {
+        const size_t cols = a->n - col0 < ARM_REF_AMX_ROWS ? a->n - col0 : ARM_REF_AMX_ROWS;
+        for (size_t m0 = 0; m0 < a->m; m0 += ARM_REF_AMX_ROWS) {
+            const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
+            if (cols != configured_cols || rows != configured_rows) {
+                configure_tiles(cols, rows);
+                configured_cols = cols;
+                configured_rows = rows;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            if (m0 == 0) {
+                for (size_t begin = 0; begin < plan->k_vector; begin += DECODE_SLICE) {
+                    const size_t end = plan->k_vector - begin < DECODE_SLICE ? plan->k_vector : begin + DECODE_SLICE;
+                    decode_panel(plan, col0, cols, begin, end, width, parts);
+                    tile_steps(plan, m0, rows, begin / ARM_REF_AVX512_CHUNK, end / ARM_REF_AVX512_CHUNK,
+                               a->lut_x_signed);
+                }
+            } else {
+                tile_steps(plan, m0, rows, 0, steps, a->lut_x_signed);
+            }
+            add_tiles(plan, col0, cols, m0, rows, acc);
+        }
+    }
+    _tile_release();
+}
+
+AMX_TARGET void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
+{
+    if (plan->k_vector == 0)
+        return;
+    arrange_activations(plan, 1);
+    switch (arm_ref_container_bits(plan->args->bits_w)) {
+    case 1: amx_width(plan, 1, 1, acc); break;
+    case 2: amx_width(plan, 2, 1, acc); break;
+    case 4: amx_width(plan, 4, 1, acc); break;
+    default:
+        switch (table_parts(plan->args->bits_w)) {
+        case 1: amx_width(plan, 8, 1, acc); break;
+        case 2: amx_width(plan, 8, 2, acc); break;
+        default: amx_width(plan, 8, 4, acc); break;
+        }
     }
 }
 
@@ -124,7 +467,15 @@ AVX512_TARGET void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
 
 int arm_ref_avx512_supported(void) { return 0; }
 
+int arm_ref_amx_supported(void) { return 0; }
+
 void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
+{
+    (void)plan;
+    (void)acc;
+}
+
+void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
 {
     (void)plan;
     (void)acc;

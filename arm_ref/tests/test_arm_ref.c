@@ -149,8 +149,10 @@ static int run_path(const arm_ref_gemm_args *a, int path, int32_t *acc, uint8_t 
     return status;
 }
 
-static const int all_paths[] = {ARM_REF_PATH_SCALAR, ARM_REF_PATH_NEON, ARM_REF_PATH_AVX512, ARM_REF_PATH_AUTO};
-static int path_runs[4];
+static const int all_paths[] = {ARM_REF_PATH_SCALAR, ARM_REF_PATH_NEON, ARM_REF_PATH_AVX512, ARM_REF_PATH_AMX,
+                                 ARM_REF_PATH_AUTO};
+#define PATH_COUNT ((int)(sizeof all_paths / sizeof all_paths[0]))
+static int path_runs[PATH_COUNT];
 
 /* Runs every available path and compares each with the reference; returns the number of mismatches. */
 static int check_layer(const layer *l, const char *label)
@@ -163,7 +165,7 @@ static int check_layer(const layer *l, const char *label)
     int before = failures;
     reference(l, want_acc, want_codes);
     packed_layer p = pack_layer(l);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < PATH_COUNT; ++i) {
         if (!arm_ref_path_available(all_paths[i]))
             continue;
         ++path_runs[i];
@@ -216,7 +218,7 @@ static void test_rounding_ties(void)
         uint8_t codes[24];
         packed_layer p = pack_layer(&l);
         const uint8_t expected_row0[8] = {0, 0, 0, 1, 7, 255, 255, 2};
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < PATH_COUNT; ++i) {
             if (!arm_ref_path_available(all_paths[i]))
                 continue;
             CHECK(run_path(&p.args, all_paths[i], acc, codes) == ARM_REF_OK, "ties run");
@@ -229,19 +231,23 @@ static void test_rounding_ties(void)
     }
 }
 
-/* |acc| at its maximum: K = 65536 and extreme tables, both activation signednesses. */
+/* |acc| at its maximum: K = 65536 and extreme tables, both activation signednesses, 4- and 8-bit
+ * weights (the 8-bit codes reach the top quarter of the 256-entry table), and a row count past one AMX
+ * tile with a partial second tile. */
 static void test_extremes(void)
 {
     const int8_t w_values[3] = {-128, 127, -127};
     for (int signedness = 0; signedness < 2; ++signedness)
         for (int wi = 0; wi < 3; ++wi) {
-            layer l = layer_new(2, 3, ARM_REF_MAX_K, 1, 4);
+            int bits_w = wi == 1 ? 8 : 4;
+            layer l = layer_new(wi == 0 ? 17 : 2, 3, ARM_REF_MAX_K, 1, bits_w);
             l.lut_x_signed = signedness;
             l.lut_x[0] = signedness ? (uint8_t)0x80 : 255; /* −128 or 255 */
             l.lut_x[1] = signedness ? 127 : 0;
             memset(l.codes_x, 0, l.m * l.k);
+            uint8_t top = (uint8_t)((1u << bits_w) - 1);
             for (size_t i = 0; i < l.n * l.k; ++i)
-                l.codes_w[i] = (uint8_t)(i % 3 == 0 ? 15 : 15 - (i % 2));
+                l.codes_w[i] = (uint8_t)(i % 3 == 0 ? top : top - (i % 2));
             for (size_t i = 0; i < (l.n << l.bits_w); ++i)
                 l.lut_w[i] = w_values[wi];
             for (size_t c = 0; c < l.n; ++c) {
@@ -272,12 +278,39 @@ static void test_bit_combinations(void)
         }
 }
 
+/* The x86 kernels block 4 activation rows × 2 columns or 1 row × 4 columns (AVX-512) and 16 × 16 tiles
+ * (AMX), decode weights in 1024-position slices and work on 64-byte chunks: shapes just below, at and
+ * past each block edge, every container width and table size (bits 5, 7, 8 use the three 8-bit decoders),
+ * and 1-, 7- and 8-bit activation tables. */
+static void test_blocking(void)
+{
+    const size_t rows[] = {1, 3, 4, 5, 15, 16, 17, 33};
+    const size_t cols[] = {1, 2, 3, 5, 15, 16, 17};
+    const int bits_w[] = {1, 2, 3, 4, 5, 7, 8};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; ++i)
+        for (size_t j = 0; j < sizeof cols / sizeof cols[0]; ++j) {
+            int bw = bits_w[(i + j) % 7];
+            size_t chunk = 64 * 8 / (size_t)(bw <= 2 ? bw : bw <= 4 ? 4 : 8);
+            /* One chunk plus a scalar tail, several decode slices plus one odd tile step, or exact. */
+            size_t ks[3] = {chunk + 1 + random_below(63), 1024 * 3 + 64 + random_below(3) * 64, chunk * 2};
+            for (int t = 0; t < 3; ++t) {
+                layer l = layer_new(rows[i], cols[j], ks[t], t == 0 ? 8 : t == 1 ? 7 : 1, bw);
+                layer_randomize(&l);
+                if (check_layer(&l, "blocking")) {
+                    layer_free(&l);
+                    return;
+                }
+                layer_free(&l);
+            }
+        }
+}
+
 static void test_random(int iterations)
 {
     for (int it = 0; it < iterations; ++it) {
-        /* Every tenth case spans several of the vector paths' 2048-code K blocks. */
-        size_t k = it % 10 == 0 ? 2000 + random_below(5000) : 1 + random_below(1500);
-        layer l = layer_new(1 + random_below(9), 1 + random_below(9), k, 1 + (int)random_below(8), 1 + (int)random_below(8));
+        /* Every tenth case spans several of the AVX-512 path's 4096-code K blocks and more than 16 rows. */
+        size_t k = it % 10 == 0 ? 4000 + random_below(5000) : 1 + random_below(1500);
+        layer l = layer_new(it % 10 == 0 ? 1 + random_below(40) : 1 + random_below(9), 1 + random_below(9), k, 1 + (int)random_below(8), 1 + (int)random_below(8));
         layer_randomize(&l);
         /* Small mult and offset near the grid so the output codes are not all saturated. */
         if (random_below(2)) {
@@ -427,7 +460,7 @@ static void fuzz_arguments(int iterations)
         /* A smaller K or narrower bitwidth only shrinks what is read; anything else must be rejected. */
         int32_t *acc = checked_malloc(l.m * l.n * sizeof(int32_t));
         uint8_t *codes = checked_malloc(l.m * l.n);
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < PATH_COUNT; ++i) {
             if (!arm_ref_path_available(all_paths[i]))
                 continue;
             int status = run_path(&a, all_paths[i], acc, codes);
@@ -514,19 +547,20 @@ int main(int argc, char **argv)
 {
     int fuzz = argc > 1 ? atoi(argv[1]) : 2000;
     printf("arm_ref tests: best path %s; available:", arm_ref_path_name(arm_ref_best_path()));
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < PATH_COUNT; ++i)
         if (arm_ref_path_available(all_paths[i]))
             printf(" %s", arm_ref_path_name(all_paths[i]));
     printf("\n");
     test_rounding_ties();
     test_extremes();
     test_bit_combinations();
+    test_blocking();
     test_random(300);
     test_errors();
     fuzz_arguments(fuzz / 4);
     test_file(fuzz * 10);
     printf("cases per path:");
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < PATH_COUNT; ++i)
         printf(" %s=%d", arm_ref_path_name(all_paths[i]), path_runs[i]);
     printf("\n%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;

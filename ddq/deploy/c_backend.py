@@ -11,7 +11,7 @@ import numpy as np
 from ddq.deploy.int_gemm import GemmArgs
 from ddq.deploy.packing import pack
 
-PATHS = {"auto": 0, "scalar": 1, "neon": 2, "avx512": 3}
+PATHS = {"auto": 0, "scalar": 1, "neon": 2, "avx512": 3, "amx": 4}
 
 
 class GemmArgsStruct(ctypes.Structure):
@@ -80,13 +80,20 @@ def status_text(status: int) -> str:
 
 
 def available_paths() -> list[str]:
-    """Kernel paths this CPU can run ("scalar" always; "avx512" or "neon" where supported)."""
+    """Kernel paths this CPU can run ("scalar" always; "avx512", "amx" or "neon" where supported)."""
     lib = library()
     return [name for name, code in PATHS.items() if name != "auto" and lib.arm_ref_path_available(code)]
 
 
 def best_path() -> str:
     return library().arm_ref_path_name(library().arm_ref_best_path()).decode()
+
+
+def auto_path(m: int) -> str:
+    """The path that "auto" runs for M activation rows."""
+    lib = library()
+    lib.arm_ref_auto_path.argtypes = [ctypes.c_size_t]
+    return lib.arm_ref_path_name(lib.arm_ref_auto_path(m)).decode()
 
 
 def _pointer(array: np.ndarray) -> int:
@@ -102,7 +109,7 @@ def call_int_gemm(codes_x: np.ndarray, lut_x: np.ndarray, packed_w: np.ndarray, 
                           bits_w, shift, bits_out)
     lib = library()
     workspace_size = lib.arm_ref_workspace_bytes(m, k)
-    sized = workspace_size <= arrays[0].nbytes + (1 << 20) * max(m, 1)
+    sized = workspace_size <= arrays[0].nbytes + (1 << 20) * (max(m, 1) + 16)
     workspace = np.empty(workspace_size if sized else 1, dtype=np.uint8)
     acc = np.empty((m, n), dtype=np.int32)
     codes = np.empty((m, n), dtype=np.uint8)
