@@ -16,17 +16,21 @@ def main(path: str) -> None:
         report = json.load(handle)
     linear = defaultdict(dict)
     bandwidth = {}
+    steps = defaultdict(dict)
     info = None
     for bench in report["benchmarks"]:
         extra = bench["extra_info"]
         info = info or {k: extra.get(k) for k in ("card", "torch", "triton", "cuda")}
-        if "variant" in extra:
+        if "model" in extra:
+            steps[extra["model"]][extra["variant"]] = (extra["img_per_s"], extra["peak_gib"])
+        elif "variant" in extra:
             linear[(tuple(extra["shape"]), extra["phase"])][extra["variant"]] = extra["cuda_median_ms"]
         elif "op" in extra:
             bandwidth[(extra["op"], extra["granularity"])] = extra["gb_per_s"]
     print(f"{info}  date {report.get('datetime', '?')}")
     variants = sorted({v for times in linear.values() for v in times}, key=lambda v: (v != "cublas", v))
-    print(f"{'M×K×N':>16} {'phase':>16} " + " ".join(f"{v:>13}" for v in variants))
+    if linear:
+        print(f"{'M×K×N':>16} {'phase':>16} " + " ".join(f"{v:>13}" for v in variants))
     for (shape, phase), times in sorted(linear.items()):
         base = times.get("cublas")
         cells = []
@@ -43,6 +47,12 @@ def main(path: str) -> None:
         for (op, granularity), gbps in sorted(bandwidth.items()):
             share = f"{gbps / copy:.0%} of copy" if copy else ""
             print(f"{op:>18} {granularity:>12} {gbps:8.0f} GB/s {share}")
+
+    for model, variants in sorted(steps.items()):
+        fp_rate, fp_peak = variants.get("fp", (None, None))
+        for variant, (rate, peak) in sorted(variants.items(), key=lambda item: (item[0] != "fp", item[0])):
+            ratios = f"{rate / fp_rate:5.2f}× FP img/s, {peak / fp_peak:5.2f}× FP memory" if fp_rate else ""
+            print(f"{model:>14} {variant:>14} {rate:8.0f} img/s {peak:6.2f} GiB  {ratios}")
 
 
 if __name__ == "__main__":

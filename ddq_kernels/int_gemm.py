@@ -1,16 +1,29 @@
 """Triton integer GEMM of DDQ_SPEC.md Section 5 with LUT-decoded packed weights.
 
-Weights arrive packed (1/2/4/8-bit containers, spec §5 layout) and are unpacked and looked up in
-their per-channel LUT in registers as each tile is loaded; activations are decoded through lut_x
-(in the tile load, or once per GEMM for large M); int8 × int8 tl.dot accumulates in int32; the
-epilogue requantises in int64. The reference is ddq.deploy.int_gemm.int_gemm_numpy (bit-exact).
+The reference is ddq.deploy.int_gemm.int_gemm_numpy (bit-exact). Two paths, chosen by M (the size
+heuristic of `default_config`, overridable through `TileConfig`):
 
-uint8 activation tables (0..255) do not fit int8: they enter the dot as x − 128 and the kernel adds
-128·Σ_k w back per output column, which is exact.
+- **In-load decode (M < DECODE_ONCE_MIN_M = 1024, memory bound).** Packed weights (1/2/4/8-bit containers,
+  spec §5 layout) are unpacked and looked up in their per-channel LUT in registers as each tile is loaded,
+  so the 4-bit weights cross DRAM once. K is split over `split_k` programs per output tile so that a GEMV
+  fills every SM; their int32 partial sums meet through `tl.atomic_add` (integer addition is associative:
+  the result is exact and independent of the order) and a small kernel applies the epilogue. M = 1 uses
+  no tensor cores (`block_m = 1`: elementwise int32 multiply-accumulate); M > 1 uses int8 × int8 `tl.dot`.
+  Activations are decoded once per call into a slot-major buffer (x[m, slot, byte] = value of code
+  byte·per_byte + slot) so each decoded weight slot meets a contiguous activation vector.
+- **Decode once (M ≥ 1024, compute bound).** Weights are decoded through their LUT once per call into
+  int8 [N, K] (plus Σ_k w per column when needed), activations into int8 [M, K]; a plain tiled int8
+  `tl.dot` GEMM (grouped order, software pipelined, optionally TMA loads) with the int64 epilogue fused.
+  Decoding costs N·K bytes written and read once, against re-decoding every weight tile for each of the
+  M / block_m row tiles in the in-load path.
+
+uint8 activation tables (0..255) do not fit int8: in the tensor-core paths they enter the dot as x − 128
+and the kernel adds 128·Σ_k w per output column, which is exact. The epilogue requantises in int64.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -23,11 +36,18 @@ from torch import Tensor
 CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 DECODE_LOAD = 0
 DECODE_GATHER = 1
-PREDECODE_MIN_M = 256
+DECODE_ONCE_MIN_M = 1024
+PROGRAMS_PER_SM = 32
 
 
 @dataclass(frozen=True)
 class TileConfig:
+    """block_kb: bytes of the weight operand per K step (packed bytes in-load, int8 codes decode-once).
+    block_m = 1: the tensor-core-free GEMV kernel. split_k > 1: K split over that many programs per tile.
+    decode: how the in-load path looks weights up (DECODE_LOAD: L1-cached gather from global memory,
+    DECODE_GATHER: tl.gather from the column's LUT held in registers). tma: decode-once loads through
+    tensor descriptors."""
+
     block_m: int
     block_n: int
     block_kb: int
@@ -35,6 +55,9 @@ class TileConfig:
     num_stages: int = 3
     decode: int = DECODE_LOAD
     group_m: int = 8
+    split_k: int = 1
+    decode_once: bool = False
+    tma: bool = False
 
 
 def interpreting() -> bool:
@@ -42,23 +65,104 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _int_gemm_kernel(x_ptr, lut_x_ptr, w_ptr, lut_w_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
-                     M, N, K, row_bytes, shift, drop_bits,
-                     X_DECODED: tl.constexpr, X_BASE: tl.constexpr, WIDTH: tl.constexpr, LUT_W: tl.constexpr,
-                     DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
-                     K_STEPS: tl.constexpr, GROUP_M: tl.constexpr):
-    PER_BYTE: tl.constexpr = 8 // WIDTH
-    CODE_MASK: tl.constexpr = (1 << WIDTH) - 1
-    pid = tl.program_id(0)
+def _requantize(acc, mult, offset, i_min, half, shift):
+    """Spec §5 epilogue on broadcastable int32 acc / int64 constants → the 8-bit index i (int64)."""
+    z = acc.to(tl.int64) * mult + offset
+    index = tl.where(z < -half, 0, tl.minimum((z + half) >> shift, 255))
+    return tl.maximum(index, i_min)
+
+
+@triton.jit
+def _store_tile(acc, rows, cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr, half, shift, drop_bits,
+                ATOMIC: tl.constexpr):
+    """Adds a partial tile into acc (split K) or stores acc and the output codes of a finished tile."""
+    col_ok = cols < N
+    out_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+    out_mask = (rows < M)[:, None] & col_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(acc_ptr + out_offsets, acc, mask=out_mask, sem="relaxed")
+    else:
+        mult = tl.load(mult_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+        offset = tl.load(offset_ptr + cols, mask=col_ok, other=0)
+        i_min = tl.load(i_min_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+        index = _requantize(acc, mult[None, :], offset[None, :], i_min[None, :], half, shift)
+        tl.store(acc_ptr + out_offsets, acc, mask=out_mask)
+        tl.store(codes_ptr + out_offsets, (index >> drop_bits).to(tl.uint8), mask=out_mask)
+
+
+@triton.jit
+def _lookup_weights(code, cols, col_ok, lut_w_ptr, lut_tile, LUT_W: tl.constexpr, DECODE: tl.constexpr):
+    if DECODE == 1:
+        return tl.gather(lut_tile, code, axis=0)
+    return tl.load(lut_w_ptr + cols[None, :] * LUT_W + code, mask=col_ok[None, :], other=0)
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles share each weight tile while it is in L2."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share each weight tile while it is in L2.
     group = pid // (GROUP_M * tiles_n)
     first_m = group * GROUP_M
     group_size = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
     pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    return pid_m, pid_n
 
+
+@triton.jit
+def _gemv_kernel(x_ptr, lut_x_ptr, w_ptr, lut_w_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                 M, N, K, row_bytes, x_row, slot_len, half, shift, drop_bits,
+                 X_DECODED: tl.constexpr, WIDTH: tl.constexpr, LUT_W: tl.constexpr, DECODE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_STEPS: tl.constexpr, ATOMIC: tl.constexpr):
+    """One activation row per program (grid: M·N tiles × K splits): int32 multiply-accumulate, no dot."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    CODE_MASK: tl.constexpr = (1 << WIDTH) - 1
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % tiles_n
+    row = (tl.program_id(0) // tiles_n).to(tl.int64)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    byte_range = tl.arange(0, BLOCK_KB)
+    lut_tile = tl.zeros((LUT_W, BLOCK_N), dtype=tl.int8)
+    if DECODE == 1:
+        lut_tile = tl.load(lut_w_ptr + cols[None, :] * LUT_W + tl.arange(0, LUT_W)[:, None], mask=col_ok[None, :],
+                           other=0)
+    # Elementwise partial products; one reduction over K at the end instead of one per step.
+    partial = tl.zeros((BLOCK_KB, BLOCK_N), dtype=tl.int32)
+    # Step counts are constexpr because the interpreter cannot iterate over a runtime scalar with NumPy ≥ 2.4.
+    for step in range(SPLIT_STEPS):
+        byte = (pid_k * SPLIT_STEPS + step) * BLOCK_KB + byte_range
+        packed = tl.load(w_ptr + cols[None, :].to(tl.int64) * row_bytes + byte[:, None],
+                         mask=(byte < row_bytes)[:, None] & col_ok[None, :], other=0)
+        for slot in tl.static_range(PER_BYTE):
+            code = ((packed >> (slot * WIDTH)) & CODE_MASK).to(tl.int32)
+            w = _lookup_weights(code, cols, col_ok, lut_w_ptr, lut_tile, LUT_W, DECODE).to(tl.int32)
+            if X_DECODED:
+                x = tl.load(x_ptr + row * x_row + slot * slot_len + byte)
+            else:
+                k = byte * PER_BYTE + slot
+                x_code = tl.load(x_ptr + row * K + k, mask=k < K, other=0).to(tl.int32)
+                x = tl.where(k < K, tl.load(lut_x_ptr + x_code).to(tl.int32), 0)
+            partial += w * x[:, None]
+    acc = tl.sum(partial, axis=0)
+    rows = row + tl.arange(0, 1)
+    _store_tile(acc[None, :], rows, cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr, half, shift,
+                drop_bits, ATOMIC)
+
+
+@triton.jit
+def _inload_dot_kernel(x_ptr, lut_x_ptr, w_ptr, lut_w_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                       M, N, K, row_bytes, x_row, slot_len, half, shift, drop_bits,
+                       X_DECODED: tl.constexpr, X_BASE: tl.constexpr, WIDTH: tl.constexpr, LUT_W: tl.constexpr,
+                       DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+                       SPLIT_STEPS: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+    """Weights decoded in the tile load, int8 tl.dot per container slot (grid: output tiles × K splits)."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    CODE_MASK: tl.constexpr = (1 << WIDTH) - 1
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -66,78 +170,178 @@ def _int_gemm_kernel(x_ptr, lut_x_ptr, w_ptr, lut_w_ptr, mult_ptr, offset_ptr, i
     byte_range = tl.arange(0, BLOCK_KB)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     weight_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    lut_tile = tl.zeros((LUT_W, BLOCK_N), dtype=tl.int8)
     if DECODE == 1:
         lut_tile = tl.load(lut_w_ptr + cols[None, :] * LUT_W + tl.arange(0, LUT_W)[:, None], mask=col_ok[None, :],
                            other=0)
-    # K_STEPS is a constexpr because the interpreter cannot iterate over a runtime scalar with NumPy ≥ 2.4.
-    for step in range(K_STEPS):
-        byte = step * BLOCK_KB + byte_range
+    for step in range(SPLIT_STEPS):
+        byte = (pid_k * SPLIT_STEPS + step) * BLOCK_KB + byte_range
         packed = tl.load(w_ptr + cols[None, :].to(tl.int64) * row_bytes + byte[:, None],
                          mask=(byte < row_bytes)[:, None] & col_ok[None, :], other=0)
+        step_sum = tl.zeros((BLOCK_KB, BLOCK_N), dtype=tl.int32)
         for slot in tl.static_range(PER_BYTE):
             k = byte * PER_BYTE + slot
-            k_ok = k < K
             code = ((packed >> (slot * WIDTH)) & CODE_MASK).to(tl.int32)
-            if DECODE == 1:
-                w = tl.gather(lut_tile, code, axis=0)
-            else:
-                w = tl.load(lut_w_ptr + cols[None, :] * LUT_W + code, mask=col_ok[None, :], other=0)
-            w = tl.where(k_ok[:, None], w, 0).to(tl.int8)
-            x_mask = row_ok[:, None] & k_ok[None, :]
-            x_offsets = rows[:, None].to(tl.int64) * K + k[None, :]
+            w = _lookup_weights(code, cols, col_ok, lut_w_ptr, lut_tile, LUT_W, DECODE)
             if X_DECODED:
-                x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0)
+                x = tl.load(x_ptr + rows[:, None].to(tl.int64) * x_row + slot * slot_len + byte[None, :],
+                            mask=row_ok[:, None], other=0)
             else:
-                x_code = tl.load(x_ptr + x_offsets, mask=x_mask, other=0).to(tl.int32)
-                x = tl.where(x_mask, tl.load(lut_x_ptr + x_code) - X_BASE, 0).to(tl.int8)
-            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+                x_mask = row_ok[:, None] & (k < K)[None, :]
+                x_code = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=x_mask, other=0)
+                x = tl.where(x_mask, tl.load(lut_x_ptr + x_code.to(tl.int32)).to(tl.int32) - X_BASE, 0).to(tl.int8)
+            # x is 0 past K, so the padded codes of the last byte need no mask in the dot.
+            acc = tl.dot(x, w.to(tl.int8), acc, out_dtype=tl.int32)
             if X_BASE != 0:
-                weight_sum += tl.sum(w.to(tl.int32), axis=0)
+                step_sum += tl.where((k < K)[:, None], w.to(tl.int32), 0)
+        if X_BASE != 0:
+            weight_sum += tl.sum(step_sum, axis=0)
     if X_BASE != 0:
         acc += X_BASE * weight_sum[None, :]
-
-    mult = tl.load(mult_ptr + cols, mask=col_ok, other=0).to(tl.int64)
-    offset = tl.load(offset_ptr + cols, mask=col_ok, other=0)
-    i_min = tl.load(i_min_ptr + cols, mask=col_ok, other=0).to(tl.int64)
-    z = acc.to(tl.int64) * mult[None, :] + offset[None, :]
-    half = tl.full((BLOCK_M, BLOCK_N), 1, tl.int64) << (shift - 1)
-    index = tl.where(z < -half, 0, tl.minimum((z + half) >> shift, 255))
-    index = tl.maximum(index, i_min[None, :])
-    out_offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(acc_ptr + out_offsets, acc, mask=out_mask)
-    tl.store(codes_ptr + out_offsets, (index >> drop_bits).to(tl.uint8), mask=out_mask)
+    _store_tile(acc, rows, cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr, half, shift, drop_bits,
+                ATOMIC)
 
 
 @triton.jit
-def _decode_activations_kernel(codes_ptr, lut_x_ptr, out_ptr, numel, X_BASE: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < numel
-    code = tl.load(codes_ptr + offsets, mask=inside, other=0).to(tl.int32)
-    tl.store(out_ptr + offsets, (tl.load(lut_x_ptr + code) - X_BASE).to(tl.int8), mask=inside)
+def _decoded_gemm_kernel(x_src, w_src, weight_sum_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                         M, N, k_pad, half, shift, drop_bits, X_BASE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, GROUP_M: tl.constexpr,
+                         TMA: tl.constexpr):
+    """int8 x[M, k_pad] · int8 w[N, k_pad]ᵀ (both decoded, zero past K) with the §5 epilogue fused."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if TMA:
+        for step in range(K_STEPS):
+            x = x_src.load([pid_m * BLOCK_M, step * BLOCK_K])
+            w = w_src.load([pid_n * BLOCK_N, step * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+    else:
+        # Wrapped row/column indices keep the loads unmasked (the extra rows are never stored).
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_src + (rows % M)[:, None].to(tl.int64) * k_pad + ks[None, :]
+        w_ptrs = w_src + (cols % N)[:, None].to(tl.int64) * k_pad + ks[None, :]
+        for _ in range(K_STEPS):
+            acc = tl.dot(tl.load(x_ptrs), tl.trans(tl.load(w_ptrs)), acc, out_dtype=tl.int32)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+    if X_BASE != 0:
+        acc += X_BASE * tl.load(weight_sum_ptr + cols, mask=cols < N, other=0)[None, :]
+    _store_tile(acc, rows, cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr, half, shift, drop_bits,
+                False)
 
 
-def decode_activations(codes_x: Tensor, lut_x32: Tensor, x_base: int) -> Tensor:
-    """lut_x[codes_x] − x_base as int8, once per GEMM (the large-M path)."""
-    out = torch.empty(codes_x.shape, dtype=torch.int8, device=codes_x.device)
-    block = 4096
-    _decode_activations_kernel[(triton.cdiv(codes_x.numel(), block),)](codes_x, lut_x32, out, codes_x.numel(),
-                                                                       X_BASE=x_base, BLOCK=block)
+@triton.jit
+def _requantize_kernel(acc_ptr, mult_ptr, offset_ptr, i_min_ptr, codes_ptr, N, half, shift, drop_bits,
+                       BLOCK: tl.constexpr):
+    """Epilogue of the split-K paths, on the summed acc (grid: rows × column blocks)."""
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < N
+    offsets = tl.program_id(0).to(tl.int64) * N + cols
+    acc = tl.load(acc_ptr + offsets, mask=inside, other=0)
+    mult = tl.load(mult_ptr + cols, mask=inside, other=0).to(tl.int64)
+    offset = tl.load(offset_ptr + cols, mask=inside, other=0)
+    i_min = tl.load(i_min_ptr + cols, mask=inside, other=0).to(tl.int64)
+    index = _requantize(acc, mult, offset, i_min, half, shift)
+    tl.store(codes_ptr + offsets, (index >> drop_bits).to(tl.uint8), mask=inside)
+
+
+@triton.jit
+def _decode_activations_kernel(codes_ptr, lut_x_ptr, out_ptr, K, out_row, slot_len, X_BASE: tl.constexpr,
+                               PER_BYTE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, slot·slot_len + byte] = lut_x[codes[m, byte·PER_BYTE + slot]] − X_BASE; 0 past K
+    (grid: rows × byte blocks × slots; no integer division)."""
+    row = tl.program_id(0).to(tl.int64)
+    byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.program_id(2)
+    k = byte * PER_BYTE + slot
+    valid = k < K
+    code = tl.load(codes_ptr + row * K + k, mask=valid, other=0).to(tl.int32)
+    value = tl.where(valid, tl.load(lut_x_ptr + code).to(tl.int32) - X_BASE, 0)
+    tl.store(out_ptr + row * out_row + slot * slot_len + byte, value.to(out_ptr.dtype.element_ty),
+             mask=byte < slot_len)
+
+
+@triton.jit
+def _decode_weights_kernel(w_ptr, lut_w_ptr, out_ptr, weight_sum_ptr, N, K, row_bytes, k_pad,
+                           WIDTH: tl.constexpr, LUT_W: tl.constexpr, WITH_SUM: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n, k] = lut_w[n, code(n, k)] as int8 [N, k_pad] (0 past K); Σ_k out[n, k] into weight_sum.
+    One output per element (contiguous stores; per-slot strided stores measured 3.7× slower on H100)."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    CODE_MASK: tl.constexpr = (1 << WIDTH) - 1
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    k_ok = k < K
+    packed = tl.load(w_ptr + rows[:, None].to(tl.int64) * row_bytes + (k // PER_BYTE)[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0)
+    code = ((packed >> ((k % PER_BYTE) * WIDTH)[None, :]) & CODE_MASK).to(tl.int32)
+    w = tl.load(lut_w_ptr + rows[:, None] * LUT_W + code, mask=row_ok[:, None], other=0)
+    w = tl.where(k_ok[None, :], w, 0)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * k_pad + k[None, :], w,
+             mask=row_ok[:, None] & (k < k_pad)[None, :])
+    if WITH_SUM:
+        tl.atomic_add(weight_sum_ptr + rows, tl.sum(w.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
+
+
+def decode_activations(codes_x: Tensor, lut_x: Tensor, x_base: int, dtype: torch.dtype, per_byte: int,
+                       slot_len: int) -> Tensor:
+    """lut_x[codes_x] − x_base once per GEMM, as [M, per_byte·slot_len] in slot-major order (per_byte = 1:
+    plain [M, slot_len]); zero past K."""
+    m, k = codes_x.shape
+    out = torch.empty((m, per_byte * slot_len), dtype=dtype, device=codes_x.device)
+    block = 1024
+    _decode_activations_kernel[(m, triton.cdiv(slot_len, block), per_byte)](
+        codes_x, lut_x, out, k, out.shape[1], slot_len, X_BASE=x_base, PER_BYTE=per_byte, BLOCK=block)
     return out
 
 
-def default_config(m: int, n: int, width: int, row_bytes: int) -> TileConfig:
-    """Tiles for the interpreter (few, large programs) or the GPU (GEMV-shaped or GEMM-shaped)."""
+def decode_weights(packed_w: Tensor, lut_w: Tensor, width: int, k: int, k_pad: int,
+                   with_sum: bool) -> tuple[Tensor, Tensor]:
+    """Unpacked, LUT-decoded int8 weights [N, k_pad] (zero past K) and their int32 row sums."""
+    n, row_bytes = packed_w.shape
+    out = torch.empty((n, k_pad), dtype=torch.int8, device=packed_w.device)
+    weight_sum = torch.zeros(n, dtype=torch.int32, device=packed_w.device)
+    block_n, block_k = (16, 256) if interpreting() else (32, 512)
+    _decode_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(k_pad, block_k))](
+        packed_w, lut_w, out, weight_sum, n, k, row_bytes, k_pad, WIDTH=width, LUT_W=lut_w.shape[1],
+        WITH_SUM=with_sum, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out, weight_sum
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_for(tiles: int, k_steps: int, device: torch.device) -> int:
+    """K splits that give about PROGRAMS_PER_SM programs per SM (1 under the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    target = PROGRAMS_PER_SM * _multiprocessors(device.index or 0)
+    return max(1, min(k_steps, triton.cdiv(target, tiles)))
+
+
+def default_config(m: int, n: int, width: int, row_bytes: int, device: Optional[torch.device] = None) -> TileConfig:
+    """The size heuristic: decode once for M ≥ DECODE_ONCE_MIN_M (compute bound), else decode in the load
+    (memory bound) with split K; M = 1 without tensor cores. GPU tiles: best of the H100 sweep in
+    benchmarks/results/bench_int_gemm_gpu.log. The interpreter gets few, large programs."""
+    device = device or torch.device("cpu")
+    if m >= DECODE_ONCE_MIN_M:
+        if interpreting():
+            return TileConfig(64, 64, 64, num_stages=1, decode_once=True)
+        return TileConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8, decode_once=True, tma=True)
     if interpreting():
         block_kb = min(512, max(32, triton.next_power_of_2(row_bytes)))
-        return TileConfig(block_m=16 if m <= 16 else 64 if m <= 64 else 128, block_n=32 if n <= 32 else 64,
-                          block_kb=block_kb, num_warps=4, num_stages=1)
-    if m <= 16:  # best of the H100 sweep in benchmarks/results/bench_int_gemm_gpu.log
-        return TileConfig(block_m=16, block_n=64, block_kb=256, num_warps=4, num_stages=3)
-    if m <= 128:
-        return TileConfig(block_m=64, block_n=64, block_kb=64 if width == 8 else 128 // (8 // width) * 2,
-                          num_warps=4, num_stages=3)
-    return TileConfig(block_m=128, block_n=256, block_kb=32, num_warps=8, num_stages=3)
+        block_m = 1 if m == 1 else 16 if m <= 16 else 64
+        return TileConfig(block_m, 32 if n <= 32 else 64, block_kb, num_stages=1)
+    block_m, block_n, block_kb = (1, 32, 256) if m == 1 else (16, 32, 256) if m <= 16 else (64, 64, 128)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = split_for(tiles, triton.cdiv(row_bytes, block_kb), device)
+    return TileConfig(block_m, block_n, block_kb, num_warps=4, num_stages=3, group_m=1 if m <= 16 else 8,
+                      split_k=split, decode=DECODE_GATHER if 1 < m <= 16 else DECODE_LOAD)
 
 
 def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Tensor, mult: Tensor, offset: Tensor,
@@ -147,7 +351,9 @@ def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Ten
     lut_w int8[N, 2^b_w], mult int32[N], offset int64[N], i_min int32[N] → (acc int32[M, N], codes uint8[M, N]).
 
     Arguments are assumed valid (ddq.deploy.int_gemm checks them); this checks devices and dtypes only.
-    predecode: decode activations once per GEMM (default: for M ≥ 256) instead of in every N tile.
+    config: tiles and path (default: `default_config`'s size heuristic). predecode (in-load paths): decode
+    activations once per GEMM (default) instead of gathering them through lut_x in every tile; the
+    decode-once path always decodes them once.
     """
     tensors = {"codes_x": codes_x, "lut_x": lut_x, "packed_w": packed_w, "lut_w": lut_w, "mult": mult,
                "offset": offset, "i_min": i_min}
@@ -165,19 +371,68 @@ def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Ten
     width = CONTAINER_BITS[bits_w]
     m, n = codes_x.shape[0], packed_w.shape[0]
     row_bytes = packed_w.shape[1]
-    config = config or default_config(m, n, width, row_bytes)
+    config = config or default_config(m, n, width, row_bytes, device)
+    codes_x, lut_x, packed_w, lut_w = (t.contiguous() for t in (codes_x, lut_x, packed_w, lut_w))
+    epilogue = (mult.contiguous(), offset.contiguous(), i_min.contiguous())
     x_base = 128 if lut_x.dtype == torch.uint8 else 0
-    lut_x32 = lut_x.to(torch.int32)
-    predecode = m >= PREDECODE_MIN_M if predecode is None else predecode
-    codes_x = codes_x.contiguous()
-    x = decode_activations(codes_x, lut_x32, x_base) if predecode else codes_x
-    acc = torch.empty((m, n), dtype=torch.int32, device=device)
+    scalars = (1 << (shift - 1), shift, 8 - bits_out)
     codes = torch.empty((m, n), dtype=torch.uint8, device=device)
+    if config.decode_once:
+        return _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config)
+    return _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config,
+                           True if predecode is None else predecode)
+
+
+def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config):
+    m, n = codes.shape
+    k_pad = triton.cdiv(k, config.block_kb) * config.block_kb
+    x = decode_activations(codes_x, lut_x, x_base, torch.int8, 1, k_pad)
+    w, weight_sum = decode_weights(packed_w, lut_w, width, k, k_pad, x_base != 0)
+    acc = torch.empty((m, n), dtype=torch.int32, device=codes.device)
+    x_src, w_src = x, w
+    if config.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_src = TensorDescriptor.from_tensor(x, [config.block_m, config.block_kb])
+        w_src = TensorDescriptor.from_tensor(w, [config.block_n, config.block_kb])
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    _int_gemm_kernel[grid](
-        x, lut_x32, packed_w.contiguous(), lut_w.contiguous(), mult.contiguous(), offset.contiguous(),
-        i_min.contiguous(), acc, codes, m, n, k, row_bytes, shift, 8 - bits_out,
-        X_DECODED=predecode, X_BASE=x_base, WIDTH=width, LUT_W=lut_w.shape[1], DECODE=config.decode,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KB=config.block_kb, K_STEPS=triton.cdiv(row_bytes, config.block_kb), GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    _decoded_gemm_kernel[grid](
+        x_src, w_src, weight_sum, *epilogue, acc, codes, m, n, k_pad, *scalars, X_BASE=x_base,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kb, K_STEPS=k_pad // config.block_kb,
+        GROUP_M=config.group_m, TMA=config.tma, num_warps=config.num_warps, num_stages=config.num_stages)
+    return acc, codes
+
+
+def _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config, predecode):
+    m, n = codes.shape
+    row_bytes = packed_w.shape[1]
+    per_byte = 8 // width
+    k_steps = triton.cdiv(row_bytes, config.block_kb)
+    split_steps = triton.cdiv(k_steps, config.split_k)
+    splits = triton.cdiv(k_steps, split_steps)
+    slot_len = splits * split_steps * config.block_kb
+    gemv = config.block_m == 1
+    x = codes_x
+    if predecode:
+        # The tensor-core path needs int8 (x − 128 for uint8 tables); the GEMV multiplies in int32.
+        x = decode_activations(codes_x, lut_x, 0 if gemv else x_base, torch.int32 if gemv else torch.int8,
+                               per_byte, slot_len)
+    atomic = splits > 1
+    acc = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.int32, device=codes.device)
+    common = (x, lut_x, packed_w, lut_w, *epilogue, acc, codes, m, n, k, row_bytes, per_byte * slot_len, slot_len,
+              *scalars)
+    if gemv:
+        _gemv_kernel[(triton.cdiv(n, config.block_n) * m, splits)](
+            *common, X_DECODED=predecode, WIDTH=width, LUT_W=lut_w.shape[1], DECODE=config.decode,
+            BLOCK_N=config.block_n, BLOCK_KB=config.block_kb, SPLIT_STEPS=split_steps, ATOMIC=atomic,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
+        _inload_dot_kernel[grid](
+            *common, X_DECODED=predecode, X_BASE=x_base, WIDTH=width, LUT_W=lut_w.shape[1], DECODE=config.decode,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KB=config.block_kb, SPLIT_STEPS=split_steps,
+            GROUP_M=config.group_m, ATOMIC=atomic, num_warps=config.num_warps, num_stages=config.num_stages)
+    if atomic:
+        block = 1024
+        _requantize_kernel[(m, triton.cdiv(n, block))](acc, *epilogue, codes, n, *scalars, BLOCK=block)
     return acc, codes

@@ -128,3 +128,68 @@ def test_triton_decode_variants(decode, predecode):
                                      config=TileConfig(16, 16, 32, decode=decode), predecode=predecode)
         np.testing.assert_array_equal(acc.numpy(), want_acc)
         np.testing.assert_array_equal(codes.numpy(), want_codes)
+
+
+def _triton_on_cpu(case, bits_w, config, predecode=True):
+    import torch
+
+    from ddq.deploy.packing import pack
+    from ddq_kernels.int_gemm import int_gemm_packed
+
+    codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+    tensors = [torch.from_numpy(a) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+    acc, codes = int_gemm_packed(*tensors, shift, torch.from_numpy(i_min), bits_out, bits_w, codes_x.shape[1],
+                                 config=config, predecode=predecode)
+    return acc.numpy(), codes.numpy()
+
+
+def _paths():
+    from ddq_kernels.int_gemm import DECODE_GATHER, TileConfig
+
+    return {"gemv split-K": TileConfig(1, 16, 32, split_k=3),
+            "gemv register LUT": TileConfig(1, 32, 32, decode=DECODE_GATHER),
+            "dot split-K": TileConfig(16, 16, 32, split_k=2),
+            "dot split-K register LUT": TileConfig(16, 32, 32, split_k=4, decode=DECODE_GATHER),
+            "decode once": TileConfig(32, 32, 32, num_stages=1, decode_once=True),
+            "decode once TMA": TileConfig(32, 16, 64, num_stages=1, decode_once=True, tma=True)}
+
+
+@pytest.mark.parametrize("path", list(_paths()))
+def test_triton_paths_every_weight_bitwidth(path):
+    """Each kernel path, forced by its config, on odd shapes, both activation table types, i_min > 0."""
+    rng = np.random.default_rng(list(_paths()).index(path))
+    config = _paths()[path]
+    for bits_w in range(1, 9):
+        m = 1 if config.block_m == 1 and bits_w % 3 == 0 else int(rng.integers(2, 20))
+        k = int(rng.integers(1, 400))
+        case = random_case(rng, m, int(rng.integers(2, 40)), k, int(rng.integers(1, 9)), bits_w, bits_w % 2 == 0,
+                           realistic=bits_w % 4 != 0)
+        case[7][:2] = [3, 250]
+        want = int_gemm_numpy(check_int_gemm_args(*case))
+        got = _triton_on_cpu(case, bits_w, config, predecode=bits_w != 5)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{path} acc, bits_w={bits_w}, k={k}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{path} codes, bits_w={bits_w}, k={k}")
+
+
+@pytest.mark.parametrize("path", list(_paths()))
+def test_triton_paths_k_edges(path):
+    """K of one code, a partial last byte, exactly one tile, one past a tile and a split boundary."""
+    rng = np.random.default_rng(5)
+    config = _paths()[path]
+    for k, bits_w, signed_x in ((1, 1, False), (7, 2, True), (63, 3, False), (64, 8, True), (65, 8, False),
+                                (129, 1, True), (193, 4, False)):
+        case = random_case(rng, 3, 5, k, 8, bits_w, signed_x)
+        want = int_gemm_numpy(check_int_gemm_args(*case))
+        got = _triton_on_cpu(case, bits_w, config)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{path} acc, k={k}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{path} codes, k={k}")
+
+
+def test_default_config_size_heuristic():
+    """Decode once for M ≥ 256; tensor-core-free GEMV for M = 1; in-load decode in between."""
+    from ddq_kernels.int_gemm import DECODE_ONCE_MIN_M, default_config
+
+    assert default_config(DECODE_ONCE_MIN_M, 64, 4, 32).decode_once
+    assert not default_config(DECODE_ONCE_MIN_M - 1, 64, 4, 32).decode_once
+    assert default_config(1, 64, 4, 32).block_m == 1
+    assert default_config(16, 64, 4, 32).block_m > 1

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from ddq_kernels.int_gemm import DECODE_GATHER, TileConfig, int_gemm_packed  # noqa: E402 (needs the skip first)
+
 
 def random_case(rng, m, n, k, bits_x, bits_w, signed_x):
     codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
@@ -38,6 +40,32 @@ def test_triton_gpu_matches_the_golden():
             got = int_gemm(*case, backend="triton")
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+
+
+GPU_PATHS = {
+    "gemv split-K": (1, TileConfig(1, 64, 256, split_k=8)),
+    "dot split-K": (16, TileConfig(16, 64, 256, split_k=8)),
+    "dot split-K register LUT, M=40": (40, TileConfig(64, 64, 128, split_k=4, decode=DECODE_GATHER)),
+    "decode once": (300, TileConfig(128, 256, 128, num_warps=8, decode_once=True)),
+    "decode once TMA": (300, TileConfig(128, 128, 128, num_warps=8, num_stages=4, decode_once=True, tma=True)),
+}
+
+
+@pytest.mark.parametrize("path", list(GPU_PATHS))
+def test_triton_gpu_paths_at_realistic_sizes(path):
+    """Each path forced by its config on GPU-sized odd shapes (several K splits, many tiles) vs the golden."""
+    m, config = GPU_PATHS[path]
+    rng = np.random.default_rng(len(path))
+    for bits_w, signed_x in ((3, False), (8, True)):
+        n, k = (1500, 8191) if m < 100 else (257, 1025)
+        case = random_case(rng, m, n, k, 4, bits_w, signed_x)
+        want = int_gemm(*case)
+        codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+        tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+        acc, codes = int_gemm_packed(*tensors, shift, torch.from_numpy(i_min).cuda(), bits_out, bits_w, k,
+                                     config=config)
+        np.testing.assert_array_equal(acc.cpu().numpy(), want[0], err_msg=f"{path} bits_w={bits_w}")
+        np.testing.assert_array_equal(codes.cpu().numpy(), want[1], err_msg=f"{path} bits_w={bits_w}")
 
 
 def test_triton_gpu_maximum_magnitude_at_the_k_limit():
@@ -67,7 +95,6 @@ def test_triton_and_cupy_agree_on_millions_of_random_outputs():
     """Two independent GPU implementations (Triton, and the C reference compiled by NVRTC) on ≥ 4M outputs."""
     pytest.importorskip("cupy")
     from ddq.deploy.cupy_backend import int_gemm_cupy_packed
-    from ddq_kernels.int_gemm import int_gemm_packed
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     rng = np.random.default_rng(2)
