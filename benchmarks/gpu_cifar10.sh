@@ -25,6 +25,8 @@ copy_out() {  # results and the state a cold machine needs, back to this machine
     mkdir -p "$OUT/cifar10/work"
     cp "$ROOT"/work/fp_*.pt "$OUT/cifar10/work/" 2>/dev/null || true
     [ -d "$ROOT/work/partial" ] && cp -r "$ROOT/work/partial" "$OUT/cifar10/work/" || true
+    # The device tool returns folders only a few levels deep: runs/<model>/*.json travel in this archive.
+    tar czf "$OUT/cifar10_state.tgz" -C "$ROOT" accuracy work
 }
 
 case "$command" in
@@ -68,6 +70,12 @@ train)
     ;;
 collect)
     from=${1:?usage: gpu_cifar10.sh collect FILES_AT (the folder holding cifar10/ from a device call)}
+    if [ -f "$from/cifar10_state.tgz" ]; then
+        unpacked=$(mktemp -d)
+        mkdir -p "$unpacked/cifar10"
+        tar xzf "$from/cifar10_state.tgz" -C "$unpacked/cifar10"
+        from=$unpacked
+    fi
     mkdir -p benchmarks/results/accuracy "$ROOT/work"
     cp -r "$from/cifar10/accuracy/." benchmarks/results/accuracy/
     cp -r "$from/cifar10/accuracy" "$ROOT/"
