@@ -11,6 +11,9 @@
 #define MAX_OFFSET ((int64_t)1 << 61)
 #define MAX_SHIFT 61
 #define WORKSPACE_ALIGN_CODES 512u
+/* The kernels use the workspace from its first 64-byte boundary: AMX tile loads that straddle cache
+ * lines run several times slower, and vector loads split in two. */
+#define WORKSPACE_ALIGN_BYTES 64u
 /* Below this many activation rows AUTO keeps AMX's work on AVX-512 (measured crossover, docs/deploy.md). */
 #define AMX_MIN_ROWS 8u
 
@@ -184,14 +187,37 @@ static size_t workspace_stride(size_t k)
     return (k + WORKSPACE_ALIGN_CODES - 1) / WORKSPACE_ALIGN_CODES * WORKSPACE_ALIGN_CODES + 64u;
 }
 
-/* M activation rows, then ARM_REF_AMX_ROWS rows of decoded weights (AMX path), one stride each. */
+/* Alignment slack, then M activation rows and ARM_REF_AMX_PANEL_COLS rows of decoded weights (AMX
+ * path), one stride each. */
 size_t arm_ref_workspace_bytes(size_t m, size_t k)
 {
     size_t total;
-    if (k > ARM_REF_MAX_K || m > SIZE_MAX - ARM_REF_AMX_ROWS ||
-        !checked_product(m + ARM_REF_AMX_ROWS, workspace_stride(k), &total))
+    if (k > ARM_REF_MAX_K || m > SIZE_MAX - ARM_REF_AMX_PANEL_COLS ||
+        !checked_product(m + ARM_REF_AMX_PANEL_COLS, workspace_stride(k), &total) ||
+        total > SIZE_MAX - WORKSPACE_ALIGN_BYTES)
         return SIZE_MAX;
-    return total;
+    return total + WORKSPACE_ALIGN_BYTES;
+}
+
+/* The OR of count bytes, eight at a time in four independent words (one branch-free pass instead of
+ * a branch per code; memcpy keeps the word loads free of alignment and aliasing assumptions). */
+static uint8_t or_of_bytes(const uint8_t *bytes, size_t count)
+{
+    uint64_t words[4] = {0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + sizeof words <= count; i += sizeof words)
+        for (size_t w = 0; w < 4; ++w) {
+            uint64_t word;
+            memcpy(&word, bytes + i + w * sizeof word, sizeof word);
+            words[w] |= word;
+        }
+    uint64_t all = words[0] | words[1] | words[2] | words[3];
+    uint8_t result = 0;
+    for (size_t b = 0; b < sizeof all; ++b)
+        result |= (uint8_t)(all >> (8 * b));
+    for (; i < count; ++i)
+        result |= bytes[i];
+    return result;
 }
 
 static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
@@ -224,11 +250,7 @@ static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
         if (a->i_min[col] < 0 || a->i_min[col] > 255)
             return ARM_REF_ERR_I_MIN;
     }
-    /* One OR over all codes (vectorised by the compiler) instead of a branch per code. */
-    uint8_t all_codes = 0;
-    for (size_t i = 0; i < a->m * a->k; ++i)
-        all_codes |= a->codes_x[i];
-    if (all_codes >> a->bits_x)
+    if (or_of_bytes(a->codes_x, a->m * a->k) >> a->bits_x)
         return ARM_REF_ERR_CODE_X_RANGE;
     return arm_ref_check_packed(a->packed_w, a->packed_size, a->n, a->k, a->bits_w);
 }
@@ -264,8 +286,10 @@ static void acc_scalar_range(const arm_ref_gemm_args *a, size_t row_bytes, size_
                                                         (uint32_t)k_begin, (uint32_t)a->k, width);
 }
 
-static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, uint8_t *workspace, int32_t *acc)
+static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, uint8_t *unaligned, int32_t *acc)
 {
+    uint8_t *workspace = unaligned + (WORKSPACE_ALIGN_BYTES - (uintptr_t)unaligned % WORKSPACE_ALIGN_BYTES) %
+                                         WORKSPACE_ALIGN_BYTES;
     size_t chunk_bytes = path == ARM_REF_PATH_NEON ? ARM_REF_NEON_CHUNK : ARM_REF_AVX512_CHUNK;
     size_t chunk_codes = chunk_bytes * (8u / (size_t)arm_ref_container_bits(a->bits_w));
     size_t stride = workspace_stride(a->k);
@@ -274,7 +298,7 @@ static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, u
                      : path == ARM_REF_PATH_NEON ? (a->lut_x_signed ? 0 : 128)
                                                  : 0;
     arm_ref_plan plan = {a,        workspace, stride, a->k / chunk_codes * chunk_codes, row_bytes, x_base,
-                         (int8_t *)(workspace + a->m * stride), stride};
+                         (int8_t *)(workspace + a->m * stride)};
     if (path == ARM_REF_PATH_AMX) {
         arm_ref_acc_amx(&plan, acc);
     } else if (path == ARM_REF_PATH_AVX512) {
@@ -283,7 +307,23 @@ static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, u
         arrange_rows(a, chunk_bytes, x_base, workspace, plan.x_stride, plan.k_vector);
         arm_ref_acc_neon(&plan, acc);
     }
-    acc_scalar_range(a, row_bytes, plan.k_vector, acc);
+    if (plan.k_vector < a->k)
+        acc_scalar_range(a, row_bytes, plan.k_vector, acc);
+}
+
+/* The spec §5 epilogue over all outputs (locals and restrict: the byte stores cannot alias the
+ * arguments, so nothing is reloaded per output). */
+static void requantize_all(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out)
+{
+    const size_t m = a->m, n = a->n;
+    const int32_t *restrict mult = a->mult;
+    const int64_t *restrict offset = a->offset;
+    const int32_t *restrict i_min = a->i_min;
+    const int32_t shift = a->shift, bits_out = a->bits_out;
+    for (size_t row = 0; row < m; ++row)
+        for (size_t col = 0; col < n; ++col)
+            codes_out[row * n + col] =
+                arm_ref_requantize(acc[row * n + col], mult[col], offset[col], shift, i_min[col], bits_out);
 }
 
 int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, size_t workspace_size,
@@ -306,10 +346,6 @@ int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, s
         acc_scalar_range(args, row_bytes, 0, acc);
     else
         acc_vector(args, path, row_bytes, (uint8_t *)workspace, acc);
-    for (size_t row = 0; row < args->m; ++row)
-        for (size_t col = 0; col < args->n; ++col)
-            codes_out[row * args->n + col] =
-                arm_ref_requantize(acc[row * args->n + col], args->mult[col], args->offset[col], args->shift,
-                                   args->i_min[col], args->bits_out);
+    requantize_all(args, acc, codes_out);
     return ARM_REF_OK;
 }

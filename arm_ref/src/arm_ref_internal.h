@@ -14,7 +14,8 @@
  * Tile layout (AMX): rows in blocks of AMX_ROWS (the last block may be shorter, r rows); a block starts
  * at x_arranged + m0·k_vector and holds, per 64 arranged positions, a 16 × 4r byte tile: tile row g,
  * bytes 4·i .. 4·i+3 are the activations of row m0 + i at positions 4g .. 4g+3 (raw x, x_base = 0).
- * decoded (AMX only) is scratch for AMX_ROWS output columns of decoded weights, decoded_stride apart. */
+ * decoded (AMX only) is scratch for ARM_REF_AMX_PANEL_COLS output columns of decoded weights
+ * (ARM_REF_AMX_PANEL_COLS · k_vector bytes, in 1 KiB tiles: kernel_avx512.c). */
 typedef struct {
     const arm_ref_gemm_args *args;
     uint8_t *x_arranged;
@@ -23,12 +24,12 @@ typedef struct {
     size_t row_bytes;
     int32_t x_base;
     int8_t *decoded;
-    size_t decoded_stride;
 } arm_ref_plan;
 
 #define ARM_REF_AVX512_CHUNK 64u
 #define ARM_REF_NEON_CHUNK 16u
 #define ARM_REF_AMX_ROWS 16u
+#define ARM_REF_AMX_PANEL_COLS 64u
 
 int arm_ref_avx512_supported(void);
 int arm_ref_amx_supported(void);

@@ -5,8 +5,9 @@
  * code's top bit (256 entries, bits 8).
  * AVX-512: vpdpbusd dot products of decoded weights with activation rows, several output columns and
  * activation rows per decoded vector (the GEMV path).
- * AMX: 16 output columns of weights are decoded once into a panel in the workspace, then tdpbssd /
- * tdpbsud multiply the panel with 16-row activation tiles, so each weight is decoded once per call. */
+ * AMX: groups of 64 output columns of weights are decoded once into a panel of 1 KiB tiles in the
+ * (64-byte aligned) workspace, then tdpbssd / tdpbsud multiply the panel with 16-row activation tiles,
+ * four accumulator tiles sharing each activation tile load; each weight is decoded once per call. */
 #define _GNU_SOURCE
 #include "arm_ref_internal.h"
 
@@ -36,8 +37,9 @@
 #define K_BLOCK 4096u
 /* Software prefetch distance for the packed weight streams (bytes ahead of the loads). */
 #define PREFETCH_AHEAD 256
-/* AMX: positions decoded per slice (a multiple of every chunk; 16 columns of it fill 16 KiB of L1). */
-#define DECODE_SLICE 1024u
+/* AMX: positions decoded per slice (a multiple of every chunk); a group of 64 columns of it fills
+ * 32 KiB of L1. Shorter slices reload each column's table too often (measured at 8 bits). */
+#define DECODE_SLICE 512u
 /* Linux: request permission for the AMX tile state (arch/x86/include/uapi/asm/prctl.h). */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -116,11 +118,13 @@ AVX512_INLINE __m512i decode_slot(__m512i bytes, const lut_registers *lut, int w
     if (width == 8) {
         if (parts == 1)
             return _mm512_permutexvar_epi8(bytes, lut->table[0]);
-        __m512i low_half = _mm512_permutex2var_epi8(lut->table[0], bytes, lut->table[1]);
         if (parts == 2)
-            return low_half;
-        __m512i high_half = _mm512_permutex2var_epi8(lut->table[2], bytes, lut->table[3]);
-        return _mm512_mask_blend_epi8(_mm512_movepi8_mask(bytes), low_half, high_half);
+            return _mm512_permutex2var_epi8(lut->table[0], bytes, lut->table[1]);
+        /* Two merge-masked vpermi2b: codes ≥ 128 are looked up in the top half and the other lanes
+         * keep their code, which the second lookup (the other lanes only) reads; no blend, no copies. */
+        const __mmask64 high = _mm512_movepi8_mask(bytes);
+        const __m512i partial = _mm512_mask2_permutex2var_epi8(lut->table[2], bytes, high, lut->table[3]);
+        return _mm512_mask2_permutex2var_epi8(lut->table[0], partial, _knot_mask64(high), lut->table[1]);
     }
     /* A 16-bit shift leaks the neighbour byte's bits into the top of each byte; the mask drops them. */
     __m512i codes = _mm512_and_si512(_mm512_srli_epi16(bytes, (unsigned)(slot * width)),
@@ -325,9 +329,14 @@ AVX512_TARGET void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
     }
 }
 
-/* AMX path. Tiles 0-1: accumulators C[n][m] (int32, even and odd K steps, so consecutive tile dot
- * products do not wait on each other); 2-3: decoded weights A[n][64 positions]; 4-5: activations
- * B[16 position quads][m][4]. */
+/* AMX path. Output columns go in groups of up to AMX_GROUP_TILES × 16: tiles 0-3 accumulate C[n][m]
+ * (int32) for the group's column tiles, tile 4 holds the activations B[16 position quads][m][4] of
+ * one 64-position step, shared by the group's products, and tiles 5-7 take turns holding decoded
+ * weights A[n][64 positions]. A column tile past the last column is not computed; the unused rows of
+ * a partial one are zero in the panel. */
+#define AMX_GROUP_TILES 4u
+#define AMX_TILE_BYTES 1024u
+
 typedef struct {
     uint8_t palette;
     uint8_t start_row;
@@ -336,108 +345,138 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-AMX_INLINE void configure_tiles(size_t cols, size_t rows)
+/* rows: activation rows of the block (1..16), the N dimension of every product. */
+AMX_INLINE void configure_tiles(size_t rows)
 {
     tile_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    for (int t = 0; t < 2; ++t) {
-        config.rows[t] = (uint8_t)cols;
-        config.bytes_per_row[t] = (uint16_t)(4 * rows);
-        config.rows[2 + t] = (uint8_t)cols;
-        config.bytes_per_row[2 + t] = 64;
-        config.rows[4 + t] = 16;
-        config.bytes_per_row[4 + t] = (uint16_t)(4 * rows);
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = (uint16_t)(t <= 4 ? 4 * rows : ARM_REF_AVX512_CHUNK);
     }
     _tile_loadconfig(&config);
 }
 
-/* Positions [begin, end) of columns col0 .. col0 + cols − 1, decoded into plan->decoded. */
-AMX_INLINE void decode_panel(const arm_ref_plan *plan, size_t col0, size_t cols, size_t begin, size_t end, int width,
-                             int parts)
+/* Positions [begin, end) of the group's columns col0 .. col0 + cols − 1 decoded into the panel, which
+ * holds, per 64-position step s and column tile j, the 1 KiB A tile at decoded + ((s − first)·4 + j)·1 KiB
+ * (tile row = column, 64 weights per row); first is 0 when later activation blocks reuse the whole
+ * panel, else the slice's first step (the slice stays in L1). Rows of a partial last column tile are
+ * zero. The next slice of each column is prefetched while this one is decoded. */
+AMX_INLINE void decode_panel(const arm_ref_plan *plan, size_t col0, size_t cols, size_t begin, size_t end,
+                             size_t first, int width, int parts)
 {
     const arm_ref_gemm_args *a = plan->args;
     const int per_byte = 8 / width;
     const size_t chunk_codes = ARM_REF_AVX512_CHUNK * (size_t)per_byte;
-    for (size_t c = 0; c < cols; ++c) {
+    const size_t padded_cols = (cols + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS * ARM_REF_AMX_ROWS;
+    const size_t ahead = (end - begin) / (size_t)per_byte;
+    for (size_t c = 0; c < padded_cols; ++c) {
+        int8_t *out = plan->decoded + c / ARM_REF_AMX_ROWS * AMX_TILE_BYTES + c % ARM_REF_AMX_ROWS * ARM_REF_AVX512_CHUNK;
+        if (c >= cols) {
+            for (size_t s = begin / ARM_REF_AVX512_CHUNK; s < end / ARM_REF_AVX512_CHUNK; ++s)
+                _mm512_storeu_si512((void *)(out + (s - first) * AMX_GROUP_TILES * AMX_TILE_BYTES),
+                                    _mm512_setzero_si512());
+            continue;
+        }
         const lut_registers lut = load_lut(a->lut_w + ((col0 + c) << a->bits_w), a->bits_w, width);
         const uint8_t *packed = a->packed_w + (col0 + c) * plan->row_bytes;
-        int8_t *out = plan->decoded + c * plan->decoded_stride;
         for (size_t k0 = begin, byte = begin / (size_t)per_byte; k0 < end;
              k0 += chunk_codes, byte += ARM_REF_AVX512_CHUNK) {
             const __m512i bytes = _mm512_loadu_si512((const void *)(packed + byte));
-            _mm_prefetch((const char *)(packed + byte + PREFETCH_AHEAD), _MM_HINT_T0);
+            if (byte + ahead < plan->row_bytes)
+                _mm_prefetch((const char *)(packed + byte + ahead), _MM_HINT_T0);
 #pragma GCC unroll 8
-            for (int slot = 0; slot < per_byte; ++slot)
-                _mm512_storeu_si512((void *)(out + k0 + (size_t)slot * ARM_REF_AVX512_CHUNK),
+            for (int slot = 0; slot < per_byte; ++slot) {
+                const size_t step = k0 / ARM_REF_AVX512_CHUNK + (size_t)slot - first;
+                _mm512_storeu_si512((void *)(out + step * AMX_GROUP_TILES * AMX_TILE_BYTES),
                                     decode_slot(bytes, &lut, width, parts, slot));
+            }
         }
     }
 }
 
-/* Tile steps [s_begin, s_end) (s_begin even) of the activation block at m0: even steps into tile 0,
- * odd into tile 1. */
-AMX_INLINE void tile_steps(const arm_ref_plan *plan, size_t m0, size_t rows, size_t s_begin, size_t s_end,
-                           int x_signed)
+#define TILE_PRODUCT(c, w, x, x_signed)                                                                    \
+    do {                                                                                                   \
+        if (x_signed)                                                                                      \
+            _tile_dpbssd(c, w, x);                                                                         \
+        else                                                                                               \
+            _tile_dpbsud(c, w, x);                                                                         \
+    } while (0)
+
+/* Steps [s_begin, s_end) of the activation block at m0 (rows rows) times the group's `tiles` column
+ * tiles (panel from step `first`, decode_panel): one activation tile load per step serves every
+ * column tile. */
+AMX_INLINE void tile_steps(const arm_ref_plan *plan, size_t m0, size_t rows, size_t tiles, size_t s_begin,
+                           size_t s_end, size_t first, int x_signed)
 {
     const uint8_t *block = plan->x_arranged + m0 * plan->k_vector;
-    const size_t tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows, w_stride = plan->decoded_stride;
-    for (size_t s = s_begin; s < s_end; s += 2) {
-        _tile_loadd(2, plan->decoded + s * ARM_REF_AVX512_CHUNK, w_stride);
-        _tile_loadd(4, block + s * tile_bytes, x_row_bytes);
-        if (x_signed)
-            _tile_dpbssd(0, 2, 4);
-        else
-            _tile_dpbsud(0, 2, 4);
-        if (s + 1 < s_end) {
-            _tile_loadd(3, plan->decoded + (s + 1) * ARM_REF_AVX512_CHUNK, w_stride);
-            _tile_loadd(5, block + (s + 1) * tile_bytes, x_row_bytes);
-            if (x_signed)
-                _tile_dpbssd(1, 3, 5);
-            else
-                _tile_dpbsud(1, 3, 5);
+    const size_t x_tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows;
+    const size_t w_row_bytes = ARM_REF_AVX512_CHUNK;
+    for (size_t s = s_begin; s < s_end; ++s) {
+        const int8_t *w = plan->decoded + (s - first) * AMX_GROUP_TILES * AMX_TILE_BYTES;
+        _tile_loadd(4, block + s * x_tile_bytes, x_row_bytes);
+        _tile_loadd(5, w, w_row_bytes);
+        TILE_PRODUCT(0, 5, 4, x_signed);
+        if (tiles > 1) {
+            _tile_loadd(6, w + AMX_TILE_BYTES, w_row_bytes);
+            TILE_PRODUCT(1, 6, 4, x_signed);
+        }
+        if (tiles > 2) {
+            _tile_loadd(7, w + 2 * AMX_TILE_BYTES, w_row_bytes);
+            TILE_PRODUCT(2, 7, 4, x_signed);
+        }
+        if (tiles > 3) {
+            _tile_loadd(5, w + 3 * AMX_TILE_BYTES, w_row_bytes);
+            TILE_PRODUCT(3, 5, 4, x_signed);
         }
     }
 }
 
-/* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the two accumulator tiles (C[n][m]). */
+/* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the accumulator tiles (C[n][m]). */
 AMX_INLINE void add_tiles(const arm_ref_plan *plan, size_t col0, size_t cols, size_t m0, size_t rows, int32_t *acc)
 {
-    int32_t even[16][16], odd[16][16];
-    _tile_stored(0, even, sizeof even[0]);
-    _tile_stored(1, odd, sizeof odd[0]);
+    int32_t sums[AMX_GROUP_TILES][16][16];
+    _tile_stored(0, sums[0], sizeof sums[0][0]);
+    _tile_stored(1, sums[1], sizeof sums[0][0]);
+    _tile_stored(2, sums[2], sizeof sums[0][0]);
+    _tile_stored(3, sums[3], sizeof sums[0][0]);
     for (size_t r = 0; r < rows; ++r)
         for (size_t c = 0; c < cols; ++c)
-            acc[(m0 + r) * plan->args->n + col0 + c] += even[c][r] + odd[c][r];
+            acc[(m0 + r) * plan->args->n + col0 + c] += sums[c / ARM_REF_AMX_ROWS][c % ARM_REF_AMX_ROWS][r];
 }
 
-/* Per panel of 16 output columns: the first activation block's tile products follow the decode slice
- * by slice (the slice is still in L1); later blocks reuse the whole decoded panel. */
+/* Per group of output columns: the first activation block's tile products follow the decode slice by
+ * slice (the slice is still in L1); later blocks reuse the whole decoded panel. */
 AMX_INLINE void amx_width(const arm_ref_plan *plan, int width, int parts, int32_t *acc)
 {
     const arm_ref_gemm_args *a = plan->args;
-    const size_t steps = plan->k_vector / ARM_REF_AVX512_CHUNK;
-    size_t configured_cols = 0, configured_rows = 0;
-    for (size_t col0 = 0; col0 < a->n; col0 += ARM_REF_AMX_ROWS) {
-        const size_t cols = a->n - col0 < ARM_REF_AMX_ROWS ? a->n - col0 : ARM_REF_AMX_ROWS;
+    const size_t steps = plan->k_vector / ARM_REF_AVX512_CHUNK, group = AMX_GROUP_TILES * ARM_REF_AMX_ROWS;
+    const size_t slice = DECODE_SLICE;
+    const int reuse = a->m > ARM_REF_AMX_ROWS;
+    size_t configured_rows = 0;
+    for (size_t col0 = 0; col0 < a->n; col0 += group) {
+        const size_t cols = a->n - col0 < group ? a->n - col0 : group;
+        const size_t tiles = (cols + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS;
         for (size_t m0 = 0; m0 < a->m; m0 += ARM_REF_AMX_ROWS) {
             const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
-            if (cols != configured_cols || rows != configured_rows) {
-                configure_tiles(cols, rows);
-                configured_cols = cols;
+            if (rows != configured_rows) {
+                configure_tiles(rows);
                 configured_rows = rows;
             }
             _tile_zero(0);
             _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             if (m0 == 0) {
-                for (size_t begin = 0; begin < plan->k_vector; begin += DECODE_SLICE) {
-                    const size_t end = plan->k_vector - begin < DECODE_SLICE ? plan->k_vector : begin + DECODE_SLICE;
-                    decode_panel(plan, col0, cols, begin, end, width, parts);
-                    tile_steps(plan, m0, rows, begin / ARM_REF_AVX512_CHUNK, end / ARM_REF_AVX512_CHUNK,
-                               a->lut_x_signed);
+                for (size_t begin = 0; begin < plan->k_vector; begin += slice) {
+                    const size_t end = plan->k_vector - begin < slice ? plan->k_vector : begin + slice;
+                    const size_t s_begin = begin / ARM_REF_AVX512_CHUNK, first = reuse ? 0 : s_begin;
+                    decode_panel(plan, col0, cols, begin, end, first, width, parts);
+                    tile_steps(plan, m0, rows, tiles, s_begin, end / ARM_REF_AVX512_CHUNK, first, a->lut_x_signed);
                 }
             } else {
-                tile_steps(plan, m0, rows, 0, steps, a->lut_x_signed);
+                tile_steps(plan, m0, rows, tiles, 0, steps, 0, a->lut_x_signed);
             }
             add_tiles(plan, col0, cols, m0, rows, acc);
         }

@@ -240,7 +240,8 @@ static void test_extremes(void)
     for (int signedness = 0; signedness < 2; ++signedness)
         for (int wi = 0; wi < 3; ++wi) {
             int bits_w = wi == 1 ? 8 : 4;
-            layer l = layer_new(wi == 0 ? 17 : 2, 3, ARM_REF_MAX_K, 1, bits_w);
+            /* 65 columns: one full AMX group of 64 and a one-column group (partial tile, zero rows). */
+            layer l = layer_new(wi == 0 ? 17 : 2, wi == 0 ? 65 : 3, ARM_REF_MAX_K, 1, bits_w);
             l.lut_x_signed = signedness;
             l.lut_x[0] = signedness ? (uint8_t)0x80 : 255; /* −128 or 255 */
             l.lut_x[1] = signedness ? 127 : 0;
@@ -252,8 +253,8 @@ static void test_extremes(void)
                 l.lut_w[i] = w_values[wi];
             for (size_t c = 0; c < l.n; ++c) {
                 l.mult[c] = (1 << 30) - 1;
-                l.offset[c] = c == 0 ? ((int64_t)1 << 61) - 1 : c == 1 ? -((int64_t)1 << 61) + 1 : 0;
-                l.i_min[c] = (int32_t)(c * 100);
+                l.offset[c] = c % 3 == 0 ? ((int64_t)1 << 61) - 1 : c % 3 == 1 ? -((int64_t)1 << 61) + 1 : 0;
+                l.i_min[c] = (int32_t)(c % 3 * 100);
             }
             l.shift = 61;
             check_layer(&l, "extreme K=65536");
@@ -278,21 +279,23 @@ static void test_bit_combinations(void)
         }
 }
 
-/* The x86 kernels block 4 activation rows × 2 columns or 1 row × 4 columns (AVX-512) and 16 × 16 tiles
- * (AMX), decode weights in 1024-position slices and work on 64-byte chunks: shapes just below, at and
- * past each block edge, every container width and table size (bits 5, 7, 8 use the three 8-bit decoders),
- * and 1-, 7- and 8-bit activation tables. */
+/* The x86 kernels block 4 activation rows × 2 columns or 1 row × 4 columns (AVX-512) and 16-row
+ * activation tiles × groups of four 16-column weight tiles (AMX), decode weights in 512-position slices
+ * and work on 64-byte chunks: shapes just below, at and past each block edge (partial tiles, partial
+ * groups, a single tile in a group), every container width and table size (bits 5, 7, 8 use the three
+ * 8-bit decoders), and 1-, 7- and 8-bit activation tables. */
 static void test_blocking(void)
 {
     const size_t rows[] = {1, 3, 4, 5, 15, 16, 17, 33};
-    const size_t cols[] = {1, 2, 3, 5, 15, 16, 17};
+    const size_t cols[] = {1, 2, 3, 5, 15, 16, 17, 33, 48, 63, 64, 65, 130};
     const int bits_w[] = {1, 2, 3, 4, 5, 7, 8};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; ++i)
         for (size_t j = 0; j < sizeof cols / sizeof cols[0]; ++j) {
             int bw = bits_w[(i + j) % 7];
             size_t chunk = 64 * 8 / (size_t)(bw <= 2 ? bw : bw <= 4 ? 4 : 8);
-            /* One chunk plus a scalar tail, several decode slices plus one odd tile step, or exact. */
-            size_t ks[3] = {chunk + 1 + random_below(63), 1024 * 3 + 64 + random_below(3) * 64, chunk * 2};
+            /* One chunk plus a scalar tail, several decode slices plus a partial slice (one to three tile
+             * steps past a slice edge), or exact. */
+            size_t ks[3] = {chunk + 1 + random_below(63), 512 * 3 + chunk + random_below(3) * 64, chunk * 2};
             for (int t = 0; t < 3; ++t) {
                 layer l = layer_new(rows[i], cols[j], ks[t], t == 0 ? 8 : t == 1 ? 7 : 1, bw);
                 layer_randomize(&l);
