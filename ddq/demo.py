@@ -30,6 +30,7 @@ from ddq.data import load_dataset
 from ddq.models import SmallCNN
 from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 from ddq.resource import budget_at, set_learned_bits
+from ddq.deploy import use_lut_levels
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,8 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
         model = ddq.quantize_model(model, config.bits, config.bits, method=config.method, learn_bits=config.learn_bits,
                                    first_last_bits=config.first_last_bits,
                                    **({"learn_levels": True, "weight_max_bits": DEPLOYABLE_WEIGHT_BITS} if config.method == "ddq" else {}))
+        if config.method == "ddq":
+            use_lut_levels(model)  # trains what the integer export computes (docs/deploy.md)
         ddq.initialize_quantizers(model, data.train_x[: settings.batch_size * 4])
         # Groups first: range learning rates follow the bits the layer is meant to end at, not the 8 it starts from.
         optimizers = [torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr,

@@ -19,6 +19,8 @@ PERCENTILE_SAMPLE = 1 << 22
 RANGE_INITS = ("spec", "mse")
 RANGE_SEARCH_FRACTIONS = torch.linspace(0.2, 1.0, 33)
 RANGE_SEARCH_SAMPLE = 1 << 18
+SIGNED_LUT_TOP, UNSIGNED_LUT_TOP = 127, 255  # spec §5: int8 / uint8 level tables
+NONNEGATIVE_LEVEL_TOLERANCE = 1e-6  # relative; as ddq.deploy.export reads an unsigned grid's zero level
 
 
 def graded_gate_logits(init_bits: int, step: float = GATE_INIT_STEP) -> Tensor:
@@ -57,7 +59,9 @@ class DDQQuantizer(nn.Module):
     (and 0.1th) percentile per tensor, then (range_init="mse", the default) shrunk to the fraction of
     that range with the least quantization error at init_bits (docs/method.md; "spec" keeps it).
     learn_bits=False fixes the bitwidth at init_bits; max_bits caps it (gates above held closed);
-    learn_levels=False keeps the levels uniform. The parameters stay float32 when the module is cast.
+    learn_levels=False keeps the levels uniform. lut_levels=True puts every level on spec §5's integer
+    level table (see `lut_level_correction`), so the exported integer model computes what this one does.
+    The parameters stay float32 when the module is cast.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class DDQQuantizer(nn.Module):
         learn_levels: bool = True,
         grad_scale: bool = True,
         range_init: str = "mse",
+        lut_levels: bool = False,
     ) -> None:
         super().__init__()
         if range_init not in RANGE_INITS:
@@ -95,6 +100,7 @@ class DDQQuantizer(nn.Module):
         self.learn_bits = learn_bits
         self.init_bits = init_bits
         self.range_init = range_init
+        self.lut_levels = lut_levels
         groups = 1 if channels is None else channels
         self.range_top = nn.Parameter(torch.ones(groups))
         self.range_bottom = nn.Parameter(torch.zeros(groups), requires_grad=mode in ("affine",))
@@ -173,7 +179,15 @@ class DDQQuantizer(nn.Module):
         raise RuntimeError("DDQQuantizer: mode 'auto' is resolved on the first batch; call it on data first")
 
     def effective_residuals(self) -> Tensor:
-        """The residuals the op sees: in `unsigned` mode code 0's block has mean 0, so 0 stays a level.
+        """The residuals the op sees: zero-anchored in `unsigned` mode, and with `lut_levels` moved (per
+        block, straight-through) so that every level lies on spec §5's integer level table."""
+        residuals = self._zero_anchored_residuals()
+        if self.lut_levels:
+            residuals = residuals + self.lut_level_correction(residuals)
+        return residuals
+
+    def _zero_anchored_residuals(self) -> Tensor:
+        """In `unsigned` mode code 0's block has mean 0, so 0 stays a level.
 
         Spec §2 makes 0 a level of the unsigned grid (the most common ReLU output, and the zero padding
         of the next convolution); learned residuals would move it. Removing block 0's mean (at the
@@ -185,6 +199,35 @@ class DDQQuantizer(nn.Module):
         in_block0 = (torch.arange(qm.FINE_CELLS, device=self.residuals.device) < block).to(self.residuals.dtype)
         block0_mean = (self.residuals * in_block0).sum(dim=1, keepdim=True) / block
         return self.residuals - in_block0 * block0_mean
+
+    @torch.no_grad()
+    def lut_level_correction(self, residuals: Tensor) -> Tensor:
+        """(G, 256) residual offsets, constant within each block, that move every level V onto s·round(V/s).
+
+        Spec §5 exports levels as round(V/s): weights (per channel) int8 with s = max|V|/127; activations
+        (per tensor) the same, or uint8 with s = max V/255 when all V ≥ 0. Learned levels are arbitrary floats, so the table's rounding error (≤ s/2 per level) is
+        shared by every element with that code and adds up coherently over a dot product; at 2 bits it
+        flips codes and argmaxes of the integer model (docs/deploy.md). With the levels on the table the
+        two models differ only by float32 rounding. Computed on the device from the current bitwidth
+        (no host sync); the rounding is straight-through, so the gradients of every parameter are unchanged.
+        """
+        groups = residuals.shape[0]
+        lo, hi = (bound.detach().to(torch.float32)[:, None] for bound in self.range())
+        block = torch.pow(2.0, (qm.FINEST_BITS - self.bits_tensor().detach()).to(torch.float32))
+        cells = torch.arange(qm.FINE_CELLS, device=residuals.device, dtype=torch.float32)
+        start = torch.floor(cells / block) * block
+        sums = torch.cat([residuals.new_zeros(groups, 1), residuals.detach().to(torch.float32).cumsum(dim=1)], dim=1)
+        block_sum = sums[:, (start + block).long()] - sums[:, start.long()]
+        delta = (hi - lo) / qm.FINE_MAX
+        levels = lo + delta * (start + (block - 1) / 2 + block_sum)  # spec §2 step 4, per fine cell
+        top = levels.abs().amax(dim=1, keepdim=True)
+        nonnegative = (levels >= -NONNEGATIVE_LEVEL_TOLERANCE * top).all(dim=1, keepdim=True) & (self.axis is None)
+        scale = torch.where(nonnegative, levels.amax(dim=1, keepdim=True) / UNSIGNED_LUT_TOP, top / SIGNED_LUT_TOP)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        levels = torch.where(nonnegative, levels.clamp_min(0), levels)
+        ratio = levels / scale
+        on_table = torch.sign(ratio) * torch.floor(ratio.abs() + 0.5) * scale  # spec §5: half away from zero
+        return ((on_table - levels) / (delta * block)).to(residuals.dtype)
 
     @torch.no_grad()
     def levels(self) -> Tensor:
@@ -283,4 +326,4 @@ class DDQQuantizer(nn.Module):
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.axis is None else f"per channel ({self.groups})"
         return (f"mode={self.mode}, {granularity}, bits={self.bits}, min_bits={self.min_bits}, max_bits={self.max_bits}, "
-                f"learn_bits={self.learn_bits}")
+                f"learn_bits={self.learn_bits}" + (", lut_levels=True" if self.lut_levels else ""))

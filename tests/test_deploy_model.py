@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from deploy_fixtures import trained_ddq_cnn  # noqa: E402
+from deploy_fixtures import single_threaded, trained_ddq_cnn  # noqa: E402
 
 from ddq.deploy import export, integer_accuracy, load  # noqa: E402
 from ddq.deploy.export import ExportFileError, export_bytes, float_agreement, load_bytes  # noqa: E402
@@ -21,13 +21,7 @@ from ddq.deploy.export import ExportFileError, export_bytes, float_agreement, lo
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    with torch.random.fork_rng():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return trained_ddq_cnn()
-        finally:
-            torch.set_num_threads(threads)
+    return single_threaded(trained_ddq_cnn)
 
 
 @pytest.fixture(scope="module")

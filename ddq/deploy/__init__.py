@@ -3,10 +3,11 @@
 `export`/`load` write and read a trained model as a safetensors file; `int_gemm` is one integer
 layer with four bit-identical backends ("numpy" golden, "c" = arm_ref, "triton", "cupy");
 `IntegerModel.run` executes a whole exported model with integer layers; `integer_accuracy`
-reports its accuracy beside the float QAT model's.
+reports its accuracy beside the float QAT model's; `use_lut_levels` keeps a model's levels on the
+integer tables during QAT so that the two agree (docs/deploy.md).
 """
 
-from ddq.deploy.export import ExportedLayer, IntegerModel, export, integer_accuracy, load
+from ddq.deploy.export import ExportedLayer, IntegerModel, export, integer_accuracy, load, use_lut_levels
 from ddq.deploy.int_gemm import BACKENDS, MAX_K, int_gemm
 from ddq.deploy.packing import container_bits, pack, packed_row_bytes, unpack
 
@@ -23,4 +24,5 @@ __all__ = [
     "pack",
     "packed_row_bytes",
     "unpack",
+    "use_lut_levels",
 ]

@@ -72,6 +72,16 @@ class ExportedLayer:
 
 # ---------------------------------------------------------------------------------------------- export
 
+def use_lut_levels(model: nn.Module, enabled: bool = True) -> int:
+    """Put every DDQ quantizer's levels on spec §5's integer level tables (`DDQQuantizer.lut_levels`), so
+    that the float QAT model computes what its integer export computes; call it before QAT (or at least
+    before evaluating the float model). Returns the number of quantizers switched. Why: docs/deploy.md."""
+    quantizers = [module for module in model.modules() if isinstance(module, DDQQuantizer)]
+    for quantizer in quantizers:
+        quantizer.lut_levels = enabled
+    return len(quantizers)
+
+
 def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's leaves in registration order, checked against the supported layer graph."""
     chain = []
