@@ -120,12 +120,14 @@ def gemv_configs(m: int):
 
 
 def gemm_configs():
-    from ddq_kernels.int_gemm import TileConfig
+    from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_LOAD, TileConfig
 
     for bm, bn, bk, warps, stages, tma in ((128, 128, 128, 8, 4, True), (128, 128, 128, 8, 3, True),
                                            (128, 128, 64, 4, 5, True), (128, 128, 128, 8, 4, False),
                                            (256, 128, 64, 8, 4, True)):
-        yield TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages, group_m=8, decode_once=True, tma=tma), None
+        for decode in (DECODE_LOAD, DECODE_BYTES):
+            yield TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages, group_m=8, decode_once=True, tma=tma,
+                             decode=decode), None
 
 
 def run_all(save=lambda results: None) -> dict:
@@ -186,7 +188,8 @@ def gemm_parts(args) -> dict:
 
     codes_x, lut_x, packed, lut_w = args[:4]
     return {"decode_activations": bench(lambda: decode_activations(codes_x, lut_x, 128, torch.int8, 1, GEMM_K)),
-            "decode_weights": bench(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True))}
+            "decode_weights": bench(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True)),
+            "decode_weights_by_byte": bench(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True, True))}
 
 
 @pytest.mark.gpu

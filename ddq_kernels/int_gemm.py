@@ -36,6 +36,7 @@ from torch import Tensor
 CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 DECODE_LOAD = 0
 DECODE_GATHER = 1
+DECODE_BYTES = 2
 DECODE_ONCE_MIN_M = 1024
 PROGRAMS_PER_SM = 32
 
@@ -45,8 +46,9 @@ class TileConfig:
     """block_kb: bytes of the weight operand per K step (packed bytes in-load, int8 codes decode-once).
     block_m = 1: the tensor-core-free GEMV kernel. split_k > 1: K split over that many programs per tile.
     decode: how the in-load path looks weights up (DECODE_LOAD: L1-cached gather from global memory,
-    DECODE_GATHER: tl.gather from the column's LUT held in registers). tma: decode-once loads through
-    tensor descriptors."""
+    DECODE_GATHER: tl.gather from the column's LUT held in registers); in the decode-once path DECODE_BYTES
+    decodes the weights a packed byte at a time (`decode_weights(by_byte=True)`), any other value a weight
+    at a time. tma: decode-once loads through tensor descriptors."""
 
     block_m: int
     block_n: int
@@ -286,6 +288,47 @@ def _decode_weights_kernel(w_ptr, lut_w_ptr, out_ptr, weight_sum_ptr, N, K, row_
         tl.atomic_add(weight_sum_ptr + rows, tl.sum(w.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
 
 
+@triton.jit
+def _slot_weights(packed, slot: tl.constexpr, rows, row_ok, lut_w_ptr, WIDTH: tl.constexpr, LUT_W: tl.constexpr):
+    code = ((packed >> (slot * WIDTH)) & ((1 << WIDTH) - 1)).to(tl.int32)
+    return tl.load(lut_w_ptr + rows[:, None] * LUT_W + code, mask=row_ok[:, None], other=0)
+
+
+@triton.jit
+def _decode_weight_bytes_kernel(w_ptr, lut_w_ptr, out_ptr, weight_sum_ptr, N, K, row_bytes, k_pad,
+                                WIDTH: tl.constexpr, LUT_W: tl.constexpr, WITH_SUM: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """_decode_weights_kernel reading each packed byte once: its slots are looked up separately and
+    interleaved back into K order with tl.join (slot j of byte b is k = b·per_byte + j), so the stores
+    stay contiguous."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    packed = tl.load(w_ptr + rows[:, None].to(tl.int64) * row_bytes + byte[None, :],
+                     mask=row_ok[:, None] & (byte < row_bytes)[None, :], other=0)
+    args = (rows, row_ok, lut_w_ptr, WIDTH, LUT_W)
+    if PER_BYTE == 1:
+        w = _slot_weights(packed, 0, *args)
+    elif PER_BYTE == 2:
+        w = tl.join(_slot_weights(packed, 0, *args), _slot_weights(packed, 1, *args))
+    elif PER_BYTE == 4:
+        w = tl.join(tl.join(_slot_weights(packed, 0, *args), _slot_weights(packed, 2, *args)),
+                    tl.join(_slot_weights(packed, 1, *args), _slot_weights(packed, 3, *args)))
+    else:
+        w = tl.join(tl.join(tl.join(_slot_weights(packed, 0, *args), _slot_weights(packed, 4, *args)),
+                            tl.join(_slot_weights(packed, 2, *args), _slot_weights(packed, 6, *args))),
+                    tl.join(tl.join(_slot_weights(packed, 1, *args), _slot_weights(packed, 5, *args)),
+                            tl.join(_slot_weights(packed, 3, *args), _slot_weights(packed, 7, *args))))
+    w = tl.reshape(w, (BLOCK_N, BLOCK_B * PER_BYTE))
+    k = tl.program_id(1) * (BLOCK_B * PER_BYTE) + tl.arange(0, BLOCK_B * PER_BYTE)
+    w = tl.where((k < K)[None, :], w, 0)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * k_pad + k[None, :], w,
+             mask=row_ok[:, None] & (k < k_pad)[None, :])
+    if WITH_SUM:
+        tl.atomic_add(weight_sum_ptr + rows, tl.sum(w.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
+
+
 def decode_activations(codes_x: Tensor, lut_x: Tensor, x_base: int, dtype: torch.dtype, per_byte: int,
                        slot_len: int) -> Tensor:
     """lut_x[codes_x] − x_base once per GEMM, as [M, per_byte·slot_len] in slot-major order (per_byte = 1:
@@ -299,12 +342,21 @@ def decode_activations(codes_x: Tensor, lut_x: Tensor, x_base: int, dtype: torch
 
 
 def decode_weights(packed_w: Tensor, lut_w: Tensor, width: int, k: int, k_pad: int,
-                   with_sum: bool) -> tuple[Tensor, Tensor]:
-    """Unpacked, LUT-decoded int8 weights [N, k_pad] (zero past K) and their int32 row sums."""
+                   with_sum: bool, by_byte: bool = False) -> tuple[Tensor, Tensor]:
+    """Unpacked, LUT-decoded int8 weights [N, k_pad] (zero past K) and their int32 row sums.
+
+    by_byte: one program reads each packed byte once and interleaves its slots (`_decode_weight_bytes_kernel`)
+    instead of one load per weight; both are swept by benchmarks/bench_int_gemm_gpu.py."""
     n, row_bytes = packed_w.shape
     out = torch.empty((n, k_pad), dtype=torch.int8, device=packed_w.device)
     weight_sum = torch.zeros(n, dtype=torch.int32, device=packed_w.device)
     block_n, block_k = (16, 256) if interpreting() else (32, 512)
+    if by_byte:
+        block_b = block_k // (8 // width)
+        _decode_weight_bytes_kernel[(triton.cdiv(n, block_n), triton.cdiv(k_pad, block_k))](
+            packed_w, lut_w, out, weight_sum, n, k, row_bytes, k_pad, WIDTH=width, LUT_W=lut_w.shape[1],
+            WITH_SUM=with_sum, BLOCK_N=block_n, BLOCK_B=block_b)
+        return out, weight_sum
     _decode_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(k_pad, block_k))](
         packed_w, lut_w, out, weight_sum, n, k, row_bytes, k_pad, WIDTH=width, LUT_W=lut_w.shape[1],
         WITH_SUM=with_sum, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -390,7 +442,7 @@ def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, widt
     m, n = codes.shape
     k_pad = triton.cdiv(k, config.block_kb) * config.block_kb
     x = decode_activations(codes_x, lut_x, x_base, torch.int8, 1, k_pad)
-    w, weight_sum = decode_weights(packed_w, lut_w, width, k, k_pad, x_base != 0)
+    w, weight_sum = decode_weights(packed_w, lut_w, width, k, k_pad, x_base != 0, config.decode == DECODE_BYTES)
     acc = torch.empty((m, n), dtype=torch.int32, device=codes.device)
     x_src, w_src = x, w
     if config.tma:

@@ -144,13 +144,14 @@ def _triton_on_cpu(case, bits_w, config, predecode=True):
 
 
 def _paths():
-    from ddq_kernels.int_gemm import DECODE_GATHER, TileConfig
+    from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_GATHER, TileConfig
 
     return {"gemv split-K": TileConfig(1, 16, 32, split_k=3),
             "gemv register LUT": TileConfig(1, 32, 32, decode=DECODE_GATHER),
             "dot split-K": TileConfig(16, 16, 32, split_k=2),
             "dot split-K register LUT": TileConfig(16, 32, 32, split_k=4, decode=DECODE_GATHER),
             "decode once": TileConfig(32, 32, 32, num_stages=1, decode_once=True),
+            "decode once by byte": TileConfig(32, 32, 32, num_stages=1, decode_once=True, decode=DECODE_BYTES),
             "decode once TMA": TileConfig(32, 16, 64, num_stages=1, decode_once=True, tma=True)}
 
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from ddq_kernels.int_gemm import DECODE_GATHER, TileConfig, int_gemm_packed  # noqa: E402 (needs the skip first)
+from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_GATHER, TileConfig, int_gemm_packed  # noqa: E402 (needs the skip first)
 
 
 def random_case(rng, m, n, k, bits_x, bits_w, signed_x):
@@ -48,6 +48,8 @@ GPU_PATHS = {
     "dot split-K register LUT, M=40": (40, TileConfig(64, 64, 128, split_k=4, decode=DECODE_GATHER)),
     "decode once": (300, TileConfig(128, 256, 128, num_warps=8, decode_once=True)),
     "decode once TMA": (300, TileConfig(128, 128, 128, num_warps=8, num_stages=4, decode_once=True, tma=True)),
+    "decode once TMA by byte": (300, TileConfig(128, 128, 128, num_warps=8, num_stages=4, decode_once=True, tma=True,
+                                                decode=DECODE_BYTES)),
 }
 
 
