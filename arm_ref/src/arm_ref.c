@@ -15,7 +15,7 @@
  * lines run several times slower, and vector loads split in two. */
 #define WORKSPACE_ALIGN_BYTES 64u
 /* Below this many activation rows AUTO keeps AMX's work on AVX-512 (measured crossover, docs/deploy.md). */
-#define AMX_MIN_ROWS 8u
+#define AMX_MIN_ROWS 5u
 
 const char *arm_ref_status_string(int status)
 {
@@ -154,7 +154,8 @@ int arm_ref_check_packed(const uint8_t *packed, size_t packed_size, size_t n, si
     uint32_t width = (uint32_t)arm_ref_container_bits(bits);
     size_t used_bits = k * width - (row_bytes - 1) * 8u;
     uint8_t padding_mask = used_bits >= 8 ? 0 : (uint8_t)(0xFFu << used_bits);
-    for (size_t row = 0; row < n; ++row)
+    /* Rows without padding bits skip this pass: it touches one cache line (and page) per row. */
+    for (size_t row = 0; padding_mask != 0 && row < n; ++row)
         if (packed[row * row_bytes + row_bytes - 1] & padding_mask)
             return ARM_REF_ERR_PADDING;
     if ((int)width == bits)
@@ -346,6 +347,9 @@ int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, s
         acc_scalar_range(args, row_bytes, 0, acc);
     else
         acc_vector(args, path, row_bytes, (uint8_t *)workspace, acc);
-    requantize_all(args, acc, codes_out);
+    if (path == ARM_REF_PATH_AVX512 || path == ARM_REF_PATH_AMX)
+        arm_ref_requantize_avx512(args, acc, codes_out);
+    else
+        requantize_all(args, acc, codes_out);
     return ARM_REF_OK;
 }

@@ -39,5 +39,7 @@ int arm_ref_neon_supported(void);
 void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_neon(const arm_ref_plan *plan, int32_t *acc);
+/* The spec §5 epilogue over all outputs, bit-exact with arm_ref_requantize (AVX-512 only). */
+void arm_ref_requantize_avx512(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out);
 
 #endif

@@ -38,7 +38,7 @@
 /* Software prefetch distance for the packed weight streams (bytes ahead of the loads). */
 #define PREFETCH_AHEAD 256
 /* AMX: positions decoded per slice (a multiple of every chunk); a group of 64 columns of it fills
- * 32 KiB of L1. Shorter slices reload each column's table too often (measured at 8 bits). */
+ * 32 KiB of L1. 256, 1,024 and 2,048 measured slower (docs/deploy.md). */
 #define DECODE_SLICE 512u
 /* Linux: request permission for the AMX tile state (arch/x86/include/uapi/asm/prctl.h). */
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -329,6 +329,34 @@ AVX512_TARGET void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
     }
 }
 
+/* Spec §5 epilogue, 8 outputs per vector. t = acc·mult + offset + 2^(shift−1) in int64 (vpmuldq of the
+ * sign-extended lanes; |t| < 2^62). z < −2^(shift−1) exactly when t < 0, and then the arithmetic
+ * t >> shift is negative, so min(t >> shift, 255) followed by max with i_min ≥ 0 gives the reference's
+ * i without a branch. */
+AVX512_TARGET void arm_ref_requantize_avx512(const arm_ref_gemm_args *a, const int32_t *restrict acc,
+                                             uint8_t *restrict codes_out)
+{
+    const size_t m = a->m, n = a->n;
+    const int32_t *restrict mult = a->mult;
+    const int64_t *restrict offset = a->offset;
+    const int32_t *restrict i_min = a->i_min;
+    const __m512i half = _mm512_set1_epi64((int64_t)1 << (a->shift - 1)), top = _mm512_set1_epi64(255);
+    const __m128i shift = _mm_cvtsi32_si128(a->shift), out_shift = _mm_cvtsi32_si128(8 - a->bits_out);
+    for (size_t col = 0; col < n; col += 8) {
+        const __mmask8 lanes = (__mmask8)(n - col >= 8 ? 0xFFu : (1u << (n - col)) - 1u);
+        const __m512i col_mult = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(_mm512_maskz_loadu_epi32(lanes, mult + col)));
+        const __m512i col_offset = _mm512_add_epi64(_mm512_maskz_loadu_epi64(lanes, offset + col), half);
+        const __m512i col_min = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(_mm512_maskz_loadu_epi32(lanes, i_min + col)));
+        for (size_t row = 0; row < m; ++row) {
+            const __m512i x = _mm512_cvtepi32_epi64(
+                _mm512_castsi512_si256(_mm512_maskz_loadu_epi32(lanes, acc + row * n + col)));
+            const __m512i t = _mm512_add_epi64(_mm512_mul_epi32(x, col_mult), col_offset);
+            const __m512i index = _mm512_max_epi64(_mm512_min_epi64(_mm512_sra_epi64(t, shift), top), col_min);
+            _mm512_mask_cvtepi64_storeu_epi8(codes_out + row * n + col, lanes, _mm512_srl_epi64(index, out_shift));
+        }
+    }
+}
+
 /* AMX path. Output columns go in groups of up to AMX_GROUP_TILES × 16: tiles 0-3 accumulate C[n][m]
  * (int32) for the group's column tiles, tile 4 holds the activations B[16 position quads][m][4] of
  * one 64-position step, shared by the group's products, and tiles 5-7 take turns holding decoded
@@ -358,41 +386,60 @@ AMX_INLINE void configure_tiles(size_t rows)
     _tile_loadconfig(&config);
 }
 
+/* One column's packed bytes [0, bytes) decoded into its tile rows of consecutive steps (out, out +
+ * step_bytes, ...); each 64-byte load prefetches the line at the same offset of `prefetch` into L2
+ * (NULL: none). With a constant `bytes` (a whole slice) the loop unrolls completely, which removes
+ * most of the per-column cost (measured 830 -> 700 µs at 4 bits, M = 16). */
+AMX_INLINE void decode_column(const uint8_t *restrict packed, const lut_registers *lut, int8_t *restrict out,
+                              size_t bytes, const uint8_t *prefetch, int width, int parts)
+{
+    const int per_byte = 8 / width;
+    const size_t step_bytes = AMX_GROUP_TILES * AMX_TILE_BYTES;
+#pragma GCC unroll 16
+    for (size_t byte = 0; byte < bytes; byte += ARM_REF_AVX512_CHUNK) {
+        const __m512i packed_bytes = _mm512_loadu_si512((const void *)(packed + byte));
+        if (prefetch != NULL)
+            _mm_prefetch((const char *)(prefetch + byte), _MM_HINT_T2);
+#pragma GCC unroll 8
+        for (int slot = 0; slot < per_byte; ++slot)
+            _mm512_storeu_si512((void *)(out + (byte / ARM_REF_AVX512_CHUNK * (size_t)per_byte + (size_t)slot) * step_bytes),
+                                decode_slot(packed_bytes, lut, width, parts, slot));
+    }
+}
+
 /* Positions [begin, end) of the group's columns col0 .. col0 + cols − 1 decoded into the panel, which
  * holds, per 64-position step s and column tile j, the 1 KiB A tile at decoded + ((s − first)·4 + j)·1 KiB
  * (tile row = column, 64 weights per row); first is 0 when later activation blocks reuse the whole
  * panel, else the slice's first step (the slice stays in L1). Rows of a partial last column tile are
- * zero. The next slice of each column is prefetched while this one is decoded. */
+ * zero. Meanwhile the next group's packed rows are prefetched into L2 in order (sequential streams:
+ * prefetching each column's next slice, 64 interleaved streams, measured ~5-10 % slower). */
 AMX_INLINE void decode_panel(const arm_ref_plan *plan, size_t col0, size_t cols, size_t begin, size_t end,
                              size_t first, int width, int parts)
 {
     const arm_ref_gemm_args *a = plan->args;
     const int per_byte = 8 / width;
-    const size_t chunk_codes = ARM_REF_AVX512_CHUNK * (size_t)per_byte;
     const size_t padded_cols = (cols + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS * ARM_REF_AMX_ROWS;
-    const size_t ahead = (end - begin) / (size_t)per_byte;
+    const size_t bytes = (end - begin) / (size_t)per_byte, first_byte = begin / (size_t)per_byte;
+    /* The next group's packed rows are one contiguous block as large as this group's: each load here
+     * prefetches one line of it, in order, so the rows arrive in L2 as sequential streams. */
+    const size_t next_group = col0 + AMX_GROUP_TILES * ARM_REF_AMX_ROWS;
+    const size_t next_offset = next_group * plan->row_bytes + first_byte * AMX_GROUP_TILES * ARM_REF_AMX_ROWS;
+    int8_t *const slice_out = plan->decoded + (begin / ARM_REF_AVX512_CHUNK - first) * AMX_GROUP_TILES * AMX_TILE_BYTES;
     for (size_t c = 0; c < padded_cols; ++c) {
-        int8_t *out = plan->decoded + c / ARM_REF_AMX_ROWS * AMX_TILE_BYTES + c % ARM_REF_AMX_ROWS * ARM_REF_AVX512_CHUNK;
+        int8_t *out = slice_out + c / ARM_REF_AMX_ROWS * AMX_TILE_BYTES + c % ARM_REF_AMX_ROWS * ARM_REF_AVX512_CHUNK;
         if (c >= cols) {
-            for (size_t s = begin / ARM_REF_AVX512_CHUNK; s < end / ARM_REF_AVX512_CHUNK; ++s)
-                _mm512_storeu_si512((void *)(out + (s - first) * AMX_GROUP_TILES * AMX_TILE_BYTES),
-                                    _mm512_setzero_si512());
+            for (size_t s = 0; s < (end - begin) / ARM_REF_AVX512_CHUNK; ++s)
+                _mm512_storeu_si512((void *)(out + s * AMX_GROUP_TILES * AMX_TILE_BYTES), _mm512_setzero_si512());
             continue;
         }
         const lut_registers lut = load_lut(a->lut_w + ((col0 + c) << a->bits_w), a->bits_w, width);
-        const uint8_t *packed = a->packed_w + (col0 + c) * plan->row_bytes;
-        for (size_t k0 = begin, byte = begin / (size_t)per_byte; k0 < end;
-             k0 += chunk_codes, byte += ARM_REF_AVX512_CHUNK) {
-            const __m512i bytes = _mm512_loadu_si512((const void *)(packed + byte));
-            if (byte + ahead < plan->row_bytes)
-                _mm_prefetch((const char *)(packed + byte + ahead), _MM_HINT_T0);
-#pragma GCC unroll 8
-            for (int slot = 0; slot < per_byte; ++slot) {
-                const size_t step = k0 / ARM_REF_AVX512_CHUNK + (size_t)slot - first;
-                _mm512_storeu_si512((void *)(out + step * AMX_GROUP_TILES * AMX_TILE_BYTES),
-                                    decode_slot(bytes, &lut, width, parts, slot));
-            }
-        }
+        const uint8_t *packed = a->packed_w + (col0 + c) * plan->row_bytes + first_byte;
+        const size_t prefetch_at = next_offset + c * bytes;
+        const uint8_t *prefetch = prefetch_at + bytes <= a->packed_size ? a->packed_w + prefetch_at : NULL;
+        if (bytes == DECODE_SLICE / (size_t)per_byte)
+            decode_column(packed, &lut, out, DECODE_SLICE / (size_t)per_byte, prefetch, width, parts);
+        else
+            decode_column(packed, &lut, out, bytes, prefetch, width, parts);
     }
 }
 
@@ -433,17 +480,28 @@ AMX_INLINE void tile_steps(const arm_ref_plan *plan, size_t m0, size_t rows, siz
     }
 }
 
-/* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the accumulator tiles (C[n][m]). */
+/* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the accumulator tiles (C[n][m]):
+ * one 16-lane gather reads a row's column sums out of a stored tile (the transpose), one masked add
+ * writes them (instead of a scalar loop over the group's 4,096 sums with 64-byte strided reads). */
 AMX_INLINE void add_tiles(const arm_ref_plan *plan, size_t col0, size_t cols, size_t m0, size_t rows, int32_t *acc)
 {
-    int32_t sums[AMX_GROUP_TILES][16][16];
+    int32_t sums[AMX_GROUP_TILES][ARM_REF_AMX_ROWS][ARM_REF_AMX_ROWS];
     _tile_stored(0, sums[0], sizeof sums[0][0]);
     _tile_stored(1, sums[1], sizeof sums[0][0]);
     _tile_stored(2, sums[2], sizeof sums[0][0]);
     _tile_stored(3, sums[3], sizeof sums[0][0]);
-    for (size_t r = 0; r < rows; ++r)
-        for (size_t c = 0; c < cols; ++c)
-            acc[(m0 + r) * plan->args->n + col0 + c] += sums[c / ARM_REF_AMX_ROWS][c % ARM_REF_AMX_ROWS][r];
+    const __m512i column_index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                    _mm512_set1_epi32(ARM_REF_AMX_ROWS));
+    for (size_t j = 0; j * ARM_REF_AMX_ROWS < cols; ++j) {
+        const size_t tile_cols = cols - j * ARM_REF_AMX_ROWS < ARM_REF_AMX_ROWS ? cols - j * ARM_REF_AMX_ROWS : ARM_REF_AMX_ROWS;
+        const __mmask16 lanes = (__mmask16)((1u << tile_cols) - 1u);
+        for (size_t r = 0; r < rows; ++r) {
+            int32_t *out = acc + (m0 + r) * plan->args->n + col0 + j * ARM_REF_AMX_ROWS;
+            const __m512i column_sums =
+                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, column_index, &sums[j][0][r], 4);
+            _mm512_mask_storeu_epi32(out, lanes, _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, out), column_sums));
+        }
+    }
 }
 
 /* Per group of output columns: the first activation block's tile products follow the decode slice by
@@ -518,6 +576,13 @@ void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
 {
     (void)plan;
     (void)acc;
+}
+
+void arm_ref_requantize_avx512(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out)
+{
+    (void)a;
+    (void)acc;
+    (void)codes_out;
 }
 
 #endif

@@ -188,12 +188,13 @@ static int check_layer(const layer *l, const char *label)
     return failures - before;
 }
 
-/* z + 2^(shift−1) landing exactly on multiples of 2^shift (ties go up), and z around −2^(shift−1). */
+/* z + 2^(shift−1) landing exactly on multiples of 2^shift (ties go up), and z around −2^(shift−1); 11
+ * columns, so the vector requantisation sees a full 8-lane block and a 3-lane tail. */
 static void test_rounding_ties(void)
 {
     /* Up to shift 53 every target, 256·2^shift included, stays below the offset limit 2^61. */
     for (int shift = 1; shift <= 53; shift += 4) {
-        layer l = layer_new(3, 8, 1, 2, 1);
+        layer l = layer_new(3, 11, 1, 2, 1);
         int64_t half = (int64_t)1 << (shift - 1), scale = (int64_t)1 << shift;
         l.lut_x_signed = 1;
         l.shift = shift;
@@ -202,9 +203,10 @@ static void test_rounding_ties(void)
         l.codes_x[0] = 0; /* acc 0 */
         l.codes_x[1] = 1; /* acc = lut_w */
         l.codes_x[2] = 2;
-        const int64_t targets[8] = {-half - 1, -half, -half + 1, scale - half, 7 * scale - half, 255 * scale - half,
-                                    256 * scale - half, 3 * scale - half - 1};
-        for (size_t c = 0; c < 8; ++c) {
+        const int64_t targets[11] = {-half - 1,         -half,       -half + 1,         scale - half,
+                                     7 * scale - half,  255 * scale - half, 256 * scale - half, 3 * scale - half - 1,
+                                     -half - 1,         2 * scale - half,   255 * scale - half - 1};
+        for (size_t c = 0; c < 11; ++c) {
             l.codes_w[c] = 0;
             l.lut_w[2 * c] = 1;
             l.lut_w[2 * c + 1] = 0;
@@ -214,15 +216,15 @@ static void test_rounding_ties(void)
         }
         l.bits_out = 8;
         check_layer(&l, "rounding ties");
-        int32_t acc[24];
-        uint8_t codes[24];
+        int32_t acc[33];
+        uint8_t codes[33];
         packed_layer p = pack_layer(&l);
-        const uint8_t expected_row0[8] = {0, 0, 0, 1, 7, 255, 255, 2};
+        const uint8_t expected_row0[11] = {0, 0, 0, 1, 7, 255, 255, 2, 0, 2, 254};
         for (int i = 0; i < PATH_COUNT; ++i) {
             if (!arm_ref_path_available(all_paths[i]))
                 continue;
             CHECK(run_path(&p.args, all_paths[i], acc, codes) == ARM_REF_OK, "ties run");
-            for (int c = 0; c < 8; ++c)
+            for (int c = 0; c < 11; ++c)
                 CHECK(codes[c] == expected_row0[c], "tie shift=%d target %d: code %u want %u", shift, c, codes[c],
                       expected_row0[c]);
         }
