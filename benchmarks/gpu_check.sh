@@ -24,3 +24,11 @@ timeout -s INT "${BENCH_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider 
   --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -15
 python3 benchmarks/print_ratios.py "$OUT/bench.json" | tee "$OUT/ratios.txt"
 (cd benchmarks && timeout "${PROFILE_TIMEOUT:-60}" python3 profile_ddq_step.py 100352 32 192) > "$OUT/profile.txt" 2>&1
+
+# Whole-network training steps (bench_models.py) only when asked: compiling quantized networks takes minutes.
+# MODEL_BENCH is a -k filter, e.g. MODEL_BENCH="mobilenet_v2 and (fp or ddq_eager)".
+if [ -n "${MODEL_BENCH:-}" ]; then
+  timeout -s INT "${MODEL_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -W ignore -k "$MODEL_BENCH" \
+    benchmarks/bench_models.py --benchmark-only --benchmark-json="$OUT/models.json" 2>&1 | tee "$OUT/models.log" | tail -15
+  python3 benchmarks/print_ratios.py "$OUT/models.json" | tee "$OUT/models_ratios.txt"
+fi
