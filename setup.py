@@ -7,7 +7,7 @@ selected at run time, so the same build runs on any x86-64 or aarch64 CPU.
 
 from setuptools import Extension, setup
 
-ARM_REF_SOURCES = ["arm_ref/src/arm_ref.c", "arm_ref/src/kernel_avx512.c", "arm_ref/src/kernel_neon.c",
+ARM_REF_SOURCES = ["arm_ref/src/arm_ref.c", "arm_ref/src/prepared.c", "arm_ref/src/kernel_avx512.c", "arm_ref/src/kernel_neon.c",
                    "arm_ref/src/file.c"]
 ARM_REF_HEADERS = ["arm_ref/include/arm_ref.h", "arm_ref/src/arm_ref_internal.h", "arm_ref/src/int_gemm_scalar.h"]
 

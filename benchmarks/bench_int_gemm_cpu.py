@@ -3,7 +3,9 @@ in the same process: GEMV 1×4096×4096 and 16×4096×4096 with 8-bit and 4-bit 
 
 MatMulInteger (uint8 activations × int8 weights → int32, weights a prepacked initializer) is the
 baseline for both weight widths; arm_ref additionally decodes weight codes through per-channel LUTs
-and requantises. Needs `pip install onnxruntime onnx` (benchmark-only). Run as a script (JSON) or with
+and requantises. arm_ref runs twice: per call on packed codes (the LUT decode inside every call), and
+on prepared weights (`arm_ref_prepare_weights`, run once before timing, as ONNX Runtime prepacks its
+weights once at session creation; neither preparation is timed). Needs `pip install onnxruntime onnx` (benchmark-only). Run as a script (JSON) or with
 `pytest benchmarks --benchmark-only`.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import platform
 import time
@@ -25,12 +28,14 @@ K = N = 4096
 ROUNDS = 5
 
 
-def arm_ref_call(m: int, bits_w: int, path: str = "auto"):
-    """A zero-overhead closure over one arm_ref_int_gemm call (arguments and workspace built once)."""
+def arm_ref_call(m: int, bits_w: int, path: str = "auto", prepared: bool = False):
+    """A zero-overhead closure over one arm_ref_int_gemm call, or arm_ref_int_gemm_prepared on weights
+    prepared here, outside the timed call (arguments and workspace built once)."""
     rng = np.random.default_rng(0)
     codes_x = rng.integers(0, 16, (m, K), dtype=np.uint8)
     lut_x = rng.integers(0, 256, 16).astype(np.uint8)
-    packed = pack(rng.integers(0, 1 << bits_w, (N, K), dtype=np.uint8), bits_w)
+    codes_w = rng.integers(0, 1 << bits_w, (N, K), dtype=np.uint8)
+    packed = pack(codes_w, bits_w)
     lut_w = rng.integers(-127, 128, (N, 1 << bits_w)).astype(np.int8)
     mult = rng.integers(0, 1 << 10, N).astype(np.int32)
     offset = rng.integers(-(1 << 30), 1 << 30, N).astype(np.int64)
@@ -41,11 +46,18 @@ def arm_ref_call(m: int, bits_w: int, path: str = "auto"):
     workspace = np.empty(lib.arm_ref_workspace_bytes(m, K), np.uint8)
     acc = np.empty((m, N), np.int32)
     codes = np.empty((m, N), np.uint8)
-    function, path_code, args_ref = lib.arm_ref_int_gemm, c_backend.PATHS[path], ctypes.byref(args)
+    path_code, args_ref = c_backend.PATHS[path], ctypes.byref(args)
     pointers = (workspace.ctypes.data, workspace.nbytes, acc.ctypes.data, codes.ctypes.data)
+    if prepared:
+        weights = c_backend.PreparedWeights(codes_w, lut_w)
+        keep.append(weights)
+        function = functools.partial(lib.arm_ref_int_gemm_prepared, args_ref, weights.buffer.ctypes.data,
+                                     weights.nbytes, path_code)
+    else:
+        function = functools.partial(lib.arm_ref_int_gemm, args_ref, path_code)
 
     def call():
-        status = function(args_ref, path_code, *pointers)
+        status = function(*pointers)
         if status:
             raise RuntimeError(c_backend.status_text(status))
 
@@ -108,7 +120,8 @@ def run_all() -> dict:
     # The contenders alternate over several rounds and each keeps its best median, so that load from
     # other processes on a shared machine hits all of them alike.
     for m in (1, 16):
-        calls = {"ort": onnxruntime_call(m), 8: arm_ref_call(m, 8), 4: arm_ref_call(m, 4)}
+        calls = {"ort": onnxruntime_call(m), 8: arm_ref_call(m, 8), 4: arm_ref_call(m, 4),
+                 "8p": arm_ref_call(m, 8, prepared=True), "4p": arm_ref_call(m, 4, prepared=True)}
         best = {name: float("inf") for name in calls}
         for _ in range(ROUNDS):
             for name, call in calls.items():
@@ -118,6 +131,8 @@ def run_all() -> dict:
         for bits_w in (8, 4):
             results[f"arm_ref_{bits_w}bit_m{m}_us"] = best[bits_w] * 1e6
             results[f"speedup_{bits_w}bit_m{m}"] = best["ort"] / best[bits_w]
+            results[f"arm_ref_prepared_{bits_w}bit_m{m}_us"] = best[f"{bits_w}p"] * 1e6
+            results[f"speedup_prepared_{bits_w}bit_m{m}"] = best["ort"] / best[f"{bits_w}p"]
     return results
 
 
@@ -126,8 +141,9 @@ onnxruntime = pytest.importorskip("onnxruntime") if __name__ != "__main__" else 
 
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("bits_w", [8, 4])
-def test_bench_arm_ref(benchmark, m, bits_w):
-    benchmark(arm_ref_call(m, bits_w))
+@pytest.mark.parametrize("prepared", [False, True])
+def test_bench_arm_ref(benchmark, m, bits_w, prepared):
+    benchmark(arm_ref_call(m, bits_w, prepared=prepared))
 
 
 @pytest.mark.parametrize("m", [1, 16])

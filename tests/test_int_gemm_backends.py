@@ -19,10 +19,13 @@ def c_paths() -> list[str]:
 
 
 def run_all(*args) -> tuple[np.ndarray, np.ndarray]:
-    """The golden result, after checking that C (every path) and Triton give the same bits."""
+    """The golden result, after checking that C (every path, per-call and prepared weights) and Triton give the same bits."""
     checked = check_int_gemm_args(*args)
     want_acc, want_codes = int_gemm_numpy(checked)
     results = {f"c/{path}": c_backend.int_gemm_c(checked, path) for path in c_paths()}
+    if c_paths():
+        prepared = c_backend.PreparedWeights(checked.codes_w, checked.lut_w)
+        results |= {f"c/{path}/prepared": c_backend.int_gemm_prepared(checked, prepared, path) for path in c_paths()}
     results["triton"] = int_gemm(*args, backend="triton")
     for name, (acc, codes) in results.items():
         np.testing.assert_array_equal(acc, want_acc, err_msg=f"{name} acc")

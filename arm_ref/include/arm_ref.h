@@ -35,7 +35,10 @@ typedef enum {
     ARM_REF_ERR_FILE_HEADER = 16,
     ARM_REF_ERR_FILE_TENSOR = 17,
     ARM_REF_ERR_NOT_FOUND = 18,
-    ARM_REF_ERR_DTYPE = 19
+    ARM_REF_ERR_DTYPE = 19,
+    ARM_REF_ERR_PREPARED = 20,
+    ARM_REF_ERR_PREPARED_MISMATCH = 21,
+    ARM_REF_ERR_ALIGNMENT = 22
 } arm_ref_status;
 
 typedef enum {
@@ -93,6 +96,30 @@ size_t arm_ref_workspace_bytes(size_t m, size_t k);
 /* acc int32[M, N] and codes_out uint8[M, N]; path is an arm_ref_path. */
 int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, size_t workspace_size,
                      int32_t *acc, uint8_t *codes_out);
+
+/* Prepared weights: the layer's packed codes and weight table turned once (at model load, like ONNX
+ * Runtime's prepacking) into the layout the kernels read, so a call no longer decodes them.
+ *   8-bit containers (bits_w 5..8): the LUT-decoded int8 weights (as many bytes as the codes), zero-padded
+ *   to whole 16-column × 64-position tiles and stored tile by tile (column tile t, 64-position step s:
+ *   one 1 KiB block, row = column, 64 weights per row), plus each column's weight sum. Every path reads
+ *   this one layout: AMX loads the blocks as tiles, AVX-512 runs 16 columns per pass, the scalar path
+ *   (also used for NEON) reads it element by element.
+ *   Narrower containers: the packed codes and the table, copied (their decode is cheap per call).
+ * The buffer starts with a 64-byte header (magic, version, layout, N, K, bits_w, size, checksum) that
+ * every call checks, so a buffer prepared for another shape or layout is rejected, never misread.
+ * Buffers must start on a 64-byte boundary (tile loads). */
+#define ARM_REF_PREPARED_ALIGN 64u
+
+/* Bytes of a prepared buffer for N × K weights of bits_w bits; 0 for an invalid shape or bits. */
+size_t arm_ref_prepared_weights_bytes(size_t n, size_t k, int bits_w);
+/* Checks packed_w and lut_w exactly as arm_ref_int_gemm does and writes the prepared buffer. */
+int arm_ref_prepare_weights(const uint8_t *packed_w, size_t packed_size, const int8_t *lut_w, size_t n, size_t k,
+                            int bits_w, void *prepared, size_t prepared_size);
+/* arm_ref_int_gemm with prepared weights: args->packed_w, lut_w and packed_size are ignored (may be
+ * NULL / 0); args->n, k and bits_w must be those the buffer was prepared for. Same results, bit for
+ * bit, on every path (NEON runs the scalar prepared kernel). */
+int arm_ref_int_gemm_prepared(const arm_ref_gemm_args *args, const void *prepared, size_t prepared_size, int path,
+                              void *workspace, size_t workspace_size, int32_t *acc, uint8_t *codes_out);
 
 /* A safetensors file held in memory: parsed without copying; tensor lookups are bounds-checked. */
 typedef struct {

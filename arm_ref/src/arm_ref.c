@@ -40,6 +40,13 @@ const char *arm_ref_status_string(int status)
     case ARM_REF_ERR_FILE_TENSOR: return "corrupt tensor entry: bad dtype, shape or data offsets";
     case ARM_REF_ERR_NOT_FOUND: return "tensor not found in file";
     case ARM_REF_ERR_DTYPE: return "bad dtype flag (lut_x_signed must be 0 or 1)";
+    case ARM_REF_ERR_PREPARED:
+        return "not a valid arm_ref prepared-weights buffer (bad magic, version, layout or checksum: corrupt or "
+               "never prepared)";
+    case ARM_REF_ERR_PREPARED_MISMATCH:
+        return "prepared weights do not match this call (prepared for another N, K or bits_w, or buffer size "
+               "differs from arm_ref_prepared_weights_bytes)";
+    case ARM_REF_ERR_ALIGNMENT: return "prepared-weights buffer must start on a 64-byte boundary";
     default: return "unknown arm_ref status";
     }
 }
@@ -221,7 +228,8 @@ static uint8_t or_of_bytes(const uint8_t *bytes, size_t count)
     return result;
 }
 
-static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
+/* Every argument except the weights (packed_w, lut_w, packed_size), which the caller checks. */
+int arm_ref_check_layer_args(const arm_ref_gemm_args *a)
 {
     size_t total;
     if (a->m == 0 || a->n == 0 || a->k == 0)
@@ -235,12 +243,8 @@ static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
         return ARM_REF_ERR_BITS;
     if (a->lut_x_signed != 0 && a->lut_x_signed != 1)
         return ARM_REF_ERR_DTYPE;
-    if (a->codes_x == NULL || a->lut_x == NULL || a->packed_w == NULL || a->lut_w == NULL || a->mult == NULL ||
-        a->offset == NULL || a->i_min == NULL)
+    if (a->codes_x == NULL || a->lut_x == NULL || a->mult == NULL || a->offset == NULL || a->i_min == NULL)
         return ARM_REF_ERR_NULL;
-    int status = check_packed_shape(a->packed_size, a->n, a->k, a->bits_w, row_bytes);
-    if (status != ARM_REF_OK)
-        return status;
     if (a->shift < 1 || a->shift > MAX_SHIFT)
         return ARM_REF_ERR_SHIFT;
     for (size_t col = 0; col < a->n; ++col) {
@@ -253,6 +257,20 @@ static int check_args(const arm_ref_gemm_args *a, size_t *row_bytes)
     }
     if (or_of_bytes(a->codes_x, a->m * a->k) >> a->bits_x)
         return ARM_REF_ERR_CODE_X_RANGE;
+    return ARM_REF_OK;
+}
+
+static int check_args(const arm_ref_gemm_args *a)
+{
+    size_t row_bytes = 0;
+    int status = arm_ref_check_layer_args(a);
+    if (status != ARM_REF_OK)
+        return status;
+    if (a->packed_w == NULL || a->lut_w == NULL)
+        return ARM_REF_ERR_NULL;
+    status = check_packed_shape(a->packed_size, a->n, a->k, a->bits_w, &row_bytes);
+    if (status != ARM_REF_OK)
+        return status;
     return arm_ref_check_packed(a->packed_w, a->packed_size, a->n, a->k, a->bits_w);
 }
 
@@ -287,10 +305,17 @@ static void acc_scalar_range(const arm_ref_gemm_args *a, size_t row_bytes, size_
                                                         (uint32_t)k_begin, (uint32_t)a->k, width);
 }
 
-static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, uint8_t *unaligned, int32_t *acc)
+uint8_t *arm_ref_aligned_workspace(void *workspace)
 {
-    uint8_t *workspace = unaligned + (WORKSPACE_ALIGN_BYTES - (uintptr_t)unaligned % WORKSPACE_ALIGN_BYTES) %
-                                         WORKSPACE_ALIGN_BYTES;
+    uint8_t *unaligned = (uint8_t *)workspace;
+    return unaligned + (WORKSPACE_ALIGN_BYTES - (uintptr_t)unaligned % WORKSPACE_ALIGN_BYTES) % WORKSPACE_ALIGN_BYTES;
+}
+
+size_t arm_ref_workspace_stride(size_t k) { return workspace_stride(k); }
+
+static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, void *unaligned, int32_t *acc)
+{
+    uint8_t *workspace = arm_ref_aligned_workspace(unaligned);
     size_t chunk_bytes = path == ARM_REF_PATH_NEON ? ARM_REF_NEON_CHUNK : ARM_REF_AVX512_CHUNK;
     size_t chunk_codes = chunk_bytes * (8u / (size_t)arm_ref_container_bits(a->bits_w));
     size_t stride = workspace_stride(a->k);
@@ -299,7 +324,7 @@ static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, u
                      : path == ARM_REF_PATH_NEON ? (a->lut_x_signed ? 0 : 128)
                                                  : 0;
     arm_ref_plan plan = {a,        workspace, stride, a->k / chunk_codes * chunk_codes, row_bytes, x_base,
-                         (int8_t *)(workspace + a->m * stride)};
+                         (int8_t *)(workspace + a->m * stride), NULL, NULL};
     if (path == ARM_REF_PATH_AMX) {
         arm_ref_acc_amx(&plan, acc);
     } else if (path == ARM_REF_PATH_AVX512) {
@@ -314,7 +339,7 @@ static void acc_vector(const arm_ref_gemm_args *a, int path, size_t row_bytes, u
 
 /* The spec §5 epilogue over all outputs (locals and restrict: the byte stores cannot alias the
  * arguments, so nothing is reloaded per output). */
-static void requantize_all(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out)
+void arm_ref_requantize_all(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out)
 {
     const size_t m = a->m, n = a->n;
     const int32_t *restrict mult = a->mult;
@@ -327,13 +352,27 @@ static void requantize_all(const arm_ref_gemm_args *a, const int32_t *restrict a
                 arm_ref_requantize(acc[row * n + col], mult[col], offset[col], shift, i_min[col], bits_out);
 }
 
+/* Runs path (AUTO resolved by the caller) on checked arguments; the workspace is large enough. */
+void arm_ref_run_checked(const arm_ref_gemm_args *args, int path, void *workspace, int32_t *acc, uint8_t *codes_out)
+{
+    size_t row_bytes = arm_ref_packed_row_bytes(args->k, args->bits_w);
+    memset(acc, 0, args->m * args->n * sizeof(int32_t));
+    if (path == ARM_REF_PATH_SCALAR)
+        acc_scalar_range(args, row_bytes, 0, acc);
+    else
+        acc_vector(args, path, row_bytes, workspace, acc);
+    if (path == ARM_REF_PATH_AVX512 || path == ARM_REF_PATH_AMX)
+        arm_ref_requantize_avx512(args, acc, codes_out);
+    else
+        arm_ref_requantize_all(args, acc, codes_out);
+}
+
 int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, size_t workspace_size,
                      int32_t *acc, uint8_t *codes_out)
 {
-    size_t row_bytes = 0;
     if (args == NULL || acc == NULL || codes_out == NULL)
         return ARM_REF_ERR_NULL;
-    int status = check_args(args, &row_bytes);
+    int status = check_args(args);
     if (status != ARM_REF_OK)
         return status;
     if (!arm_ref_path_available(path))
@@ -342,14 +381,6 @@ int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, s
         path = arm_ref_auto_path(args->m);
     if (workspace == NULL || workspace_size < arm_ref_workspace_bytes(args->m, args->k))
         return ARM_REF_ERR_WORKSPACE;
-    memset(acc, 0, args->m * args->n * sizeof(int32_t));
-    if (path == ARM_REF_PATH_SCALAR)
-        acc_scalar_range(args, row_bytes, 0, acc);
-    else
-        acc_vector(args, path, row_bytes, (uint8_t *)workspace, acc);
-    if (path == ARM_REF_PATH_AVX512 || path == ARM_REF_PATH_AMX)
-        arm_ref_requantize_avx512(args, acc, codes_out);
-    else
-        requantize_all(args, acc, codes_out);
+    arm_ref_run_checked(args, path, workspace, acc, codes_out);
     return ARM_REF_OK;
 }

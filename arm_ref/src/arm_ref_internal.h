@@ -24,6 +24,10 @@ typedef struct {
     size_t row_bytes;
     int32_t x_base;
     int8_t *decoded;
+    /* Prepared weights (decoded tile layout, arm_ref.h), else NULL: the 1 KiB block of column tile t
+     * and step s at prepared_w + (t·k_vector/64 + s)·1 KiB; column sums prepared_sums[n]. */
+    const int8_t *prepared_w;
+    const int32_t *prepared_sums;
 } arm_ref_plan;
 
 #define ARM_REF_AVX512_CHUNK 64u
@@ -39,6 +43,18 @@ int arm_ref_neon_supported(void);
 void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_neon(const arm_ref_plan *plan, int32_t *acc);
+/* The same sums over prepared weights (decoded tile layout, k_vector = K rounded up to 64): the
+ * kernels arrange the activations themselves, zero past K. */
+void arm_ref_acc_avx512_prepared(const arm_ref_plan *plan, int32_t *acc);
+void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc);
+
+/* arm_ref.c helpers shared with prepared.c. */
+int arm_ref_check_layer_args(const arm_ref_gemm_args *a);
+uint8_t *arm_ref_aligned_workspace(void *workspace);
+size_t arm_ref_workspace_stride(size_t k);
+void arm_ref_run_checked(const arm_ref_gemm_args *args, int path, void *workspace, int32_t *acc, uint8_t *codes_out);
+void arm_ref_requantize_all(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out);
+
 /* The spec §5 epilogue over all outputs, bit-exact with arm_ref_requantize (AVX-512 only). */
 void arm_ref_requantize_avx512(const arm_ref_gemm_args *a, const int32_t *restrict acc, uint8_t *restrict codes_out);
 

@@ -560,6 +560,137 @@ AMX_TARGET void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
     }
 }
 
+
+/* Prepared weights (decoded tile layout, arm_ref.h): no weight decode at all. Activations are arranged
+ * in natural order up to K rounded to 64, zero past K, so the zero-padded weight positions add nothing
+ * whatever they hold. */
+#define PREPARED_TILE_BYTES 1024u
+
+AVX512_INLINE void arrange_prepared_parts(const arm_ref_plan *plan, int x_parts, int tiles)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const lut_registers lut_x = load_lut((const int8_t *)a->lut_x, a->bits_x, 8);
+    const __m512i flip = _mm512_set1_epi8(plan->x_base != 0 ? (char)0x80 : 0);
+    for (size_t row = 0; row < a->m; ++row) {
+        const uint8_t *codes = a->codes_x + row * a->k;
+        const size_t m0 = row / ARM_REF_AMX_ROWS * ARM_REF_AMX_ROWS;
+        const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
+        const __m512i quad_rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)rows));
+        uint8_t *block = plan->x_arranged + m0 * plan->k_vector + (row - m0) * 4;
+        uint8_t *out = plan->x_arranged + row * plan->x_stride;
+        for (size_t k0 = 0; k0 < plan->k_vector; k0 += ARM_REF_AVX512_CHUNK) {
+            const __mmask64 lanes = first_bytes(a->k - k0);
+            const __m512i decoded = decode_slot(_mm512_maskz_loadu_epi8(lanes, codes + k0), &lut_x, 8, x_parts, 0);
+            const __m512i x = _mm512_maskz_mov_epi8(lanes, _mm512_xor_si512(decoded, flip));
+            if (tiles)
+                _mm512_i32scatter_epi32((void *)(block + k0 * rows), quad_rows, x, 4);
+            else
+                _mm512_storeu_si512((void *)(out + k0), x);
+        }
+    }
+}
+
+AVX512_INLINE void arrange_prepared(const arm_ref_plan *plan, int tiles)
+{
+    switch (table_parts(plan->args->bits_x)) {
+    case 1: arrange_prepared_parts(plan, 1, tiles); break;
+    case 2: arrange_prepared_parts(plan, 2, tiles); break;
+    default: arrange_prepared_parts(plan, 4, tiles); break;
+    }
+}
+
+/* One activation row times one 16-column weight tile over all of K: 16 independent accumulators read
+ * the tile's 1 KiB blocks in address order (one sequential stream). */
+AVX512_INLINE void gemv_prepared_tile(const arm_ref_plan *plan, size_t tile, size_t row, int32_t *acc)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const size_t steps = plan->k_vector / ARM_REF_AVX512_CHUNK;
+    const int8_t *w = plan->prepared_w + tile * steps * PREPARED_TILE_BYTES;
+    const uint8_t *x = plan->x_arranged + row * plan->x_stride;
+    __m512i sum[ARM_REF_AMX_ROWS];
+#pragma GCC unroll 16
+    for (size_t c = 0; c < ARM_REF_AMX_ROWS; ++c)
+        sum[c] = _mm512_setzero_si512();
+    for (size_t s = 0; s < steps; ++s, w += PREPARED_TILE_BYTES) {
+        const __m512i xs = _mm512_loadu_si512((const void *)(x + s * ARM_REF_AVX512_CHUNK));
+#pragma GCC unroll 16
+        for (size_t c = 0; c < ARM_REF_AMX_ROWS; ++c)
+            sum[c] = _mm512_dpbusd_epi32(sum[c], xs, _mm512_load_si512((const void *)(w + c * ARM_REF_AVX512_CHUNK)));
+    }
+    const size_t col0 = tile * ARM_REF_AMX_ROWS;
+    const size_t cols = a->n - col0 < ARM_REF_AMX_ROWS ? a->n - col0 : ARM_REF_AMX_ROWS;
+    /* Wrapping arithmetic: exact for a buffer as prepared; a column sum changed in the buffer afterwards
+     * (never checked per call) gives a wrong result but no undefined overflow. */
+    for (size_t c = 0; c < cols; ++c)
+        acc[row * a->n + col0 + c] = (int32_t)((uint32_t)_mm512_reduce_add_epi32(sum[c]) +
+                                               (uint32_t)plan->x_base * (uint32_t)plan->prepared_sums[col0 + c]);
+}
+
+AVX512_TARGET void arm_ref_acc_avx512_prepared(const arm_ref_plan *plan, int32_t *acc)
+{
+    const size_t tiles = (plan->args->n + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS;
+    arrange_prepared(plan, 0);
+    for (size_t tile = 0; tile < tiles; ++tile)
+        for (size_t row = 0; row < plan->args->m; ++row)
+            gemv_prepared_tile(plan, tile, row, acc);
+}
+
+/* Column tiles t0 .. t0 + tiles − 1 (tiles ≤ 4) times the activation block at m0, straight from the
+ * prepared blocks (4 sequential streams, one per column tile). */
+AMX_INLINE void amx_prepared_steps(const arm_ref_plan *plan, size_t m0, size_t rows, size_t t0, size_t tiles,
+                                   int x_signed)
+{
+    const size_t steps = plan->k_vector / ARM_REF_AVX512_CHUNK, tile_stride = steps * PREPARED_TILE_BYTES;
+    const uint8_t *block = plan->x_arranged + m0 * plan->k_vector;
+    const size_t x_tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows;
+    const int8_t *w = plan->prepared_w + t0 * tile_stride;
+    for (size_t s = 0; s < steps; ++s, w += PREPARED_TILE_BYTES) {
+        _tile_loadd(4, block + s * x_tile_bytes, x_row_bytes);
+        _tile_loadd(5, w, ARM_REF_AVX512_CHUNK);
+        TILE_PRODUCT(0, 5, 4, x_signed);
+        if (tiles > 1) {
+            _tile_loadd(6, w + tile_stride, ARM_REF_AVX512_CHUNK);
+            TILE_PRODUCT(1, 6, 4, x_signed);
+        }
+        if (tiles > 2) {
+            _tile_loadd(7, w + 2 * tile_stride, ARM_REF_AVX512_CHUNK);
+            TILE_PRODUCT(2, 7, 4, x_signed);
+        }
+        if (tiles > 3) {
+            _tile_loadd(5, w + 3 * tile_stride, ARM_REF_AVX512_CHUNK);
+            TILE_PRODUCT(3, 5, 4, x_signed);
+        }
+    }
+}
+
+AMX_TARGET void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc)
+{
+    const arm_ref_gemm_args *a = plan->args;
+    const size_t total_tiles = (a->n + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS;
+    size_t configured_rows = 0;
+    arrange_prepared(plan, 1);
+    for (size_t t0 = 0; t0 < total_tiles; t0 += AMX_GROUP_TILES) {
+        const size_t tiles = total_tiles - t0 < AMX_GROUP_TILES ? total_tiles - t0 : AMX_GROUP_TILES;
+        const size_t col0 = t0 * ARM_REF_AMX_ROWS;
+        const size_t cols = a->n - col0 < tiles * ARM_REF_AMX_ROWS ? a->n - col0 : tiles * ARM_REF_AMX_ROWS;
+        for (size_t m0 = 0; m0 < a->m; m0 += ARM_REF_AMX_ROWS) {
+            const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
+            if (rows != configured_rows) {
+                configure_tiles(rows);
+                configured_rows = rows;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            amx_prepared_steps(plan, m0, rows, t0, tiles, a->lut_x_signed);
+            add_tiles(plan, col0, cols, m0, rows, acc);
+        }
+    }
+    _tile_release();
+}
+
 #else
 
 int arm_ref_avx512_supported(void) { return 0; }
@@ -573,6 +704,18 @@ void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
 }
 
 void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
+{
+    (void)plan;
+    (void)acc;
+}
+
+void arm_ref_acc_avx512_prepared(const arm_ref_plan *plan, int32_t *acc)
+{
+    (void)plan;
+    (void)acc;
+}
+
+void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc)
 {
     (void)plan;
     (void)acc;

@@ -1,6 +1,7 @@
 /* arm_ref tests: every available path against the scalar path and an independent reference on
  * adversarial and random cases, every error status, and a bounded fuzz of the argument checks and
  * the file reader. Usage: test_arm_ref [fuzz_iterations]. Exit status 0 only if everything passed. */
+#define _POSIX_C_SOURCE 200112L
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,10 +150,33 @@ static int run_path(const arm_ref_gemm_args *a, int path, int32_t *acc, uint8_t 
     return status;
 }
 
+/* A prepared-weights buffer of exactly `size` bytes on a 64-byte boundary (ASan sees any read past it). */
+static void *prepared_alloc(size_t size)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, ARM_REF_PREPARED_ALIGN, size ? size : 1) != 0) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+static int run_prepared(const arm_ref_gemm_args *a, const void *prepared, size_t prepared_size, int path, int32_t *acc,
+                        uint8_t *codes)
+{
+    size_t workspace_size = arm_ref_workspace_bytes(a->m, a->k);
+    void *workspace = checked_malloc(workspace_size == SIZE_MAX ? 1 : workspace_size);
+    int status = arm_ref_int_gemm_prepared(a, prepared, prepared_size, path, workspace,
+                                           workspace_size == SIZE_MAX ? 0 : workspace_size, acc, codes);
+    free(workspace);
+    return status;
+}
+
 static const int all_paths[] = {ARM_REF_PATH_SCALAR, ARM_REF_PATH_NEON, ARM_REF_PATH_AVX512, ARM_REF_PATH_AMX,
                                  ARM_REF_PATH_AUTO};
 #define PATH_COUNT ((int)(sizeof all_paths / sizeof all_paths[0]))
 static int path_runs[PATH_COUNT];
+static int prepared_runs[PATH_COUNT];
 
 /* Runs every available path and compares each with the reference; returns the number of mismatches. */
 static int check_layer(const layer *l, const char *label)
@@ -165,21 +189,34 @@ static int check_layer(const layer *l, const char *label)
     int before = failures;
     reference(l, want_acc, want_codes);
     packed_layer p = pack_layer(l);
-    for (int i = 0; i < PATH_COUNT; ++i) {
-        if (!arm_ref_path_available(all_paths[i]))
+    size_t prepared_size = arm_ref_prepared_weights_bytes(l->n, l->k, l->bits_w);
+    void *prepared = prepared_alloc(prepared_size);
+    int prepared_status = arm_ref_prepare_weights(p.packed, p.packed_size, l->lut_w, l->n, l->k, l->bits_w, prepared,
+                                                  prepared_size);
+    CHECK(prepared_status == ARM_REF_OK, "%s prepare: %s", label, arm_ref_status_string(prepared_status));
+    /* Every path on packed weights, then on prepared weights (packed_w and lut_w withheld). */
+    arm_ref_gemm_args without_weights = p.args;
+    without_weights.packed_w = NULL;
+    without_weights.lut_w = NULL;
+    without_weights.packed_size = 0;
+    for (int run = 0; run < 2 * PATH_COUNT; ++run) {
+        int i = run % PATH_COUNT, is_prepared = run >= PATH_COUNT;
+        if (!arm_ref_path_available(all_paths[i]) || (is_prepared && prepared_status != ARM_REF_OK))
             continue;
-        ++path_runs[i];
-        int status = run_path(&p.args, all_paths[i], acc, codes);
-        CHECK(status == ARM_REF_OK, "%s [%s]: %s", label, arm_ref_path_name(all_paths[i]),
-              arm_ref_status_string(status));
+        ++(is_prepared ? prepared_runs : path_runs)[i];
+        int status = is_prepared ? run_prepared(&without_weights, prepared, prepared_size, all_paths[i], acc, codes)
+                                 : run_path(&p.args, all_paths[i], acc, codes);
+        CHECK(status == ARM_REF_OK, "%s [%s%s]: %s", label, arm_ref_path_name(all_paths[i]),
+              is_prepared ? " prepared" : "", arm_ref_status_string(status));
         for (size_t o = 0; o < outputs && status == ARM_REF_OK; ++o)
             if (acc[o] != want_acc[o] || codes[o] != want_codes[o]) {
-                CHECK(0, "%s [%s] M=%zu N=%zu K=%zu bx=%d bw=%d out %zu: acc %d want %d, code %u want %u", label,
-                      arm_ref_path_name(all_paths[i]), l->m, l->n, l->k, l->bits_x, l->bits_w, o, acc[o],
-                      want_acc[o], codes[o], want_codes[o]);
+                CHECK(0, "%s [%s%s] M=%zu N=%zu K=%zu bx=%d bw=%d out %zu: acc %d want %d, code %u want %u", label,
+                      arm_ref_path_name(all_paths[i]), is_prepared ? " prepared" : "", l->m, l->n, l->k, l->bits_x,
+                      l->bits_w, o, acc[o], want_acc[o], codes[o], want_codes[o]);
                 break;
             }
     }
+    free(prepared);
     free(p.packed);
     free(want_acc);
     free(want_codes);
@@ -442,6 +479,121 @@ static void test_errors(void)
     layer_free(&l);
 }
 
+/* Prepare checks the weights like a call does; a call rejects any buffer that is not exactly the one
+ * prepared for its N, K and bits_w (other shape, other width, other size, flipped header byte,
+ * misaligned, never prepared). */
+static void test_prepared_errors(void)
+{
+    for (int bits_w = 3; bits_w <= 8; bits_w += 5) {
+        layer l = layer_new(2, 3, 37, 4, bits_w);
+        layer_randomize(&l);
+        packed_layer p = pack_layer(&l);
+        size_t size = arm_ref_prepared_weights_bytes(l.n, l.k, l.bits_w);
+        uint8_t *prepared = prepared_alloc(size + 64);
+        int32_t acc[6];
+        uint8_t codes[6];
+        CHECK(size > 64, "prepared size %zu", size);
+        CHECK(arm_ref_prepared_weights_bytes(0, 5, 8) == 0 && arm_ref_prepared_weights_bytes(5, ARM_REF_MAX_K + 1, 8) == 0 &&
+                  arm_ref_prepared_weights_bytes(5, 5, 9) == 0 && arm_ref_prepared_weights_bytes(SIZE_MAX / 4, 64, 8) == 0,
+              "prepared bytes of invalid shapes");
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, l.lut_w, l.n, l.k, l.bits_w, prepared, size - 1) ==
+                  ARM_REF_ERR_PREPARED_MISMATCH, "prepare into a short buffer");
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, l.lut_w, l.n, l.k, l.bits_w, prepared + 1, size) ==
+                  ARM_REF_ERR_ALIGNMENT, "prepare misaligned");
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, NULL, l.n, l.k, l.bits_w, prepared, size) ==
+                  ARM_REF_ERR_NULL, "prepare NULL table");
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size - 1, l.lut_w, l.n, l.k, l.bits_w, prepared, size) ==
+                  ARM_REF_ERR_PACKED_SIZE, "prepare packed size");
+        if (bits_w == 3) {
+            uint8_t saved = p.packed[0];
+            p.packed[0] |= 0x08;
+            CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, l.lut_w, l.n, l.k, l.bits_w, prepared, size) ==
+                      ARM_REF_ERR_CODE_W_RANGE, "prepare weight code range");
+            p.packed[0] = saved;
+        }
+        memset(prepared, 0, size);
+        CHECK(run_prepared(&p.args, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED,
+              "never-prepared buffer");
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, l.lut_w, l.n, l.k, l.bits_w, prepared, size) == ARM_REF_OK,
+              "prepare");
+        CHECK(run_prepared(&p.args, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_OK, "prepared run");
+        arm_ref_gemm_args a = p.args;
+        a.n = 2;
+        CHECK(run_prepared(&a, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED_MISMATCH, "other N");
+        a = p.args;
+        a.k = 36;
+        CHECK(run_prepared(&a, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED_MISMATCH, "other K");
+        a = p.args;
+        a.bits_w = bits_w == 8 ? 7 : 4;
+        CHECK(run_prepared(&a, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED_MISMATCH,
+              "other bits_w");
+        CHECK(run_prepared(&p.args, prepared, size + 64, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED_MISMATCH,
+              "other size");
+        CHECK(run_prepared(&p.args, prepared, 10, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED,
+              "truncated header");
+        CHECK(run_prepared(&p.args, NULL, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_NULL, "NULL prepared");
+        CHECK(run_prepared(&p.args, prepared, size, 99, acc, codes) == ARM_REF_ERR_PATH, "prepared unknown path");
+        a = p.args;
+        a.shift = 0;
+        CHECK(run_prepared(&a, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_SHIFT, "prepared shift");
+        memmove(prepared + 64, prepared, size);
+        CHECK(run_prepared(&p.args, prepared + 1, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_ALIGNMENT,
+              "misaligned prepared");
+        memmove(prepared, prepared + 64, size);
+        for (size_t byte = 0; byte < 64; ++byte) {
+            prepared[byte] ^= (uint8_t)(1u << (byte % 8));
+            CHECK(run_prepared(&p.args, prepared, size, ARM_REF_PATH_AUTO, acc, codes) == ARM_REF_ERR_PREPARED,
+                  "header byte %zu flipped", byte);
+            prepared[byte] ^= (uint8_t)(1u << (byte % 8));
+        }
+        free(prepared);
+        free(p.packed);
+        layer_free(&l);
+    }
+}
+
+/* A buffer prepared for one random layer, given to a call with (possibly) other N, K and bits_w, with
+ * random header or data bytes changed: the call answers a status and never reads outside the buffer
+ * (ASan); data bytes are not checked per call, so changing them only changes the results. */
+static void fuzz_prepared(int iterations)
+{
+    for (int it = 0; it < iterations; ++it) {
+        layer l = layer_new(1 + random_below(5), 1 + random_below(40), 1 + random_below(200), 1 + (int)random_below(8),
+                            1 + (int)random_below(8));
+        layer_randomize(&l);
+        packed_layer p = pack_layer(&l);
+        size_t size = arm_ref_prepared_weights_bytes(l.n, l.k, l.bits_w);
+        uint8_t *prepared = prepared_alloc(size);
+        CHECK(arm_ref_prepare_weights(p.packed, p.packed_size, l.lut_w, l.n, l.k, l.bits_w, prepared, size) == ARM_REF_OK,
+              "fuzz prepare");
+        arm_ref_gemm_args a = p.args;
+        size_t given = size;
+        switch (random_below(6)) {
+        case 0: a.n = 1 + random_below((uint32_t)l.n); break;
+        case 1: a.k = 1 + random_below((uint32_t)l.k); break;
+        case 2: a.bits_w = 1 + (int32_t)random_below(8); break;
+        case 3: given = random_below((uint32_t)size + 1); break;
+        case 4: prepared[random_below(64)] = (uint8_t)random_below(256); break;
+        default: prepared[64 + random_below((uint32_t)(size - 64))] = (uint8_t)random_below(256); break;
+        }
+        int32_t *acc = checked_malloc(l.m * l.n * sizeof(int32_t));
+        uint8_t *codes = checked_malloc(l.m * l.n);
+        for (int i = 0; i < PATH_COUNT; ++i) {
+            if (!arm_ref_path_available(all_paths[i]))
+                continue;
+            int status = run_prepared(&a, prepared, given, all_paths[i], acc, codes);
+            CHECK(status >= ARM_REF_OK && status <= ARM_REF_ERR_ALIGNMENT, "fuzz prepared status %d", status);
+            CHECK(status != ARM_REF_OK || (a.n == l.n && a.k == l.k && a.bits_w == l.bits_w && given == size),
+                  "fuzz: a mismatched prepared buffer was accepted");
+        }
+        free(acc);
+        free(codes);
+        free(prepared);
+        free(p.packed);
+        layer_free(&l);
+    }
+}
+
 /* Random field values over exactly-sized buffers: the library must answer a status, never read
  * outside what the (possibly wrong) fields describe; ASan reports any stray access. */
 static void fuzz_arguments(int iterations)
@@ -562,11 +714,16 @@ int main(int argc, char **argv)
     test_blocking();
     test_random(300);
     test_errors();
+    test_prepared_errors();
     fuzz_arguments(fuzz / 4);
+    fuzz_prepared(fuzz / 4);
     test_file(fuzz * 10);
     printf("cases per path:");
     for (int i = 0; i < PATH_COUNT; ++i)
         printf(" %s=%d", arm_ref_path_name(all_paths[i]), path_runs[i]);
+    printf("\nprepared cases per path:");
+    for (int i = 0; i < PATH_COUNT; ++i)
+        printf(" %s=%d", arm_ref_path_name(all_paths[i]), prepared_runs[i]);
     printf("\n%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;
 }

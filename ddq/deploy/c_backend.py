@@ -70,6 +70,13 @@ def library() -> ctypes.CDLL:
     lib.arm_ref_workspace_bytes.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
     lib.arm_ref_int_gemm.argtypes = [ctypes.POINTER(GemmArgsStruct), ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
                                      ctypes.c_void_p, ctypes.c_void_p]
+    lib.arm_ref_prepared_weights_bytes.restype = ctypes.c_size_t
+    lib.arm_ref_prepared_weights_bytes.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+    lib.arm_ref_prepare_weights.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    lib.arm_ref_int_gemm_prepared.argtypes = [ctypes.POINTER(GemmArgsStruct), ctypes.c_void_p, ctypes.c_size_t,
+                                              ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                              ctypes.c_void_p]
     lib.arm_ref_file_parse.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(FileStruct)]
     lib.arm_ref_file_tensor.argtypes = [ctypes.POINTER(FileStruct), ctypes.c_char_p, ctypes.POINTER(TensorStruct)]
     return lib
@@ -127,6 +134,91 @@ def int_gemm_c(args: GemmArgs, path: str = "auto") -> tuple[np.ndarray, np.ndarr
                          args.offset, args.i_min, m=m, n=n, k=k, bits_x=args.bits_x,
                          lut_x_signed=args.lut_x.dtype == np.int8, bits_w=args.bits_w, shift=args.shift,
                          bits_out=args.bits_out, path=path)
+
+
+PREPARED_ALIGN = 64
+
+
+class PreparedWeights:
+    """One layer's weights prepared once for arm_ref (`arm_ref_prepare_weights`, docs/deploy.md: for 8-bit
+    containers the LUT-decoded int8 weights in the kernels' tile order, else the packed codes), then run
+    many times with `run` (DDQ_SPEC.md Section 5, bit-identical with every backend). The weights are
+    checked here exactly as a per-call `int_gemm` checks them."""
+
+    def __init__(self, codes_w: np.ndarray, lut_w: np.ndarray):
+        codes_w = np.ascontiguousarray(codes_w)
+        lut_w = np.ascontiguousarray(lut_w)
+        if not isinstance(lut_w, np.ndarray) or lut_w.dtype != np.int8 or lut_w.ndim != 2:
+            raise TypeError(f"lut_w must be an int8 [N, 2^b_w] array, got {getattr(lut_w, 'dtype', type(lut_w))} "
+                            f"of shape {getattr(lut_w, 'shape', None)}")
+        entries = lut_w.shape[1]
+        bits_w = entries.bit_length() - 1
+        if entries < 2 or entries > 256 or entries != 1 << bits_w:
+            raise ValueError(f"lut_w must have 2^b entries for b in 1..8, got {entries}")
+        packed = pack(codes_w, bits_w)
+        self.n, self.k = codes_w.shape
+        if lut_w.shape[0] != self.n:
+            raise ValueError(f"lut_w must be [N, 2^b_w] with N = {self.n}, got shape {lut_w.shape}")
+        self.bits_w = bits_w
+        lib = library()
+        self.nbytes = lib.arm_ref_prepared_weights_bytes(self.n, self.k, bits_w)
+        if self.nbytes == 0:
+            raise ValueError(f"cannot prepare weights of shape {codes_w.shape} at {bits_w} bits (K ≤ 65536)")
+        # The C library wants the buffer on a 64-byte boundary (tile loads): over-allocate and slice.
+        self._storage = np.empty(self.nbytes + PREPARED_ALIGN, dtype=np.uint8)
+        start = -self._storage.ctypes.data % PREPARED_ALIGN
+        self.buffer = self._storage[start:start + self.nbytes]
+        status = lib.arm_ref_prepare_weights(_pointer(packed), packed.nbytes, _pointer(lut_w), self.n, self.k, bits_w,
+                                             _pointer(self.buffer), self.nbytes)
+        if status != 0:
+            raise ArmRefError(f"arm_ref: {status_text(status)}")
+
+    def run(self, codes_x: np.ndarray, lut_x: np.ndarray, mult: np.ndarray, offset: np.ndarray, shift: int,
+            i_min: np.ndarray, bits_out: int, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Spec §5 on these weights: (acc int32[M, N], codes_out uint8[M, N]). The array shapes and dtypes are
+        checked here, every value range by the C library (ArmRefError with its status text)."""
+        codes_x, lut_x, mult, offset, i_min = (np.ascontiguousarray(a) for a in (codes_x, lut_x, mult, offset, i_min))
+        expected = {"codes_x": (codes_x, (np.uint8,), 2), "lut_x": (lut_x, (np.int8, np.uint8), 1),
+                    "mult": (mult, (np.int32,), 1), "offset": (offset, (np.int64,), 1), "i_min": (i_min, (np.int32,), 1)}
+        for name, (array, dtypes, ndim) in expected.items():
+            if array.dtype not in dtypes or array.ndim != ndim:
+                raise TypeError(f"{name} must be a {ndim}-D {' or '.join(np.dtype(d).name for d in dtypes)} array, "
+                                f"got {array.dtype} of shape {array.shape}")
+        if codes_x.shape[1] != self.k:
+            raise ValueError(f"codes_x must be [M, K] with K = {self.k} (the prepared weights'), got {codes_x.shape}")
+        for name, array in (("mult", mult), ("offset", offset), ("i_min", i_min)):
+            if array.shape != (self.n,):
+                raise ValueError(f"{name} must have shape [N] = ({self.n},), got {array.shape}")
+        entries = lut_x.shape[0]
+        bits_x = entries.bit_length() - 1
+        if entries < 2 or entries > 256 or entries != 1 << bits_x:
+            raise ValueError(f"lut_x must have 2^b entries for b in 1..8, got {entries}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
+            raise TypeError(f"shift must be an integer, got {type(shift).__name__}")
+        if isinstance(bits_out, bool) or not isinstance(bits_out, (int, np.integer)):
+            raise TypeError(f"bits_out must be an integer, got {type(bits_out).__name__}")
+        m = codes_x.shape[0]
+        args = GemmArgsStruct(_pointer(codes_x), _pointer(lut_x), None, None, _pointer(mult), _pointer(offset),
+                              _pointer(i_min), m, self.n, self.k, 0, bits_x, int(lut_x.dtype == np.int8), self.bits_w,
+                              int(shift), int(bits_out))
+        lib = library()
+        workspace_size = lib.arm_ref_workspace_bytes(m, self.k)
+        sized = workspace_size <= codes_x.nbytes + (1 << 20) * (max(m, 1) + 16)
+        workspace = np.empty(workspace_size if sized else 1, dtype=np.uint8)
+        acc = np.empty((m, self.n), dtype=np.int32)
+        codes = np.empty((m, self.n), dtype=np.uint8)
+        status = lib.arm_ref_int_gemm_prepared(ctypes.byref(args), _pointer(self.buffer), self.nbytes, PATHS[path],
+                                               _pointer(workspace), workspace_size if sized else 0, _pointer(acc),
+                                               _pointer(codes))
+        if status != 0:
+            raise ArmRefError(f"arm_ref: {status_text(status)}")
+        return acc, codes
+
+
+def int_gemm_prepared(args: GemmArgs, prepared: PreparedWeights, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Spec §5 through arm_ref on validated arguments whose weights `prepared` holds (prepared from
+    args.codes_w and args.lut_w: the caller keeps them together)."""
+    return prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, args.shift, args.i_min, args.bits_out, path)
 
 
 def check_file(data: bytes, names: list[str]) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
-from ddq.deploy.int_gemm import MAX_MULT, MAX_OFFSET, MAX_SHIFT, int_gemm
+from ddq.deploy.int_gemm import MAX_MULT, MAX_OFFSET, MAX_SHIFT, GemmArgs, check_int_gemm_args, int_gemm
 from ddq.deploy.packing import pack, packed_row_bytes, unpack
 from ddq.nn import DDQConv2d, DDQLinear
 from ddq.quantizer import DDQQuantizer
@@ -63,6 +63,9 @@ class ExportedLayer:
     pad_code: int = 0
     scale: Optional[np.ndarray] = None
     bias: Optional[np.ndarray] = None
+    # backend "c": arm_ref prepared weights per output-column slice (conv groups), made on first use and
+    # kept with the weights they were made from, so a changed codes_w / lut_w is prepared again.
+    prepared_c: dict = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
         keys = ("kind", "name", "out_features", "k", "bits_x", "bits_w", "bits_out", "shift", "relu", "pool", "last",
@@ -277,7 +280,24 @@ def max_pool_codes(codes: np.ndarray, size: int) -> np.ndarray:
     return cropped.reshape(batch, channels, height // size, size, width // size, size).max(axis=(3, 5))
 
 
+def _prepared_c(layer: ExportedLayer, args: GemmArgs, cols: slice):
+    from ddq.deploy import c_backend
+
+    key = (cols.start, cols.stop)
+    cached = layer.prepared_c.get(key)
+    if cached is None or not (np.array_equal(cached[0], args.codes_w) and np.array_equal(cached[1], args.lut_w)):
+        cached = (args.codes_w.copy(), args.lut_w.copy(), c_backend.PreparedWeights(args.codes_w, args.lut_w))
+        layer.prepared_c[key] = cached
+    return cached[2]
+
+
 def _gemm(layer: ExportedLayer, rows: np.ndarray, cols: slice, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    if backend == "c":
+        from ddq.deploy import c_backend
+
+        args = check_int_gemm_args(rows, layer.lut_x, layer.codes_w[cols], layer.lut_w[cols], layer.mult[cols],
+                                   layer.offset[cols], layer.shift, layer.i_min[cols], layer.bits_out)
+        return c_backend.int_gemm_prepared(args, _prepared_c(layer, args, cols))
     return int_gemm(rows, layer.lut_x, layer.codes_w[cols], layer.lut_w[cols], layer.mult[cols], layer.offset[cols],
                     layer.shift, layer.i_min[cols], layer.bits_out, backend=backend)
 

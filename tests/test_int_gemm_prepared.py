@@ -1,0 +1,120 @@
+"""arm_ref prepared weights (docs/deploy.md, DDQ_SPEC.md Section 5): bit-identical with the golden on
+every path and weight width, and clear errors for bad arguments or a mismatched buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
+
+c_backend = pytest.importorskip("ddq.deploy.c_backend")
+
+
+def _paths() -> list[str]:
+    try:
+        return c_backend.available_paths() + ["auto"]
+    except RuntimeError:
+        pytest.skip("arm_ref shared library not built")
+
+
+def _case(rng, m, n, k, bits_x, bits_w, signed_x):
+    codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
+    codes_w = rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8)
+    lut_x = (rng.integers(-128, 128, 1 << bits_x).astype(np.int8) if signed_x
+             else rng.integers(0, 256, 1 << bits_x).astype(np.uint8))
+    lut_w = rng.integers(-128, 128, (n, 1 << bits_w)).astype(np.int8)
+    mult = rng.integers(0, 1 << 8, n).astype(np.int32)
+    offset = rng.integers(-(1 << 28), 1 << 28, n).astype(np.int64)
+    i_min = np.where(rng.random(n) < 0.3, rng.integers(0, 256, n), 0).astype(np.int32)
+    return check_int_gemm_args(codes_x, lut_x, codes_w, lut_w, mult, offset, int(rng.integers(10, 24)), i_min,
+                               int(rng.integers(1, 9)))
+
+
+def _assert_golden(args, prepared, paths):
+    want_acc, want_codes = int_gemm_numpy(args)
+    for path in paths:
+        acc, codes = c_backend.int_gemm_prepared(args, prepared, path)
+        np.testing.assert_array_equal(acc, want_acc, err_msg=f"prepared {path} acc")
+        np.testing.assert_array_equal(codes, want_codes, err_msg=f"prepared {path} codes")
+
+
+@pytest.mark.parametrize("bits_w", range(1, 9))
+def test_prepared_matches_golden_partial_tiles_and_groups(bits_w):
+    """Odd M/N/K around the 16-column tile, the 64-column AMX group, 16-row activation blocks and 64-position
+    steps; one preparation serves several activation batches."""
+    rng = np.random.default_rng(bits_w)
+    paths = _paths()
+    for m, n, k in ((1, 1, 1), (3, 17, 65), (17, 65, 130), (5, 63, 1000), (16, 48, 64)):
+        args = _case(rng, m, n, k, int(rng.integers(1, 9)), bits_w, bool(rng.integers(2)))
+        prepared = c_backend.PreparedWeights(args.codes_w, args.lut_w)
+        _assert_golden(args, prepared, paths)
+        other = check_int_gemm_args(rng.integers(0, 2, (m + 2, k), dtype=np.uint8),
+                                    np.array([-3, 7], dtype=np.int8), args.codes_w, args.lut_w, args.mult,
+                                    args.offset, args.shift, args.i_min, args.bits_out)
+        _assert_golden(other, prepared, paths)
+
+
+@pytest.mark.parametrize("signed_x", [False, True])
+def test_prepared_maximum_magnitude_at_the_k_limit(signed_x):
+    k = 65536
+    codes_x = np.zeros((17, k), dtype=np.uint8)
+    lut_x = np.array([-128, 127], dtype=np.int8) if signed_x else np.array([255, 0], dtype=np.uint8)
+    codes_w = np.full((3, k), 255, dtype=np.uint8)
+    lut_w = np.full((3, 256), -128, dtype=np.int8)
+    args = check_int_gemm_args(codes_x, lut_x, codes_w, lut_w, np.full(3, (1 << 30) - 1, np.int32),
+                               np.array([(1 << 61) - 1, -(1 << 61) + 1, 0], np.int64), 61,
+                               np.array([0, 100, 255], np.int32), 8)
+    _assert_golden(args, c_backend.PreparedWeights(codes_w, lut_w), _paths())
+
+
+def test_prepared_errors():
+    _paths()
+    rng = np.random.default_rng(7)
+    args = _case(rng, 2, 5, 40, 4, 8, False)
+    prepared = c_backend.PreparedWeights(args.codes_w, args.lut_w)
+    with pytest.raises(ValueError, match="K = 40"):
+        prepared.run(args.codes_x[:, :39], args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8)
+    with pytest.raises(ValueError, match=r"mult must have shape \[N\]"):
+        prepared.run(args.codes_x, args.lut_x, args.mult[:4], args.offset, args.shift, args.i_min, 8)
+    with pytest.raises(TypeError, match="offset must be"):
+        prepared.run(args.codes_x, args.lut_x, args.mult, args.offset.astype(np.int32), args.shift, args.i_min, 8)
+    with pytest.raises(c_backend.ArmRefError, match="shift must be in 1..61"):
+        prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, 62, args.i_min, 8)
+    with pytest.raises(c_backend.ArmRefError, match="activation code"):
+        prepared.run(args.codes_x + 16, args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8)
+    with pytest.raises(ValueError, match="codes out of range"):
+        c_backend.PreparedWeights(np.full((2, 3), 8, np.uint8), np.zeros((2, 8), np.int8))
+    with pytest.raises(ValueError, match="lut_w must be"):
+        c_backend.PreparedWeights(np.zeros((2, 3), np.uint8), np.zeros((3, 8), np.int8))
+    with pytest.raises(TypeError, match="lut_w must be an int8"):
+        c_backend.PreparedWeights(np.zeros((2, 3), np.uint8), np.zeros((2, 8), np.uint8))
+    # A buffer prepared for other weights: the C header check rejects it, never misreads it.
+    mismatched = c_backend.PreparedWeights(args.codes_w[:, :32], args.lut_w)
+    mismatched.k = 40
+    with pytest.raises(c_backend.ArmRefError, match="prepared weights do not match"):
+        mismatched.run(args.codes_x, args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8)
+    prepared.buffer[3] ^= 1
+    with pytest.raises(c_backend.ArmRefError, match="not a valid arm_ref prepared-weights buffer"):
+        prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8)
+
+
+def test_exported_layer_prepares_once_and_again_after_its_weights_change():
+    import importlib
+    from types import SimpleNamespace
+
+    export = importlib.import_module("ddq.deploy.export")  # the package re-exports a function of that name
+
+    _paths()
+    rng = np.random.default_rng(11)
+    args = _case(rng, 3, 20, 70, 4, 8, True)
+    layer = SimpleNamespace(prepared_c={})
+    first = export._prepared_c(layer, args, slice(None))
+    assert export._prepared_c(layer, args, slice(None)) is first
+    codes_w = args.codes_w.copy()
+    codes_w[0, 0] ^= 1
+    changed = check_int_gemm_args(args.codes_x, args.lut_x, codes_w, args.lut_w, args.mult, args.offset, args.shift,
+                                  args.i_min, args.bits_out)
+    second = export._prepared_c(layer, changed, slice(None))
+    assert second is not first
+    _assert_golden(changed, second, ["auto"])
