@@ -43,8 +43,8 @@ int arm_ref_neon_supported(void);
 void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_neon(const arm_ref_plan *plan, int32_t *acc);
-/* The same sums over prepared weights (decoded tile layout, k_vector = K rounded up to 64): the
- * kernels arrange the activations themselves, zero past K. */
+/* acc[m·N + n] = (not +=) the same sums over prepared weights (decoded tile layout, k_vector = K
+ * rounded up to 64): the kernels arrange the activations themselves, zero past K. */
 void arm_ref_acc_avx512_prepared(const arm_ref_plan *plan, int32_t *acc);
 void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc);
 
