@@ -367,6 +367,17 @@ void arm_ref_run_checked(const arm_ref_gemm_args *args, int path, void *workspac
         arm_ref_requantize_all(args, acc, codes_out);
 }
 
+int arm_ref_resolve_path(const arm_ref_gemm_args *args, int *path, const void *workspace, size_t workspace_size)
+{
+    if (!arm_ref_path_available(*path))
+        return ARM_REF_ERR_PATH;
+    if (*path == ARM_REF_PATH_AUTO)
+        *path = arm_ref_auto_path(args->m);
+    if (workspace == NULL || workspace_size < arm_ref_workspace_bytes(args->m, args->k))
+        return ARM_REF_ERR_WORKSPACE;
+    return ARM_REF_OK;
+}
+
 int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, size_t workspace_size,
                      int32_t *acc, uint8_t *codes_out)
 {
@@ -375,12 +386,9 @@ int arm_ref_int_gemm(const arm_ref_gemm_args *args, int path, void *workspace, s
     int status = check_args(args);
     if (status != ARM_REF_OK)
         return status;
-    if (!arm_ref_path_available(path))
-        return ARM_REF_ERR_PATH;
-    if (path == ARM_REF_PATH_AUTO)
-        path = arm_ref_auto_path(args->m);
-    if (workspace == NULL || workspace_size < arm_ref_workspace_bytes(args->m, args->k))
-        return ARM_REF_ERR_WORKSPACE;
+    status = arm_ref_resolve_path(args, &path, workspace, workspace_size);
+    if (status != ARM_REF_OK)
+        return status;
     arm_ref_run_checked(args, path, workspace, acc, codes_out);
     return ARM_REF_OK;
 }

@@ -50,6 +50,8 @@ void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc);
 
 /* arm_ref.c helpers shared with prepared.c. */
 int arm_ref_check_layer_args(const arm_ref_gemm_args *a);
+/* Checks `*path` (available on this machine), resolves ARM_REF_PATH_AUTO for args->m, checks the workspace. */
+int arm_ref_resolve_path(const arm_ref_gemm_args *args, int *path, const void *workspace, size_t workspace_size);
 uint8_t *arm_ref_aligned_workspace(void *workspace);
 size_t arm_ref_workspace_stride(size_t k);
 void arm_ref_run_checked(const arm_ref_gemm_args *args, int path, void *workspace, int32_t *acc, uint8_t *codes_out);

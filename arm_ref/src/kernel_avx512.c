@@ -451,6 +451,29 @@ AMX_INLINE void decode_panel(const arm_ref_plan *plan, size_t col0, size_t cols,
             _tile_dpbsud(c, w, x);                                                                         \
     } while (0)
 
+/* One step: the activation tile at x (x_row_bytes per row) times `tiles` (≤ 4) weight tiles, tile t at
+ * w + t·w_tile_stride with w_row_bytes per row, into accumulator tiles 0 .. tiles − 1 (tiles 5, 6, 7
+ * stage the weights; 4 the activations). */
+AMX_INLINE void tile_step(const uint8_t *x, size_t x_row_bytes, const int8_t *w, size_t w_tile_stride,
+                          size_t w_row_bytes, size_t tiles, int x_signed)
+{
+    _tile_loadd(4, x, x_row_bytes);
+    _tile_loadd(5, w, w_row_bytes);
+    TILE_PRODUCT(0, 5, 4, x_signed);
+    if (tiles > 1) {
+        _tile_loadd(6, w + w_tile_stride, w_row_bytes);
+        TILE_PRODUCT(1, 6, 4, x_signed);
+    }
+    if (tiles > 2) {
+        _tile_loadd(7, w + 2 * w_tile_stride, w_row_bytes);
+        TILE_PRODUCT(2, 7, 4, x_signed);
+    }
+    if (tiles > 3) {
+        _tile_loadd(5, w + 3 * w_tile_stride, w_row_bytes);
+        TILE_PRODUCT(3, 5, 4, x_signed);
+    }
+}
+
 /* Steps [s_begin, s_end) of the activation block at m0 (rows rows) times the group's `tiles` column
  * tiles (panel from step `first`, decode_panel): one activation tile load per step serves every
  * column tile. */
@@ -460,24 +483,9 @@ AMX_INLINE void tile_steps(const arm_ref_plan *plan, size_t m0, size_t rows, siz
     const uint8_t *block = plan->x_arranged + m0 * plan->k_vector;
     const size_t x_tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows;
     const size_t w_row_bytes = ARM_REF_AVX512_CHUNK;
-    for (size_t s = s_begin; s < s_end; ++s) {
-        const int8_t *w = plan->decoded + (s - first) * AMX_GROUP_TILES * AMX_TILE_BYTES;
-        _tile_loadd(4, block + s * x_tile_bytes, x_row_bytes);
-        _tile_loadd(5, w, w_row_bytes);
-        TILE_PRODUCT(0, 5, 4, x_signed);
-        if (tiles > 1) {
-            _tile_loadd(6, w + AMX_TILE_BYTES, w_row_bytes);
-            TILE_PRODUCT(1, 6, 4, x_signed);
-        }
-        if (tiles > 2) {
-            _tile_loadd(7, w + 2 * AMX_TILE_BYTES, w_row_bytes);
-            TILE_PRODUCT(2, 7, 4, x_signed);
-        }
-        if (tiles > 3) {
-            _tile_loadd(5, w + 3 * AMX_TILE_BYTES, w_row_bytes);
-            TILE_PRODUCT(3, 5, 4, x_signed);
-        }
-    }
+    for (size_t s = s_begin; s < s_end; ++s)
+        tile_step(block + s * x_tile_bytes, x_row_bytes, plan->decoded + (s - first) * AMX_GROUP_TILES * AMX_TILE_BYTES,
+                  AMX_TILE_BYTES, w_row_bytes, tiles, x_signed);
 }
 
 /* acc rows m0 .. m0 + rows − 1, columns col0 .. col0 + cols − 1 += the accumulator tiles (C[n][m]), or
@@ -649,23 +657,8 @@ AMX_INLINE void amx_prepared_steps(const arm_ref_plan *plan, size_t m0, size_t r
     const uint8_t *block = plan->x_arranged + m0 * plan->k_vector;
     const size_t x_tile_bytes = ARM_REF_AVX512_CHUNK * rows, x_row_bytes = 4 * rows;
     const int8_t *w = plan->prepared_w + t0 * tile_stride;
-    for (size_t s = 0; s < steps; ++s, w += PREPARED_TILE_BYTES) {
-        _tile_loadd(4, block + s * x_tile_bytes, x_row_bytes);
-        _tile_loadd(5, w, ARM_REF_AVX512_CHUNK);
-        TILE_PRODUCT(0, 5, 4, x_signed);
-        if (tiles > 1) {
-            _tile_loadd(6, w + tile_stride, ARM_REF_AVX512_CHUNK);
-            TILE_PRODUCT(1, 6, 4, x_signed);
-        }
-        if (tiles > 2) {
-            _tile_loadd(7, w + 2 * tile_stride, ARM_REF_AVX512_CHUNK);
-            TILE_PRODUCT(2, 7, 4, x_signed);
-        }
-        if (tiles > 3) {
-            _tile_loadd(5, w + 3 * tile_stride, ARM_REF_AVX512_CHUNK);
-            TILE_PRODUCT(3, 5, 4, x_signed);
-        }
-    }
+    for (size_t s = 0; s < steps; ++s, w += PREPARED_TILE_BYTES)
+        tile_step(block + s * x_tile_bytes, x_row_bytes, w, tile_stride, ARM_REF_AVX512_CHUNK, tiles, x_signed);
 }
 
 AMX_TARGET void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc)

@@ -214,12 +214,9 @@ int arm_ref_int_gemm_prepared(const arm_ref_gemm_args *args, const void *prepare
     status = check_prepared(args, prepared, prepared_size);
     if (status != ARM_REF_OK)
         return status;
-    if (!arm_ref_path_available(path))
-        return ARM_REF_ERR_PATH;
-    if (path == ARM_REF_PATH_AUTO)
-        path = arm_ref_auto_path(args->m);
-    if (workspace == NULL || workspace_size < arm_ref_workspace_bytes(args->m, args->k))
-        return ARM_REF_ERR_WORKSPACE;
+    status = arm_ref_resolve_path(args, &path, workspace, workspace_size);
+    if (status != ARM_REF_OK)
+        return status;
     const uint8_t *buffer = (const uint8_t *)prepared;
     if (layout_for(args->bits_w) == LAYOUT_DECODED_TILES) {
         run_tiles(args, buffer, path, workspace, acc, codes_out);
