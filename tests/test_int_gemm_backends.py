@@ -7,6 +7,7 @@ import pytest
 
 from ddq.deploy import int_gemm
 from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
+from int_gemm_cases import random_case
 
 c_backend = pytest.importorskip("ddq.deploy.c_backend")
 
@@ -31,25 +32,6 @@ def run_all(*args) -> tuple[np.ndarray, np.ndarray]:
         np.testing.assert_array_equal(acc, want_acc, err_msg=f"{name} acc")
         np.testing.assert_array_equal(codes, want_codes, err_msg=f"{name} codes")
     return want_acc, want_codes
-
-
-def random_case(rng: np.random.Generator, m: int, n: int, k: int, bits_x: int, bits_w: int, signed_x: bool,
-                realistic: bool = True) -> list:
-    codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
-    codes_w = rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8)
-    lut_x = (rng.integers(-128, 128, 1 << bits_x).astype(np.int8) if signed_x
-             else rng.integers(0, 256, 1 << bits_x).astype(np.uint8))
-    lut_w = rng.integers(-128, 128, (n, 1 << bits_w)).astype(np.int8)
-    if realistic:
-        shift = int(rng.integers(10, 24))
-        mult = rng.integers(0, 1 << 8, n).astype(np.int32)
-        offset = rng.integers(-(1 << 28), 1 << 28, n).astype(np.int64)
-    else:
-        shift = int(rng.integers(1, 62))
-        mult = rng.integers(0, 1 << 30, n).astype(np.int32)
-        offset = rng.integers(-(1 << 61) + 1, 1 << 61, n).astype(np.int64)
-    i_min = np.where(rng.random(n) < 0.3, rng.integers(0, 256, n), 0).astype(np.int32)
-    return [codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, int(rng.integers(1, 9))]
 
 
 @pytest.mark.parametrize("seed", range(6))

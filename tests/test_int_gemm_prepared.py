@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
+from int_gemm_cases import random_case
 
 c_backend = pytest.importorskip("ddq.deploy.c_backend")
 
@@ -19,16 +20,7 @@ def _paths() -> list[str]:
 
 
 def _case(rng, m, n, k, bits_x, bits_w, signed_x):
-    codes_x = rng.integers(0, 1 << bits_x, (m, k), dtype=np.uint8)
-    codes_w = rng.integers(0, 1 << bits_w, (n, k), dtype=np.uint8)
-    lut_x = (rng.integers(-128, 128, 1 << bits_x).astype(np.int8) if signed_x
-             else rng.integers(0, 256, 1 << bits_x).astype(np.uint8))
-    lut_w = rng.integers(-128, 128, (n, 1 << bits_w)).astype(np.int8)
-    mult = rng.integers(0, 1 << 8, n).astype(np.int32)
-    offset = rng.integers(-(1 << 28), 1 << 28, n).astype(np.int64)
-    i_min = np.where(rng.random(n) < 0.3, rng.integers(0, 256, n), 0).astype(np.int32)
-    return check_int_gemm_args(codes_x, lut_x, codes_w, lut_w, mult, offset, int(rng.integers(10, 24)), i_min,
-                               int(rng.integers(1, 9)))
+    return check_int_gemm_args(*random_case(rng, m, n, k, bits_x, bits_w, signed_x))
 
 
 def _assert_golden(args, prepared, paths):

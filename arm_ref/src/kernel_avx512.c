@@ -311,22 +311,29 @@ AVX512_INLINE void gemv_width(const arm_ref_plan *plan, int width, int parts, in
     }
 }
 
+/* Calls fn(plan, width, parts, acc) with the container width and LUT table parts of plan's weights as
+ * constants, so each always-inline kernel is specialised per weight layout. */
+#define FOR_WEIGHT_LAYOUT(fn, plan, acc)                                                                   \
+    do {                                                                                                   \
+        switch (arm_ref_container_bits((plan)->args->bits_w)) {                                            \
+        case 1: fn(plan, 1, 1, acc); break;                                                                \
+        case 2: fn(plan, 2, 1, acc); break;                                                                \
+        case 4: fn(plan, 4, 1, acc); break;                                                                \
+        default:                                                                                           \
+            switch (table_parts((plan)->args->bits_w)) {                                                   \
+            case 1: fn(plan, 8, 1, acc); break;                                                            \
+            case 2: fn(plan, 8, 2, acc); break;                                                            \
+            default: fn(plan, 8, 4, acc); break;                                                           \
+            }                                                                                              \
+        }                                                                                                  \
+    } while (0)
+
 AVX512_TARGET void arm_ref_acc_avx512(const arm_ref_plan *plan, int32_t *acc)
 {
     if (plan->k_vector == 0)
         return;
     arrange_activations(plan, 0);
-    switch (arm_ref_container_bits(plan->args->bits_w)) {
-    case 1: gemv_width(plan, 1, 1, acc); break;
-    case 2: gemv_width(plan, 2, 1, acc); break;
-    case 4: gemv_width(plan, 4, 1, acc); break;
-    default:
-        switch (table_parts(plan->args->bits_w)) {
-        case 1: gemv_width(plan, 8, 1, acc); break;
-        case 2: gemv_width(plan, 8, 2, acc); break;
-        default: gemv_width(plan, 8, 4, acc); break;
-        }
-    }
+    FOR_WEIGHT_LAYOUT(gemv_width, plan, acc);
 }
 
 /* Spec §5 epilogue, 8 outputs per vector. t = acc·mult + offset + 2^(shift−1) in int64 (vpmuldq of the
@@ -559,17 +566,7 @@ AMX_TARGET void arm_ref_acc_amx(const arm_ref_plan *plan, int32_t *acc)
     if (plan->k_vector == 0)
         return;
     arrange_activations(plan, 1);
-    switch (arm_ref_container_bits(plan->args->bits_w)) {
-    case 1: amx_width(plan, 1, 1, acc); break;
-    case 2: amx_width(plan, 2, 1, acc); break;
-    case 4: amx_width(plan, 4, 1, acc); break;
-    default:
-        switch (table_parts(plan->args->bits_w)) {
-        case 1: amx_width(plan, 8, 1, acc); break;
-        case 2: amx_width(plan, 8, 2, acc); break;
-        default: amx_width(plan, 8, 4, acc); break;
-        }
-    }
+    FOR_WEIGHT_LAYOUT(amx_width, plan, acc);
 }
 
 
