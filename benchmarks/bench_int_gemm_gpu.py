@@ -6,6 +6,8 @@
 Each shape sweeps tile configurations (split K, tile sizes, decode variants; decode-once tiles and TMA for
 the GEMM) and reports the best. Every configuration's acc and codes must equal an independent torch
 reference (float64 matmul for the GEMV, torch._int_mm for the GEMM, int64 epilogue in torch).
+Times are GPU times of a CUDA-graph replay with L2 flushed first (bench_graph), copy and torch._int_mm
+timed the same way; the eager time (do_bench, host launch overhead included) is logged beside each.
 Run as a script (writes JSON) or with `pytest benchmarks --benchmark-only`.
 """
 
@@ -23,10 +25,38 @@ GEMM_M, GEMM_N, GEMM_K = 8192, 4096, 4096
 
 
 def bench(fn, repeats: int = 40) -> float:
-    """Median seconds per call (triton.testing.do_bench flushes L2 between calls)."""
+    """Median seconds per call, host included (triton.testing.do_bench flushes L2 between calls). A call of
+    several short kernels is host-bound here: see bench_graph."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=repeats, return_mode="median") / 1e3
+
+
+def bench_graph(fn, repeats: int = 40) -> float:
+    """Median seconds of one replay of fn captured as a CUDA graph, L2 flushed before each replay (outside the
+    timed events): the GPU time of the call without Python launch overhead (each Triton launch costs the
+    host tens of µs, more than the GEMV's kernels take on the GPU)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def layer(m: int, n: int, k: int, bits_w: int = 4):
@@ -79,7 +109,7 @@ def reference(args) -> tuple[torch.Tensor, torch.Tensor]:
 def copy_bandwidth() -> float:
     source = torch.empty(GEMV_N * GEMV_K // 2, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
-    seconds = bench(lambda: target.copy_(source))
+    seconds = bench_graph(lambda: target.copy_(source))
     return 2 * source.numel() / seconds
 
 
@@ -96,38 +126,46 @@ def sweep(args, configs, log) -> tuple[float, object]:
             print(f"  skip {label}: {type(error).__name__}: {str(error)[:160]}", flush=True)
             continue
         equal = torch.equal(result[0], want[0]) and torch.equal(result[1], want[1])
-        seconds = bench(lambda: int_gemm_packed(*args, config=config, predecode=predecode))
-        print(f"  {label}: {seconds * 1e6:.1f} us{'' if equal else '  MISMATCH'}", flush=True)
-        log.append({"config": label, "seconds": seconds, "equal": equal})
+        call = lambda: int_gemm_packed(*args, config=config, predecode=predecode)  # noqa: E731
+        seconds, eager = bench_graph(call), bench(call)
+        print(f"  {label}: {seconds * 1e6:.1f} us (eager {eager * 1e6:.1f} us){'' if equal else '  MISMATCH'}",
+              flush=True)
+        log.append({"config": label, "seconds": seconds, "eager_seconds": eager, "equal": equal})
         if equal:
             best = min(best, (seconds, label), key=lambda item: item[0])
     return best
 
 
 def gemv_configs(m: int):
-    from ddq_kernels.int_gemm import DECODE_GATHER, TileConfig, default_config
+    from ddq_kernels.int_gemm import DECODE_GATHER, DECODE_NIBBLE_PTX, TileConfig, default_config
 
+    yield default_config(m, GEMV_N, 4, GEMV_K // 2, torch.device("cuda"), nibble_ptx=True), None
     yield default_config(m, GEMV_N, 4, GEMV_K // 2, torch.device("cuda")), None
     if m == 1:
-        variants = ((16, 256, 8, 0, 4), (32, 256, 16, 0, 4), (32, 128, 16, 0, 4), (16, 512, 8, 0, 4),
-                    (32, 256, 8, 0, 8), (64, 128, 16, 0, 8), (32, 256, 8, DECODE_GATHER, 4))
+        variants = ((32, 256, 8, DECODE_NIBBLE_PTX, 4, 1), (16, 512, 8, DECODE_NIBBLE_PTX, 4, 3),
+                    (32, 512, 4, DECODE_NIBBLE_PTX, 4, 3), (16, 256, 8, 0, 4, 3))
     else:
-        variants = ((32, 256, 8, 0, 4), (32, 128, 16, 0, 4), (64, 128, 16, 0, 8), (64, 64, 32, 0, 4),
-                    (32, 256, 8, DECODE_GATHER, 4))
-    for block_n, block_kb, split, decode, warps in variants:
-        yield TileConfig(1 if m == 1 else 16, block_n, block_kb, num_warps=warps, num_stages=3, decode=decode,
+        variants = ((32, 256, 8, DECODE_GATHER, 4, 3),)
+    for block_n, block_kb, split, decode, warps, stages in variants:
+        yield TileConfig(1 if m == 1 else 16, block_n, block_kb, num_warps=warps, num_stages=stages, decode=decode,
                          group_m=1, split_k=split), True
+    if m > 1:
+        for block_n, block_kb, split, warps, stages, as_a in ((64, 128, 8, 4, 3, True), (64, 128, 8, 4, 4, True),
+                                                               (64, 128, 16, 4, 3, True), (128, 128, 8, 8, 3, True),
+                                                               (64, 256, 4, 4, 3, False)):
+            yield TileConfig(16, block_n, block_kb, num_warps=warps, num_stages=stages, decode=DECODE_NIBBLE_PTX,
+                             group_m=1, split_k=split, weights_as_a=as_a), True
 
 
 def gemm_configs():
-    from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_LOAD, TileConfig
+    from ddq_kernels.int_gemm import DECODE_LOAD, DECODE_NIBBLE_PTX, TileConfig
 
-    for bm, bn, bk, warps, stages, tma in ((128, 128, 128, 8, 4, True), (128, 128, 128, 8, 3, True),
-                                           (128, 128, 64, 4, 5, True), (128, 128, 128, 8, 4, False),
-                                           (256, 128, 64, 8, 4, True)):
-        for decode in (DECODE_LOAD, DECODE_BYTES):
-            yield TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages, group_m=8, decode_once=True, tma=tma,
-                             decode=decode), None
+    for bm, bn, bk, warps, stages, decode in ((128, 128, 128, 8, 4, DECODE_LOAD),
+                                              (128, 128, 128, 8, 4, DECODE_NIBBLE_PTX),
+                                              (128, 128, 256, 8, 3, DECODE_NIBBLE_PTX),
+                                              (256, 128, 128, 8, 3, DECODE_NIBBLE_PTX)):
+        yield TileConfig(bm, bn, bk, num_warps=warps, num_stages=stages, group_m=8, decode_once=True, tma=True,
+                         decode=decode), None
 
 
 def run_all(save=lambda results: None) -> dict:
@@ -147,7 +185,7 @@ def run_all(save=lambda results: None) -> dict:
     a = torch.randint(-128, 127, (GEMM_M, GEMM_K), dtype=torch.int8, device="cuda")
     # cuBLASLt's fast int8 layout: the second operand column-major (a transposed (N, K) tensor).
     b = torch.randint(-128, 127, (GEMM_N, GEMM_K), dtype=torch.int8, device="cuda").t()
-    int_mm = min(bench(lambda: torch._int_mm(a, b)), bench(lambda: torch._int_mm(a, b.contiguous())))
+    int_mm = min(bench_graph(lambda: torch._int_mm(a, b)), bench_graph(lambda: torch._int_mm(a, b.contiguous())))
     args = layer(GEMM_M, GEMM_N, GEMM_K)
     log = []
     seconds, config = sweep(args, list(gemm_configs()), log)
@@ -161,20 +199,21 @@ def run_all(save=lambda results: None) -> dict:
 
 
 def crossover() -> dict:
-    """In-load decode against decode-once around DECODE_ONCE_MIN_M (default tiles of each path)."""
-    from dataclasses import replace
-
-    from ddq_kernels.int_gemm import default_config, int_gemm_packed, split_for
+    """In-load decode (forced, whatever default_config's threshold) against decode-once, N = K = 4096."""
+    from ddq_kernels.int_gemm import DECODE_NIBBLE_PTX, TileConfig, default_config, int_gemm_packed, split_for
 
     times = {}
-    for m in (64, 256, 512, 1024):
+    for m in (16, 64, 128, 256, 1024):
         args = layer(m, 4096, 4096)
-        in_load = default_config(64, 4096, 4, 2048, torch.device("cuda"))
-        in_load = replace(in_load, split_k=split_for(64 * triton_cdiv(m, 64), 16, torch.device("cuda")))
-        decode_once = default_config(1024, 4096, 4, 2048, torch.device("cuda"))
+        block_m = 16 if m <= 16 else 64
+        tiles = triton_cdiv(4096, 64) * triton_cdiv(m, block_m)
+        in_load = TileConfig(block_m, 64, 128, split_k=split_for(tiles, 16, torch.device("cuda")),
+                             group_m=1 if block_m == 16 else 8, decode=DECODE_NIBBLE_PTX, weights_as_a=True)
+        decode_once = default_config(4096, 4096, 4, 2048, torch.device("cuda"), nibble_ptx=True)
         for name, config in (("in_load", in_load), ("decode_once", decode_once)):
-            times[f"m{m}_{name}"] = bench(lambda: int_gemm_packed(*args, config=config))
-        print(f"  M={m}: {times}", flush=True)
+            times[f"m{m}_{name}"] = bench_graph(lambda: int_gemm_packed(*args, config=config))
+        print(f"  M={m}: in-load {times[f'm{m}_in_load'] * 1e6:.1f} us, decode once "
+              f"{times[f'm{m}_decode_once'] * 1e6:.1f} us", flush=True)
     return times
 
 
@@ -183,13 +222,16 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def gemm_parts(args) -> dict:
-    """Seconds of the decode-once stages alone: activation decode, weight decode."""
-    from ddq_kernels.int_gemm import decode_activations, decode_weights
+    """Seconds of the decode-once stages alone: activation decode, weight decode (each variant)."""
+    from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_NIBBLE_PTX, decode_activations, decode_weights
 
     codes_x, lut_x, packed, lut_w = args[:4]
-    return {"decode_activations": bench(lambda: decode_activations(codes_x, lut_x, 128, torch.int8, 1, GEMM_K)),
-            "decode_weights": bench(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True)),
-            "decode_weights_by_byte": bench(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True, True))}
+    return {"decode_activations": bench_graph(lambda: decode_activations(codes_x, lut_x, 128, torch.int8, 1, GEMM_K)),
+            "decode_weights": bench_graph(lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True)),
+            "decode_weights_by_byte": bench_graph(
+                lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True, DECODE_BYTES)),
+            "decode_weights_nibble_ptx": bench_graph(
+                lambda: decode_weights(packed, lut_w, 4, GEMM_K, GEMM_K, True, DECODE_NIBBLE_PTX))}
 
 
 @pytest.mark.gpu

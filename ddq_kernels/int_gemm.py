@@ -3,19 +3,24 @@
 The reference is ddq.deploy.int_gemm.int_gemm_numpy (bit-exact). Two paths, chosen by M (the size
 heuristic of `default_config`, overridable through `TileConfig`):
 
-- **In-load decode (M < DECODE_ONCE_MIN_M = 1024, memory bound).** Packed weights (1/2/4/8-bit containers,
-  spec §5 layout) are unpacked and looked up in their per-channel LUT in registers as each tile is loaded,
-  so the 4-bit weights cross DRAM once. K is split over `split_k` programs per output tile so that a GEMV
-  fills every SM; their int32 partial sums meet through `tl.atomic_add` (integer addition is associative:
-  the result is exact and independent of the order) and a small kernel applies the epilogue. M = 1 uses
-  no tensor cores (`block_m = 1`: elementwise int32 multiply-accumulate); M > 1 uses int8 × int8 `tl.dot`.
-  Activations are decoded once per call into a slot-major buffer (x[m, slot, byte] = value of code
-  byte·per_byte + slot) so each decoded weight slot meets a contiguous activation vector.
-- **Decode once (M ≥ 1024, compute bound).** Weights are decoded through their LUT once per call into
-  int8 [N, K] (plus Σ_k w per column when needed), activations into int8 [M, K]; a plain tiled int8
-  `tl.dot` GEMM (grouped order, software pipelined, optionally TMA loads) with the int64 epilogue fused.
-  Decoding costs N·K bytes written and read once, against re-decoding every weight tile for each of the
-  M / block_m row tiles in the in-load path.
+- **In-load decode (M below DECODE_ONCE_MIN_M = 1024, or NIBBLE_DECODE_ONCE_MIN_M = 64; memory bound).**
+  Packed weights (1/2/4/8-bit containers, spec §5 layout) are unpacked and looked up in their per-channel
+  LUT in registers as each tile is loaded, so the 4-bit weights cross DRAM once. K is split over `split_k`
+  programs per output tile so that a GEMV fills every SM; their int32 partial sums meet through
+  `tl.atomic_add` (integer addition is associative: the result is exact and independent of the order) and a
+  small kernel applies the epilogue. M = 1 uses no tensor cores (`block_m = 1`); M > 1 uses int8 `tl.dot`.
+  Activations are decoded once per call into the order the weight decode produces them in.
+- **Decode once (M from DECODE_ONCE_MIN_M, compute bound).** Weights are decoded through their LUT once per
+  call into int8 [N, K] (plus Σ_k w per column when needed), activations into int8 [M, K]; a plain tiled
+  int8 `tl.dot` GEMM (grouped order, software pipelined, optionally TMA loads) with the int64 epilogue
+  fused. Decoding costs N·K bytes written and read once, against re-decoding every weight tile for each of
+  the M / block_m row tiles in the in-load path.
+
+Weight decode (`TileConfig.decode`): 4-bit containers whose rows are whole int32 words (every 3- and 4-bit
+layer with K a multiple of 8) take DECODE_NIBBLE_PTX in every path: eight codes per `prmt` group
+(ddq_kernels/nibble_ptx.py), `dp4a` in the GEMV. There, padding codes decode to real levels and meet
+activations that are the raw zero (x_base − x_base in the tensor-core paths), so no K mask is needed. Other
+widths look each code up (DECODE_LOAD, DECODE_GATHER, DECODE_BYTES).
 
 uint8 activation tables (0..255) do not fit int8: in the tensor-core paths they enter the dot as x − 128
 and the kernel adds 128·Σ_k w per output column, which is exact. The epilogue requantises in int64.
@@ -33,11 +38,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ddq_kernels.nibble_ptx import decode_nibble_words, dot_nibble_words, signed_byte_sum, word_slots
+
 CONTAINER_BITS = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
 DECODE_LOAD = 0
 DECODE_GATHER = 1
 DECODE_BYTES = 2
+DECODE_NIBBLE_PTX = 3
 DECODE_ONCE_MIN_M = 1024
+NIBBLE_DECODE_ONCE_MIN_M = 64
 PROGRAMS_PER_SM = 32
 
 
@@ -47,8 +56,11 @@ class TileConfig:
     block_m = 1: the tensor-core-free GEMV kernel. split_k > 1: K split over that many programs per tile.
     decode: how the in-load path looks weights up (DECODE_LOAD: L1-cached gather from global memory,
     DECODE_GATHER: tl.gather from the column's LUT held in registers); in the decode-once path DECODE_BYTES
-    decodes the weights a packed byte at a time (`decode_weights(by_byte=True)`), any other value a weight
-    at a time. tma: decode-once loads through tensor descriptors."""
+    decodes the weights a packed byte at a time (`decode_weights`), any other value a weight
+    at a time. DECODE_NIBBLE_PTX (4-bit containers, rows of whole int32 words, GPU only): a packed word of 8
+    codes at a time through ddq_kernels/nibble_ptx.py, in every path; block_kb is then a multiple of 4.
+    tma: decode-once loads through tensor descriptors. weights_as_a (DECODE_NIBBLE_PTX, block_m > 1): the
+    decoded weights are the dot's first operand (accᵀ = w · xᵀ)."""
 
     block_m: int
     block_n: int
@@ -60,6 +72,7 @@ class TileConfig:
     split_k: int = 1
     decode_once: bool = False
     tma: bool = False
+    weights_as_a: bool = False
 
 
 def interpreting() -> bool:
@@ -205,6 +218,99 @@ def _inload_dot_kernel(x_ptr, lut_x_ptr, w_ptr, lut_w_ptr, mult_ptr, offset_ptr,
 
 
 @triton.jit
+def _lut_words(lut_ptr, cols, col_ok):
+    """A column's 16-entry int8 LUT as four int32 words (nibble_lut_words layout), each [1, BLOCK_N]-broadcastable."""
+    words = lut_ptr + cols * 4
+    return (tl.load(words, mask=col_ok, other=0), tl.load(words + 1, mask=col_ok, other=0),
+            tl.load(words + 2, mask=col_ok, other=0), tl.load(words + 3, mask=col_ok, other=0))
+
+
+@triton.jit
+def _load_words(pointers, mask, EVEN: tl.constexpr):
+    """Packed weight words; EVEN: the launch covers exactly N × row_words, so no mask (fewer instructions
+    per word in a kernel that is close to instruction bound)."""
+    if EVEN:
+        return tl.load(pointers)
+    return tl.load(pointers, mask=mask, other=0)
+
+
+@triton.jit
+def _gemv_nibble_kernel(x_ptr, lut_ptr, w_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                        M, N, row_words, x_row_words, half, shift, drop_bits, X_UNSIGNED: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_STEPS: tl.constexpr,
+                        ATOMIC: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN: tl.constexpr):
+    """_gemv_kernel for 4-bit containers: a packed int32 word (8 codes) meets an int64 word of 8 decoded
+    activations in nibble_ptx.dot_nibble_words (decode by prmt, two dp4a). NUM_STAGES > 1 software-pipelines
+    the weight loads (cp.async), which a loop without tl.dot does not get by default."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % tiles_n
+    row = (tl.program_id(0) // tiles_n).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    lut0, lut1, lut2, lut3 = _lut_words(lut_ptr, cols, col_ok)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    for step in tl.range(SPLIT_STEPS, num_stages=NUM_STAGES):
+        word = (tl.program_id(1) * SPLIT_STEPS + step) * BLOCK_W + tl.arange(0, BLOCK_W)
+        words = _load_words(w_ptr + cols[:, None].to(tl.int64) * row_words + word[None, :],
+                            col_ok[:, None] & (word < row_words)[None, :], EVEN)
+        # The activation buffer spans every word of every split (zero past K): no mask.
+        x = tl.load(x_ptr + row * x_row_words + word)
+        acc = dot_nibble_words(words, lut0[:, None], lut1[:, None], lut2[:, None], lut3[:, None],
+                               x.to(tl.int32)[None, :], (x >> 32).to(tl.int32)[None, :], acc, X_UNSIGNED)
+    total = tl.sum(acc, axis=1)
+    _store_tile(total[None, :], row + tl.arange(0, 1), cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                half, shift, drop_bits, ATOMIC)
+
+
+@triton.jit
+def _inload_nibble_dot_kernel(x_ptr, lut_ptr, w_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
+                              M, N, row_words, x_row, slot_len, half, shift, drop_bits, X_BASE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                              SPLIT_STEPS: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr,
+                              WEIGHTS_AS_A: tl.constexpr, EVEN: tl.constexpr):
+    """_inload_dot_kernel for 4-bit containers: each packed word decoded by prmt into two words of four int8
+    levels, split into 8 byte slots by nibble_ptx.word_slots and fed to int8 tl.dot against the slot-major
+    activations (slot s of word j is k = 8j + s). WEIGHTS_AS_A computes accᵀ = w · xᵀ, the decoded weights
+    being the A operand (the faster orientation at M = 16 on H100)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    lut0, lut1, lut2, lut3 = _lut_words(lut_ptr, cols, col_ok)
+    if WEIGHTS_AS_A:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    weight_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for step in range(SPLIT_STEPS):
+        word = (tl.program_id(1) * SPLIT_STEPS + step) * BLOCK_W + tl.arange(0, BLOCK_W)
+        words = _load_words(w_ptr + cols[:, None].to(tl.int64) * row_words + word[None, :],
+                            col_ok[:, None] & (word < row_words)[None, :], EVEN)
+        low, high = decode_nibble_words(words, lut0[:, None], lut1[:, None], lut2[:, None], lut3[:, None])
+        for part in tl.static_range(2):
+            slots = word_slots(low if part == 0 else high)
+            for byte in tl.static_range(4):
+                x_slot = x_ptr + (4 * part + byte) * slot_len
+                if WEIGHTS_AS_A:
+                    x = tl.load(x_slot + rows[None, :].to(tl.int64) * x_row + word[:, None], mask=row_ok[None, :],
+                                other=0)
+                    acc = tl.dot(slots[byte], x, acc, out_dtype=tl.int32)
+                else:
+                    x = tl.load(x_slot + rows[:, None].to(tl.int64) * x_row + word[None, :], mask=row_ok[:, None],
+                                other=0)
+                    acc = tl.dot(x, tl.trans(slots[byte]), acc, out_dtype=tl.int32)
+        if X_BASE != 0:
+            weight_sum += tl.sum(signed_byte_sum(low) + signed_byte_sum(high), axis=1)
+    if WEIGHTS_AS_A:
+        acc = tl.trans(acc)
+    if X_BASE != 0:
+        acc += X_BASE * weight_sum[None, :]
+    _store_tile(acc, rows, cols, M, N, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr, half, shift, drop_bits,
+                ATOMIC)
+
+
+@triton.jit
 def _decoded_gemm_kernel(x_src, w_src, weight_sum_ptr, mult_ptr, offset_ptr, i_min_ptr, acc_ptr, codes_ptr,
                          M, N, k_pad, half, shift, drop_bits, X_BASE: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, GROUP_M: tl.constexpr,
@@ -251,8 +357,8 @@ def _requantize_kernel(acc_ptr, mult_ptr, offset_ptr, i_min_ptr, codes_ptr, N, h
 
 @triton.jit
 def _decode_activations_kernel(codes_ptr, lut_x_ptr, out_ptr, K, out_row, slot_len, X_BASE: tl.constexpr,
-                               PER_BYTE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, slot·slot_len + byte] = lut_x[codes[m, byte·PER_BYTE + slot]] − X_BASE; 0 past K
+                               PAD: tl.constexpr, PER_BYTE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, slot·slot_len + byte] = lut_x[codes[m, byte·PER_BYTE + slot]] − X_BASE; PAD past K
     (grid: rows × byte blocks × slots; no integer division)."""
     row = tl.program_id(0).to(tl.int64)
     byte = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -260,7 +366,7 @@ def _decode_activations_kernel(codes_ptr, lut_x_ptr, out_ptr, K, out_row, slot_l
     k = byte * PER_BYTE + slot
     valid = k < K
     code = tl.load(codes_ptr + row * K + k, mask=valid, other=0).to(tl.int32)
-    value = tl.where(valid, tl.load(lut_x_ptr + code).to(tl.int32) - X_BASE, 0)
+    value = tl.where(valid, tl.load(lut_x_ptr + code).to(tl.int32) - X_BASE, PAD)
     tl.store(out_ptr + row * out_row + slot * slot_len + byte, value.to(out_ptr.dtype.element_ty),
              mask=byte < slot_len)
 
@@ -329,29 +435,75 @@ def _decode_weight_bytes_kernel(w_ptr, lut_w_ptr, out_ptr, weight_sum_ptr, N, K,
         tl.atomic_add(weight_sum_ptr + rows, tl.sum(w.to(tl.int32), axis=1), mask=row_ok, sem="relaxed")
 
 
+@triton.jit
+def _decode_nibble_weights_kernel(w_ptr, lut_ptr, out_ptr, weight_sum_ptr, N, row_words, out_words,
+                                  WITH_SUM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """_decode_weights_kernel for 4-bit containers: each packed word → two int32 words of int8 levels
+    (out viewed as int32 [N, k_pad / 4]); codes past K decode to real levels (activations are the raw zero
+    there) and count in weight_sum."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    word = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    words = tl.load(w_ptr + rows[:, None].to(tl.int64) * row_words + word[None, :],
+                    mask=row_ok[:, None] & (word < row_words)[None, :], other=0)
+    lut0, lut1, lut2, lut3 = _lut_words(lut_ptr, rows, row_ok)
+    low, high = decode_nibble_words(words, lut0[:, None], lut1[:, None], lut2[:, None], lut3[:, None])
+    out_word = tl.program_id(1) * (2 * BLOCK_W) + tl.arange(0, 2 * BLOCK_W)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * out_words + out_word[None, :],
+             tl.reshape(tl.join(low, high), (BLOCK_N, 2 * BLOCK_W)),
+             mask=row_ok[:, None] & (out_word < out_words)[None, :])
+    if WITH_SUM:
+        # Only the words that reach the output (k < k_pad) meet activations.
+        in_output = (word < out_words // 2)[None, :]
+        word_sums = tl.where(in_output, signed_byte_sum(low) + signed_byte_sum(high), 0)
+        tl.atomic_add(weight_sum_ptr + rows, tl.sum(word_sums, axis=1), mask=row_ok, sem="relaxed")
+
+
+def nibble_lut_words(lut_w: Tensor) -> Tensor:
+    """lut_w int8 [N, ≤ 16] zero-padded to 16 entries and viewed as int32 [N, 4] (entries 4i..4i+3 in word i,
+    entry 4i in the lowest byte), the register form nibble_ptx.py picks bytes from."""
+    if lut_w.shape[1] == 16:
+        return lut_w.contiguous().view(torch.int32)
+    return torch.nn.functional.pad(lut_w, (0, 16 - lut_w.shape[1])).view(torch.int32)
+
+
+def nibble_ptx_eligible(width: int, packed_w: Tensor) -> bool:
+    """Whether DECODE_NIBBLE_PTX can run: 4-bit containers in rows of whole, aligned int32 words (under the
+    interpreter, nibble_ptx.py emulates the PTX)."""
+    return width == 4 and packed_w.shape[1] % 4 == 0 and packed_w.data_ptr() % 4 == 0
+
+
 def decode_activations(codes_x: Tensor, lut_x: Tensor, x_base: int, dtype: torch.dtype, per_byte: int,
-                       slot_len: int) -> Tensor:
+                       slot_len: int, pad: int = 0) -> Tensor:
     """lut_x[codes_x] − x_base once per GEMM, as [M, per_byte·slot_len] in slot-major order (per_byte = 1:
-    plain [M, slot_len]); zero past K."""
+    plain [M, slot_len]); `pad` past K."""
     m, k = codes_x.shape
     out = torch.empty((m, per_byte * slot_len), dtype=dtype, device=codes_x.device)
     block = 1024
     _decode_activations_kernel[(m, triton.cdiv(slot_len, block), per_byte)](
-        codes_x, lut_x, out, k, out.shape[1], slot_len, X_BASE=x_base, PER_BYTE=per_byte, BLOCK=block)
+        codes_x, lut_x, out, k, out.shape[1], slot_len, X_BASE=x_base, PAD=pad, PER_BYTE=per_byte, BLOCK=block)
     return out
 
 
 def decode_weights(packed_w: Tensor, lut_w: Tensor, width: int, k: int, k_pad: int,
-                   with_sum: bool, by_byte: bool = False) -> tuple[Tensor, Tensor]:
-    """Unpacked, LUT-decoded int8 weights [N, k_pad] (zero past K) and their int32 row sums.
+                   with_sum: bool, decode: int = DECODE_LOAD) -> tuple[Tensor, Tensor]:
+    """Unpacked, LUT-decoded int8 weights [N, k_pad] and their int32 row sums.
 
-    by_byte: one program reads each packed byte once and interleaves its slots (`_decode_weight_bytes_kernel`)
-    instead of one load per weight; both are swept by benchmarks/bench_int_gemm_gpu.py."""
+    decode: DECODE_BYTES reads each packed byte once and interleaves its slots (`_decode_weight_bytes_kernel`),
+    DECODE_NIBBLE_PTX decodes a packed word at a time (codes past K then hold real levels, counted in the sums:
+    pair them with activations padded by the raw zero), any other value one load per weight (zero past K).
+    All are swept by benchmarks/bench_int_gemm_gpu.py."""
     n, row_bytes = packed_w.shape
     out = torch.empty((n, k_pad), dtype=torch.int8, device=packed_w.device)
     weight_sum = torch.zeros(n, dtype=torch.int32, device=packed_w.device)
     block_n, block_k = (16, 256) if interpreting() else (32, 512)
-    if by_byte:
+    if decode == DECODE_NIBBLE_PTX:
+        block_w = block_k // 8
+        _decode_nibble_weights_kernel[(triton.cdiv(n, block_n), triton.cdiv(k_pad, block_k))](
+            packed_w.view(torch.int32), nibble_lut_words(lut_w), out.view(torch.int32), weight_sum, n,
+            row_bytes // 4, k_pad // 4, WITH_SUM=with_sum, BLOCK_N=block_n, BLOCK_W=block_w)
+        return out, weight_sum
+    if decode == DECODE_BYTES:
         block_b = block_k // (8 // width)
         _decode_weight_bytes_kernel[(triton.cdiv(n, block_n), triton.cdiv(k_pad, block_k))](
             packed_w, lut_w, out, weight_sum, n, k, row_bytes, k_pad, WIDTH=width, LUT_W=lut_w.shape[1],
@@ -376,27 +528,37 @@ def split_for(tiles: int, k_steps: int, device: torch.device) -> int:
     return max(1, min(k_steps, triton.cdiv(target, tiles)))
 
 
-def default_config(m: int, n: int, width: int, row_bytes: int, device: Optional[torch.device] = None) -> TileConfig:
-    """The size heuristic: decode once for M ≥ DECODE_ONCE_MIN_M (compute bound), else decode in the load
-    (memory bound) with split K; M = 1 without tensor cores. GPU tiles: best of the H100 sweep in
-    benchmarks/results/bench_int_gemm_gpu.log. The interpreter gets few, large programs."""
+def default_config(m: int, n: int, width: int, row_bytes: int, device: Optional[torch.device] = None,
+                   nibble_ptx: bool = False) -> TileConfig:
+    """The size heuristic: decode once for M ≥ DECODE_ONCE_MIN_M (NIBBLE_DECODE_ONCE_MIN_M with `nibble_ptx`,
+    see nibble_ptx_eligible; compute bound), else decode in the load (memory bound) with split K; M = 1
+    without tensor cores. GPU tiles: best of the H100 sweeps in benchmarks/results/bench_int_gemm_gpu.log.
+    The interpreter gets few, large programs."""
     device = device or torch.device("cpu")
-    if m >= DECODE_ONCE_MIN_M:
+    if m >= (NIBBLE_DECODE_ONCE_MIN_M if nibble_ptx else DECODE_ONCE_MIN_M):
         if interpreting():
             return TileConfig(64, 64, 64, num_stages=1, decode_once=True)
+        if nibble_ptx:
+            return TileConfig(128, 128, 256, num_warps=8, num_stages=3, group_m=8, decode_once=True, tma=True,
+                              decode=DECODE_NIBBLE_PTX)
         return TileConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8, decode_once=True, tma=True)
     if interpreting():
         block_kb = min(512, max(32, triton.next_power_of_2(row_bytes)))
         block_m = 1 if m == 1 else 16 if m <= 16 else 64
         return TileConfig(block_m, 32 if n <= 32 else 64, block_kb, num_stages=1)
-    # The 16-row tile with 1-bit containers fails to compile (Triton 3.6 on H100, TritonGPUOptimizeThreadLocality);
-    # the 64-row register-LUT tile compiles and matches the golden for every width (GPU check of 2026-11-27).
-    small_m = m <= 16 and width > 1
-    block_m, block_n, block_kb = (1, 32, 256) if m == 1 else (16, 32, 256) if small_m else (64, 64, 128)
+    if nibble_ptx:
+        block_m, block_n, block_kb = (1, 32, 256) if m == 1 else (16, 64, 128) if m <= 16 else (64, 64, 128)
+        decode = DECODE_NIBBLE_PTX
+    else:
+        # The 16-row tile with 1-bit containers fails to compile (Triton 3.6 on H100,
+        # TritonGPUOptimizeThreadLocality); the 64-row register-LUT tile compiles and matches the golden.
+        small_m = m <= 16 and width > 1
+        block_m, block_n, block_kb = (1, 32, 256) if m == 1 else (16, 32, 256) if small_m else (64, 64, 128)
+        decode = DECODE_GATHER if m > 1 else DECODE_LOAD
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split = split_for(tiles, triton.cdiv(row_bytes, block_kb), device)
-    return TileConfig(block_m, block_n, block_kb, num_warps=4, num_stages=3, group_m=1 if small_m else 8,
-                      split_k=split, decode=DECODE_GATHER if m > 1 else DECODE_LOAD)
+    return TileConfig(block_m, block_n, block_kb, num_warps=4, num_stages=3, group_m=1 if block_m == 16 else 8,
+                      split_k=split, decode=decode, weights_as_a=nibble_ptx and m > 1)
 
 
 def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Tensor, mult: Tensor, offset: Tensor,
@@ -426,8 +588,12 @@ def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Ten
     width = CONTAINER_BITS[bits_w]
     m, n = codes_x.shape[0], packed_w.shape[0]
     row_bytes = packed_w.shape[1]
-    config = config or default_config(m, n, width, row_bytes, device)
     codes_x, lut_x, packed_w, lut_w = (t.contiguous() for t in (codes_x, lut_x, packed_w, lut_w))
+    config = config or default_config(m, n, width, row_bytes, device, nibble_ptx_eligible(width, packed_w))
+    if config.decode == DECODE_NIBBLE_PTX and not (nibble_ptx_eligible(width, packed_w) and config.block_kb % 4 == 0):
+        raise ValueError(f"int_gemm_packed: DECODE_NIBBLE_PTX needs 4-bit containers (got {width}-bit), packed "
+                         f"rows of whole int32 words (got {row_bytes} bytes) and block_kb a multiple of 4 "
+                         f"(got {config.block_kb})")
     epilogue = (mult.contiguous(), offset.contiguous(), i_min.contiguous())
     x_base = 128 if lut_x.dtype == torch.uint8 else 0
     scalars = (1 << (shift - 1), shift, 8 - bits_out)
@@ -441,8 +607,10 @@ def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Ten
 def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config):
     m, n = codes.shape
     k_pad = triton.cdiv(k, config.block_kb) * config.block_kb
-    x = decode_activations(codes_x, lut_x, x_base, torch.int8, 1, k_pad)
-    w, weight_sum = decode_weights(packed_w, lut_w, width, k, k_pad, x_base != 0, config.decode == DECODE_BYTES)
+    # Nibble-decoded weights hold real levels past K: the activations there are the raw zero.
+    pad = -x_base if config.decode == DECODE_NIBBLE_PTX else 0
+    x = decode_activations(codes_x, lut_x, x_base, torch.int8, 1, k_pad, pad)
+    w, weight_sum = decode_weights(packed_w, lut_w, width, k, k_pad, x_base != 0, config.decode)
     acc = torch.empty((m, n), dtype=torch.int32, device=codes.device)
     x_src, w_src = x, w
     if config.tma:
@@ -458,7 +626,17 @@ def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, widt
     return acc, codes
 
 
+def _requantize_split_sums(acc: Tensor, epilogue, codes: Tensor, scalars) -> None:
+    m, n = codes.shape
+    block = 1024
+    _requantize_kernel[(m, triton.cdiv(n, block))](acc, *epilogue, codes, n, *scalars, BLOCK=block)
+
+
 def _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config, predecode):
+    if config.decode == DECODE_NIBBLE_PTX:
+        if not predecode:
+            raise ValueError("int_gemm_packed: DECODE_NIBBLE_PTX decodes the activations once (predecode=True)")
+        return _decode_nibbles_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, x_base, config)
     m, n = codes.shape
     row_bytes = packed_w.shape[1]
     per_byte = 8 // width
@@ -488,6 +666,38 @@ def _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, w
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KB=config.block_kb, SPLIT_STEPS=split_steps,
             GROUP_M=config.group_m, ATOMIC=atomic, num_warps=config.num_warps, num_stages=config.num_stages)
     if atomic:
-        block = 1024
-        _requantize_kernel[(m, triton.cdiv(n, block))](acc, *epilogue, codes, n, *scalars, BLOCK=block)
+        _requantize_split_sums(acc, epilogue, codes, scalars)
+    return acc, codes
+
+
+def _decode_nibbles_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, x_base, config):
+    """_decode_in_load with DECODE_NIBBLE_PTX: K counted in packed int32 words of 8 codes."""
+    m, n = codes.shape
+    row_words = packed_w.shape[1] // 4
+    block_w = config.block_kb // 4
+    w_steps = triton.cdiv(row_words, block_w)
+    split_steps = triton.cdiv(w_steps, config.split_k)
+    splits = triton.cdiv(w_steps, split_steps)
+    words = splits * split_steps * block_w
+    even = words == row_words and n % config.block_n == 0
+    atomic = splits > 1
+    acc = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.int32, device=codes.device)
+    weights = (nibble_lut_words(lut_w), packed_w.view(torch.int32))
+    if config.block_m == 1:
+        # dp4a takes uint8 activations as they are; 8 of them per int64 word, zero past K.
+        x = decode_activations(codes_x, lut_x, 0, lut_x.dtype, 1, 8 * words).view(torch.int64)
+        _gemv_nibble_kernel[(triton.cdiv(n, config.block_n) * m, splits)](
+            x, *weights, *epilogue, acc, codes, m, n, row_words, words, *scalars, X_UNSIGNED=lut_x.dtype == torch.uint8,
+            BLOCK_N=config.block_n, BLOCK_W=block_w, SPLIT_STEPS=split_steps, ATOMIC=atomic,
+            NUM_STAGES=config.num_stages, EVEN=even, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        x = decode_activations(codes_x, lut_x, x_base, torch.int8, 8, words, pad=-x_base)
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), splits)
+        _inload_nibble_dot_kernel[grid](
+            x, *weights, *epilogue, acc, codes, m, n, row_words, 8 * words, words, *scalars, X_BASE=x_base,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_W=block_w, SPLIT_STEPS=split_steps,
+            GROUP_M=config.group_m, ATOMIC=atomic, WEIGHTS_AS_A=config.weights_as_a, EVEN=even,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+    if atomic:
+        _requantize_split_sums(acc, epilogue, codes, scalars)
     return acc, codes

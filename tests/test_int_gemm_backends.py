@@ -172,10 +172,55 @@ def test_triton_paths_k_edges(path):
 
 
 def test_default_config_size_heuristic():
-    """Decode once for M ≥ 256; tensor-core-free GEMV for M = 1; in-load decode in between."""
-    from ddq_kernels.int_gemm import DECODE_ONCE_MIN_M, default_config
+    """Decode once from DECODE_ONCE_MIN_M (NIBBLE_DECODE_ONCE_MIN_M for nibble-decodable weights);
+    tensor-core-free GEMV for M = 1; in-load decode in between."""
+    from ddq_kernels.int_gemm import DECODE_ONCE_MIN_M, NIBBLE_DECODE_ONCE_MIN_M, default_config
 
     assert default_config(DECODE_ONCE_MIN_M, 64, 4, 32).decode_once
     assert not default_config(DECODE_ONCE_MIN_M - 1, 64, 4, 32).decode_once
     assert default_config(1, 64, 4, 32).block_m == 1
     assert default_config(16, 64, 4, 32).block_m > 1
+    assert default_config(NIBBLE_DECODE_ONCE_MIN_M, 64, 4, 32, nibble_ptx=True).decode_once
+    assert not default_config(NIBBLE_DECODE_ONCE_MIN_M - 1, 64, 4, 32, nibble_ptx=True).decode_once
+
+
+def _nibble_paths():
+    from ddq_kernels.int_gemm import DECODE_NIBBLE_PTX, TileConfig
+
+    return {"nibble gemv split-K": (1, TileConfig(1, 16, 32, split_k=3, decode=DECODE_NIBBLE_PTX)),
+            "nibble dot split-K": (5, TileConfig(16, 16, 32, split_k=2, decode=DECODE_NIBBLE_PTX)),
+            "nibble dot, weights as A": (5, TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX, weights_as_a=True)),
+            "nibble decode once": (7, TileConfig(16, 16, 32, num_stages=1, decode_once=True, decode=DECODE_NIBBLE_PTX))}
+
+
+@pytest.mark.parametrize("path", list(_nibble_paths()))
+def test_triton_nibble_ptx_paths(path):
+    """The prmt/dp4a paths (nibble_ptx.py, emulated under the interpreter): 3- and 4-bit weights, both table
+    types, K with padding codes inside the last int32 word (K mod 8 = 7) or none, i_min > 0."""
+    m, config = _nibble_paths()[path]
+    rng = np.random.default_rng(13)
+    # (n, k) = (16, 128): tiles cover the weights exactly (the unmasked EVEN loads).
+    for bits_w, signed_x, n, k in ((4, False, 19, 183), (3, True, 19, 183), (4, True, 19, 64), (3, False, 16, 128)):
+        case = random_case(rng, m, n, k, 5, bits_w, signed_x)
+        want = int_gemm_numpy(check_int_gemm_args(*case))
+        got = _triton_on_cpu(case, bits_w, config)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=f"{path} acc, bits_w={bits_w} k={k}")
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{path} codes, bits_w={bits_w} k={k}")
+
+
+def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
+    """DECODE_NIBBLE_PTX reads int32 words of 4-bit codes: 2-bit containers, or rows that are not whole words,
+    are a clear error when asked for (the default config never picks it there)."""
+    import torch
+
+    from ddq.deploy.packing import pack
+    from ddq_kernels.int_gemm import DECODE_NIBBLE_PTX, TileConfig, int_gemm_packed
+
+    rng = np.random.default_rng(12)
+    for bits_w, k in ((2, 64), (4, 60)):
+        case = random_case(rng, 3, 5, k, 4, bits_w, True)
+        codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+        tensors = [torch.from_numpy(a) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+        with pytest.raises(ValueError, match="DECODE_NIBBLE_PTX needs 4-bit containers"):
+            int_gemm_packed(*tensors, shift, torch.from_numpy(i_min), bits_out, bits_w, k,
+                            config=TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX))

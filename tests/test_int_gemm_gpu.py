@@ -14,7 +14,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_GATHER, TileConfig, int_gemm_packed  # noqa: E402 (needs the skip first)
+from ddq_kernels.int_gemm import (  # noqa: E402 (needs the skip first)
+    DECODE_BYTES, DECODE_GATHER, DECODE_NIBBLE_PTX, TileConfig, int_gemm_packed)
 
 
 def random_case(rng, m, n, k, bits_x, bits_w, signed_x):
@@ -53,21 +54,50 @@ GPU_PATHS = {
 }
 
 
-@pytest.mark.parametrize("path", list(GPU_PATHS))
-def test_triton_gpu_paths_at_realistic_sizes(path):
-    """Each path forced by its config on GPU-sized odd shapes (several K splits, many tiles) vs the golden."""
-    m, config = GPU_PATHS[path]
+def check_path(path, m, config, weight_bits, shapes):
     rng = np.random.default_rng(len(path))
-    for bits_w, signed_x in ((3, False), (8, True)):
-        n, k = (1500, 8191) if m < 100 else (257, 1025)
+    for (bits_w, signed_x), (n, k) in zip(weight_bits, shapes):
         case = random_case(rng, m, n, k, 4, bits_w, signed_x)
         want = int_gemm(*case)
         codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
         tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
         acc, codes = int_gemm_packed(*tensors, shift, torch.from_numpy(i_min).cuda(), bits_out, bits_w, k,
                                      config=config)
-        np.testing.assert_array_equal(acc.cpu().numpy(), want[0], err_msg=f"{path} bits_w={bits_w}")
-        np.testing.assert_array_equal(codes.cpu().numpy(), want[1], err_msg=f"{path} bits_w={bits_w}")
+        np.testing.assert_array_equal(acc.cpu().numpy(), want[0], err_msg=f"{path} bits_w={bits_w} k={k}")
+        np.testing.assert_array_equal(codes.cpu().numpy(), want[1], err_msg=f"{path} bits_w={bits_w} k={k}")
+
+
+@pytest.mark.parametrize("path", list(GPU_PATHS))
+def test_triton_gpu_paths_at_realistic_sizes(path):
+    """Each path forced by its config on GPU-sized odd shapes (several K splits, many tiles) vs the golden."""
+    m, config = GPU_PATHS[path]
+    shape = (1500, 8191) if m < 100 else (257, 1025)
+    check_path(path, m, config, ((3, False), (8, True)), (shape, shape))
+
+
+NIBBLE_PATHS = {
+    "nibble gemv split-K": (1, TileConfig(1, 32, 256, split_k=8, decode=DECODE_NIBBLE_PTX)),
+    "nibble gemv one split": (1, TileConfig(1, 64, 128, decode=DECODE_NIBBLE_PTX)),
+    "nibble dot split-K, M=16": (16, TileConfig(16, 64, 128, split_k=8, decode=DECODE_NIBBLE_PTX)),
+    "nibble dot, M=45": (45, TileConfig(64, 64, 128, split_k=3, decode=DECODE_NIBBLE_PTX)),
+    "nibble dot weights as A, M=16": (16, TileConfig(16, 64, 128, split_k=8, decode=DECODE_NIBBLE_PTX,
+                                                      weights_as_a=True)),
+    "nibble dot weights as A, M=45": (45, TileConfig(64, 64, 128, split_k=3, decode=DECODE_NIBBLE_PTX,
+                                                      weights_as_a=True)),
+    "nibble decode once TMA": (300, TileConfig(128, 128, 128, num_warps=8, num_stages=4, decode_once=True, tma=True,
+                                               decode=DECODE_NIBBLE_PTX)),
+}
+
+
+@pytest.mark.parametrize("path", list(NIBBLE_PATHS))
+def test_triton_gpu_nibble_ptx_paths(path):
+    """The prmt/dp4a paths (4-bit containers, rows of whole int32 words): 3- and 4-bit weights, both table
+    types, K with padding codes inside the last word (K mod 8 = 7) and K an exact number of words."""
+    m, config = NIBBLE_PATHS[path]
+    # (1024, 4096): tiles cover the weights exactly (unmasked loads) for the configs above.
+    shapes = ((1501, 8183), (1024, 4096)) if m < 100 else ((257, 1023), (131, 2048))
+    check_path(path, m, config, ((3, False), (4, True)), shapes)
+    check_path(path, m, config, ((4, False), (3, True)), shapes)
 
 
 def test_triton_gpu_maximum_magnitude_at_the_k_limit():
