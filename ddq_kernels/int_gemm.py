@@ -16,8 +16,8 @@ heuristic of `default_config`, overridable through `TileConfig`):
   fused. Decoding costs N·K bytes written and read once, against re-decoding every weight tile for each of
   the M / block_m row tiles in the in-load path.
 
-Weight decode (`TileConfig.decode`): 4-bit containers whose rows are whole int32 words (every 3- and 4-bit
-layer with K a multiple of 8) take DECODE_NIBBLE_PTX in every path: eight codes per `prmt` group
+Weight decode (`TileConfig.decode`): 4-bit containers whose rows are whole int32 words (3- and 4-bit layers
+whose K is 0 or 7 mod 8) take DECODE_NIBBLE_PTX in every path: eight codes per `prmt` group
 (ddq_kernels/nibble_ptx.py), `dp4a` in the GEMV. There, padding codes decode to real levels and meet
 activations that are the raw zero (x_base − x_base in the tensor-core paths), so no K mask is needed. Other
 widths look each code up (DECODE_LOAD, DECODE_GATHER, DECODE_BYTES).
