@@ -57,8 +57,9 @@ class TileConfig:
     decode: how the in-load path looks weights up (DECODE_LOAD: L1-cached gather from global memory,
     DECODE_GATHER: tl.gather from the column's LUT held in registers); in the decode-once path DECODE_BYTES
     decodes the weights a packed byte at a time (`decode_weights`), any other value a weight
-    at a time. DECODE_NIBBLE_PTX (4-bit containers, rows of whole int32 words, GPU only): a packed word of 8
-    codes at a time through ddq_kernels/nibble_ptx.py, in every path; block_kb is then a multiple of 4.
+    at a time. DECODE_NIBBLE_PTX (4-bit containers, rows of whole int32 words): a packed word of 8 codes at a
+    time through ddq_kernels/nibble_ptx.py (emulated under the interpreter), in every path; block_kb is then a
+    multiple of 4.
     tma: decode-once loads through tensor descriptors. weights_as_a (DECODE_NIBBLE_PTX, block_m > 1): the
     decoded weights are the dot's first operand (accᵀ = w · xᵀ)."""
 

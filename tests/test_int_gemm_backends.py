@@ -224,3 +224,29 @@ def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
         with pytest.raises(ValueError, match="DECODE_NIBBLE_PTX needs 4-bit containers"):
             int_gemm_packed(*tensors, shift, torch.from_numpy(i_min), bits_out, bits_w, k,
                             config=TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX))
+
+
+def test_triton_backend_pads_nibble_rows_to_whole_words():
+    """backend="triton" packs 4-bit containers in rows of whole int32 words (zero codes past K) so every 3-
+    and 4-bit layer can take the nibble decode; other widths keep the spec layout. The padded rows still
+    unpack to the codes, and the backend still equals the golden on such K."""
+    from ddq.deploy.packing import pack, unpack
+    from ddq.deploy.triton_backend import packed_for_triton
+
+    rng = np.random.default_rng(14)
+    for bits_w, k in ((4, 61), (3, 9), (4, 64), (2, 61), (8, 61)):
+        codes = rng.integers(0, 1 << bits_w, (5, k), dtype=np.uint8)
+        packed = packed_for_triton(codes, bits_w)
+        spec = pack(codes, bits_w)
+        if bits_w in (3, 4):
+            assert packed.shape[1] % 4 == 0 and packed.shape[1] - spec.shape[1] < 4
+            assert not packed[:, spec.shape[1]:].any()
+        else:
+            assert packed.shape == spec.shape
+        np.testing.assert_array_equal(unpack(packed[:, :spec.shape[1]], bits_w, k), codes)
+    for m in (1, 5, 70):
+        case = random_case(rng, m, 13, 61, 4, 4, m % 2 == 0)
+        want = int_gemm_numpy(check_int_gemm_args(*case))
+        got = int_gemm(*case, backend="triton")
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
