@@ -8,10 +8,13 @@ becomes two int32 words of int8 levels (codes k..k+3 and k+4..k+7) in 11 integer
     high = prmt(lut2, lut3, code & 7)             levels 8..15
     word = prmt(low, high, 0x3210 | bit 3 → +4)   per byte, low or high by the code's bit 3
 
-instead of a mask, a lookup and a multiply-add per weight; `dp4a` then multiplies four bytes at a time.
-The Triton interpreter cannot run inline assembly: under it (TRITON_INTERPRET=1 at import) the same helpers
-are plain-Triton emulations of `prmt` and `dp4a`, instruction for instruction, so the kernels that use them
-run in the CPU tests too.
+instead of a mask, a lookup and a multiply-add per weight; `dp4a` then multiplies four bytes at a time
+(the GEMV), or `word_slots` transposes the bytes of four words so that each register holds four int8 values
+of one byte slot for the tensor cores.
+
+The Triton interpreter cannot run inline assembly: under it (TRITON_INTERPRET=1 at import) the helpers are
+plain-Triton emulations of `prmt` and `dp4a` with the same selector arithmetic, so the kernels that use them
+run in the CPU tests too; the PTX itself is checked by the GPU tests (tests/test_int_gemm_gpu.py).
 """
 
 from __future__ import annotations
