@@ -133,8 +133,19 @@ def torchrun(args: list[str], extra_env: dict | None = None) -> subprocess.Popen
 HANG_TIMEOUT_S = 300
 
 
+def communicate(process: subprocess.Popen, timeout: float = HANG_TIMEOUT_S) -> str:
+    """The process's output; on a hang, kill it and fail with what it printed (where it stopped)."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s; its output:\n{output[-6000:]}")
+    return output
+
+
 def finish(process: subprocess.Popen, timeout: float = HANG_TIMEOUT_S) -> str:
-    output, _ = process.communicate(timeout=timeout)
+    output = communicate(process, timeout)
     assert process.returncode == 0, output[-3000:]
     return output
 
@@ -159,7 +170,7 @@ def test_two_ranks_gloo_stay_in_sync_and_resume_exactly_after_sigkill(data, tmp_
     # complete checkpoint is step 7's: the work of step 8 is lost and must be redone identically.
     killed = tmp_path / "killed"
     process = torchrun(args + ["--out", str(killed), "--save-every-steps", "1"], extra_env={"DDQ_TRAIN_FAULT_STEP": "8"})
-    output, _ = process.communicate(timeout=HANG_TIMEOUT_S)
+    output = communicate(process)
     assert process.returncode != 0 and "SIGKILL" in output, output[-3000:]
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 7
     assert not [p for p in killed.iterdir() if ".tmp" in p.name]
