@@ -627,6 +627,12 @@ def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, widt
     return acc, codes
 
 
+def _split(steps: int, split_k: int) -> tuple[int, int]:
+    """K steps per program and the number of programs that covers `steps` when asking for `split_k`."""
+    split_steps = triton.cdiv(steps, split_k)
+    return split_steps, triton.cdiv(steps, split_steps)
+
+
 def _requantize_split_sums(acc: Tensor, epilogue, codes: Tensor, scalars) -> None:
     m, n = codes.shape
     block = 1024
@@ -642,8 +648,7 @@ def _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, w
     row_bytes = packed_w.shape[1]
     per_byte = 8 // width
     k_steps = triton.cdiv(row_bytes, config.block_kb)
-    split_steps = triton.cdiv(k_steps, config.split_k)
-    splits = triton.cdiv(k_steps, split_steps)
+    split_steps, splits = _split(k_steps, config.split_k)
     slot_len = splits * split_steps * config.block_kb
     gemv = config.block_m == 1
     x = codes_x
@@ -677,8 +682,7 @@ def _decode_nibbles_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, 
     row_words = packed_w.shape[1] // 4
     block_w = config.block_kb // 4
     w_steps = triton.cdiv(row_words, block_w)
-    split_steps = triton.cdiv(w_steps, config.split_k)
-    splits = triton.cdiv(w_steps, split_steps)
+    split_steps, splits = _split(w_steps, config.split_k)
     words = splits * split_steps * block_w
     even = words == row_words and n % config.block_n == 0
     atomic = splits > 1

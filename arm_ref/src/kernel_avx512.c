@@ -393,6 +393,22 @@ AMX_INLINE void configure_tiles(size_t rows)
     _tile_loadconfig(&config);
 }
 
+/* Starts the activation row block at m0: its row count (≤ 16), the tile configuration changed only when
+ * that count changes (*configured_rows), and the four accumulator tiles zeroed. */
+AMX_INLINE size_t begin_row_block(size_t m, size_t m0, size_t *configured_rows)
+{
+    const size_t rows = m - m0 < ARM_REF_AMX_ROWS ? m - m0 : ARM_REF_AMX_ROWS;
+    if (rows != *configured_rows) {
+        configure_tiles(rows);
+        *configured_rows = rows;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    return rows;
+}
+
 /* One column's packed bytes [0, bytes) decoded into its tile rows of consecutive steps (out, out +
  * step_bytes, ...); each 64-byte load prefetches the line at the same offset of `prefetch` into L2
  * (NULL: none). With a constant `bytes` (a whole slice) the loop unrolls completely, which removes
@@ -536,15 +552,7 @@ AMX_INLINE void amx_width(const arm_ref_plan *plan, int width, int parts, int32_
         const size_t cols = a->n - col0 < group ? a->n - col0 : group;
         const size_t tiles = (cols + ARM_REF_AMX_ROWS - 1) / ARM_REF_AMX_ROWS;
         for (size_t m0 = 0; m0 < a->m; m0 += ARM_REF_AMX_ROWS) {
-            const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
-            if (rows != configured_rows) {
-                configure_tiles(rows);
-                configured_rows = rows;
-            }
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            const size_t rows = begin_row_block(a->m, m0, &configured_rows);
             if (m0 == 0) {
                 for (size_t begin = 0; begin < plan->k_vector; begin += slice) {
                     const size_t end = plan->k_vector - begin < slice ? plan->k_vector : begin + slice;
@@ -669,15 +677,7 @@ AMX_TARGET void arm_ref_acc_amx_prepared(const arm_ref_plan *plan, int32_t *acc)
         const size_t col0 = t0 * ARM_REF_AMX_ROWS;
         const size_t cols = a->n - col0 < tiles * ARM_REF_AMX_ROWS ? a->n - col0 : tiles * ARM_REF_AMX_ROWS;
         for (size_t m0 = 0; m0 < a->m; m0 += ARM_REF_AMX_ROWS) {
-            const size_t rows = a->m - m0 < ARM_REF_AMX_ROWS ? a->m - m0 : ARM_REF_AMX_ROWS;
-            if (rows != configured_rows) {
-                configure_tiles(rows);
-                configured_rows = rows;
-            }
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            const size_t rows = begin_row_block(a->m, m0, &configured_rows);
             amx_prepared_steps(plan, m0, rows, t0, tiles, a->lut_x_signed);
             write_tiles(plan, col0, cols, m0, rows, 1, acc);
         }
