@@ -8,7 +8,7 @@
 #   device: bash benchmarks/gpu_cifar10.sh train [ARGS]       # one budgeted call of the protocol; repeat until COMPLETE
 #   here:   bash benchmarks/gpu_cifar10.sh collect FILES_AT   # results into benchmarks/results/accuracy, state into ddq_runs
 #
-# ARGS go to `python -m ddq.experiments.cifar10` (e.g. --models resnet20 --epochs 15). BUDGET_S (default 540)
+# ARGS go to `python -m ddq.experiments.cifar10` (e.g. --models resnet20 --epochs 15; --workers 4 on a four-GPU machine). BUDGET_S (default 540)
 # is each call's training budget: it leaves a minute of the 10-minute call for start-up and copying.
 set -euo pipefail
 cd "$(dirname "$0")/.."

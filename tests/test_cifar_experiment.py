@@ -152,3 +152,42 @@ def test_networks_at_full_size():
     assert len(layers) == 53 and len(depthwise) == 17
     assert [layer.weight_quantizer.bits for _, layer in (layers[0], layers[-1])] == [8, 8]
     assert isinstance(layers[-1][1], ddq.nn.DDQLinear) and quantized(x).shape == (2, 10)
+
+
+def test_workers_run_the_same_protocol_in_parallel_processes(tmp_path):
+    """Two worker processes (on the CPU here, one GPU each on a GPU machine) compute exactly what one process
+    computes: each task is the same deterministic run, only scheduled elsewhere; QAT runs wait for their
+    network's pretraining."""
+    write_shards(tmp_path / "data")
+    runs = ["--models", "resnet20,mobilenetv2", "--runs", "fp,ddq_w2a2", "--seeds", "1"]
+    sequential = arguments(tmp_path, *runs)
+    sequential[sequential.index("--out") + 1] = str(tmp_path / "sequential")
+    sequential[sequential.index("--work-dir") + 1] = str(tmp_path / "sequential_work")
+    assert cifar10.main(sequential)["complete"]
+    status = cifar10.main(arguments(tmp_path, *runs, "--workers", "2"))
+    assert status["complete"] and not status["pending"]
+    for model in ("resnet20", "mobilenetv2"):
+        for run in ("fp_seed0", "ddq_w2a2_seed0"):
+            parallel = json.loads((tmp_path / "out" / "runs" / model / f"{run}.json").read_text())
+            alone = json.loads((tmp_path / "sequential" / "runs" / model / f"{run}.json").read_text())
+            assert [r["train_loss"] for r in parallel["curve"]] == [r["train_loss"] for r in alone["curve"]], (model, run)
+            assert (parallel["top1"], parallel["top1_at_init"]) == (alone["top1"], alone["top1_at_init"])
+    assert set(json.loads((tmp_path / "out" / "results.json").read_text())["models"]) == {"resnet20", "mobilenetv2"}
+
+
+def test_parallel_tasks_put_pretraining_first_and_make_qat_wait_for_it():
+    settings = cifar10.parse_args(["--data-dir", "unused", "--models", "resnet20,mobilenetv2", "--runs", "fp,lsq_w2a2,ddq_mixed4",
+                                   "--seeds", "1"])
+    tasks = cifar10.parallel_tasks(settings)
+    assert [t.name for t in tasks[:2]] == ["mobilenetv2/pretrain", "resnet20/pretrain"]
+    assert [t.name for t in tasks[2:5]] == ["mobilenetv2/ddq_mixed4_seed0", "mobilenetv2/lsq_w2a2_seed0", "mobilenetv2/fp_seed0"]
+    assert all(t.after == t.name.split("/")[0] + "/pretrain" for t in tasks[2:])
+    qat_only = cifar10.parallel_tasks(cifar10.parse_args(["--data-dir", "unused", "--phase", "qat", "--runs", "fp", "--seeds", "1"]))
+    assert [(t.name, t.after) for t in qat_only] == [("mobilenetv2/fp_seed0", None), ("resnet20/fp_seed0", None)]
+
+
+def test_a_failing_worker_task_is_reported_and_stops_new_tasks(tmp_path):
+    write_shards(tmp_path / "data")
+    (tmp_path / "work").mkdir()
+    with pytest.raises(SystemExit, match="resnet20/fp_seed0 failed"):
+        cifar10.main(arguments(tmp_path, "--phase", "qat", "--models", "resnet20", "--runs", "fp", "--seeds", "1", "--workers", "2"))

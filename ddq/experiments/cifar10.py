@@ -15,6 +15,7 @@ gives the protocol and the commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 import ddq
 from ddq.demo import RunConfig, make_progress
 from ddq.resource import budget_at, set_learned_bits
-from ddq.experiments import report
+from ddq.experiments import report, workers as worker_pool
 from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
 from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
@@ -88,6 +89,7 @@ class Settings:
     estimate_steps: int = 20
     eval_batch: int = 1000
     progress: bool = True
+    workers: int = 1
 
     def protocol(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in PROTOCOL_KEYS}
@@ -494,17 +496,80 @@ def estimate(data: Data, env: Environment, settings: Settings, store: Store) -> 
     return payload
 
 
-def run_experiment(settings: Settings) -> dict[str, Any]:
-    """Run the configured phases; returns the status (complete or stopped by the time budget) and the summary."""
-    deadline = Deadline(settings.time_budget_s)
+# Relative cost of a run's epoch, for the order in which parallel workers take tasks (longest first).
+RUN_COST = {"ddq_mixed3": 4, "ddq_mixed4": 4, "ddq_w4a4": 3, "ddq_w2a2": 3, "lsq_w2a2": 2, "lsq_w4a4": 2, "fp": 1}
+MODEL_COST = {"mobilenetv2": 2, "resnet20": 1}
+MIN_TASK_START_S = 60.0  # a worker task needs start-up, the evaluation at init and one epoch to make progress
+
+
+def parallel_tasks(settings: Settings) -> list[worker_pool.Task]:
+    """The phases' work as worker tasks: pretrainings first, then QAT runs, longest first; a QAT run waits for
+    its network's pretraining when that is part of this call."""
+    pretraining = [worker_pool.Task(f"{m}/pretrain") for m in sorted(settings.models, key=lambda m: -MODEL_COST[m])] \
+        if settings.phase in ("pretrain", "all") else []
+    names = {t.name for t in pretraining}
+    qat = [worker_pool.Task(job.name, f"{job.model}/pretrain" if f"{job.model}/pretrain" in names else None)
+           for job in sorted(jobs(settings), key=lambda j: (-MODEL_COST[j.model], -RUN_COST[j.run]))] \
+        if settings.phase in ("qat", "all") else []
+    return pretraining + qat
+
+
+def task_job(task_name: str) -> tuple[str, Optional[Job]]:
+    """(network, its QAT job) of a task name "model/run_seedN"; the job is None for "model/pretrain"."""
+    model_name, run = task_name.split("/")
+    if run == "pretrain":
+        return model_name, None
+    run_name, seed = run.rsplit("_seed", 1)
+    return model_name, Job(model_name, run_name, int(seed))
+
+
+def run_task(settings_fields: dict[str, Any], task_name: str, budget_s: Optional[float]) -> None:
+    """One worker task in its own process: a network's FP pretraining or one QAT run, stopped by `budget_s`."""
+    as_tuples = {key: tuple(value) for key, value in settings_fields.items() if isinstance(value, list)}
+    settings = Settings(**{**settings_fields, **as_tuples, "time_budget_s": budget_s, "workers": 1})
     env = Environment(settings)
-    data = Data(settings, env)  # first: a bad --data-dir leaves no folders behind
-    store = Store(settings)
-    report.record_command(store.out, sys.argv, env.facts())
-    if settings.phase == "estimate":
-        return {"complete": True, "estimate": estimate(data, env, settings, store)}
+    data, store = Data(settings, env), Store(settings)
+    model_name, job = task_job(task_name)
+    try:
+        if job is None:
+            pretrain(model_name, data, env, settings, store, Deadline(budget_s))
+        else:
+            run_qat(job, data, env, settings, store, Deadline(budget_s))
+    except OutOfTime:
+        print(f"{task_name}: time budget reached; its state is saved", flush=True)
+        sys.exit(worker_pool.STOPPED_EXIT)
+
+
+def finished_task(task: worker_pool.Task, store: Store) -> bool:
+    model_name, job = task_job(task.name)
+    if job is None:
+        return store.finished(store.pretrain_result_path(model_name)) and store.checkpoint_path(model_name).exists()
+    return store.finished(store.result_path(job))
+
+
+def run_on_workers(settings: Settings, store: Store, deadline: Deadline) -> list[str]:
+    """The phases on `settings.workers` processes, one GPU each (or all on the CPU); returns the unfinished tasks.
+    Tasks finished earlier are skipped here, so no worker spends a start-up on them."""
+    devices = worker_pool.slot_devices(settings.workers) if settings.device != "cpu" else [None] * settings.workers
+    tasks = []
+    for task in parallel_tasks(settings):
+        if finished_task(task, store):
+            print(f"{task.name}: done earlier", flush=True)
+        else:
+            tasks.append(task)
+    fields_ = dataclasses.asdict(settings)
+    outcome = worker_pool.run_tasks(tasks, "ddq.experiments.cifar10:run_task",
+                                    lambda task, left: [fields_, task.name, None if math.isinf(left) else left],
+                                    devices, deadline.remaining, MIN_TASK_START_S)
+    if outcome.failed:
+        raise DataError(f"worker task(s) {', '.join(outcome.failed)} failed (their error is printed above); "
+                        "finished work is saved, call again to continue")
+    return outcome.stopped + outcome.not_started
+
+
+def run_sequentially(settings: Settings, data: Data, env: Environment, store: Store, deadline: Deadline) -> list[str]:
+    """The phases in this process, one task after another; returns the unfinished tasks."""
     pending = [job.name for job in jobs(settings)] if settings.phase in ("qat", "all") else []
-    complete = True
     try:
         if settings.phase in ("pretrain", "all"):
             for model_name in settings.models:
@@ -514,9 +579,28 @@ def run_experiment(settings: Settings) -> dict[str, Any]:
                 run_qat(job, data, env, settings, store, deadline)
                 pending.remove(job.name)
     except OutOfTime:
-        complete = False
+        return pending or ["pretraining"]
+    return []
+
+
+def run_experiment(settings: Settings) -> dict[str, Any]:
+    """Run the configured phases; returns the status (complete or stopped by the time budget) and the summary."""
+    deadline = Deadline(settings.time_budget_s)
+    env = Environment(settings)
+    data = Data(settings, env)  # first: a bad --data-dir leaves no folders behind
+    store = Store(settings)
+    report.record_command(store.out, sys.argv, env.facts())
+    if settings.phase == "estimate":
+        return {"complete": True, "estimate": estimate(data, env, settings, store)}
+    if settings.workers > 1:
+        del data  # the workers load their own copies onto their own GPUs
+        pending = run_on_workers(settings, store, deadline)
+    else:
+        pending = run_sequentially(settings, data, env, store, deadline)
+    complete = not pending
+    if not complete:
         print(f"time budget of {settings.time_budget_s:.0f} s reached; finished work is saved. Still to do: "
-              f"{', '.join(pending) or 'pretraining'}. Call again with the same arguments to continue.", flush=True)
+              f"{', '.join(pending)}. Call again with the same arguments to continue.", flush=True)
     summary = report.write_report(store.out)
     print(report.markdown_table(summary), flush=True)
     print("PROTOCOL COMPLETE" if complete else f"INCOMPLETE: {len(pending)} run(s) left", flush=True)
@@ -559,6 +643,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     add("--time-budget-s", type=float, default=None, help="stop cleanly (state saved) before this many seconds")
     add("--estimate-steps", type=int, default=defaults.estimate_steps, help="--phase estimate: timed steps per kind of run")
     add("--no-progress", dest="progress", action="store_false")
+    add("--workers", type=int, default=defaults.workers,
+        help="run tasks (pretrainings, QAT runs) in this many processes at once, one GPU each (on CPU: all on the CPU)")
     args = vars(parser.parse_args(argv))
     split = lambda text: tuple(item for item in text.split(",") if item)  # noqa: E731
     args.update(models=split(args["models"]), runs=split(args["runs"]), one_seed_runs=split(args["one_seed_runs"]))
@@ -568,6 +654,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
         (not settings.runs or any(r not in RUNS for r in settings.runs), f"--runs must name some of {tuple(RUNS)}, got {settings.runs}"),
         (any(r not in RUNS for r in settings.one_seed_runs), f"--one-seed-runs must name runs of {tuple(RUNS)}"),
         (settings.seeds < 1, "--seeds must be at least 1"),
+        (settings.workers < 1, "--workers must be at least 1"),
         (settings.pretrain_epochs < 1 or settings.epochs < 1, "--pretrain-epochs and --epochs must be at least 1"),
         (settings.batch_size < 1 or settings.eval_batch < 1 or settings.estimate_steps < 1,
          "--batch-size, --eval-batch and --estimate-steps must be at least 1"),
