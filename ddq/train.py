@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -43,6 +44,9 @@ from ddq.optim import FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, freeze_bits_once
 
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50")
 MODELS = TORCHVISION_MODELS + ("small_cnn",)
+# DataLoader workers start from a thread-free forkserver where the platform has one (not Windows): forked from
+# this process, after gloo/NCCL and OpenMP started threads, a worker can inherit a lock held (a rare CI hang).
+LOADER_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
 METHODS = ("fp", "ddq", "lsq")
 CHECKPOINT_FORMAT = "ddq.train/2"
 # Settings that define the model or the trajectory: a resumed run must match them to continue exactly.
@@ -575,6 +579,7 @@ class Trainer:
         return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=workers,
                           pin_memory=self.ctx.device.type == "cuda", drop_last=sampler is self.sampler,
                           persistent_workers=False, prefetch_factor=4 if workers else None,
+                          multiprocessing_context=LOADER_START_METHOD if workers else None,
                           # The loader draws its workers' base seed from this generator, not the global RNG.
                           generator=torch.Generator().manual_seed(shuffle_seed))
 
