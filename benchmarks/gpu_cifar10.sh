@@ -10,23 +10,27 @@
 #
 # ARGS go to `python -m ddq.experiments.cifar10` (e.g. --models resnet20 --epochs 15; --workers 4 on a four-GPU machine). BUDGET_S (default 540)
 # is each call's training budget: it leaves a minute of the 10-minute call for start-up and copying.
+# RESULTS (default accuracy) names the results folder, here and on the device (ddq_runs/cifar10/RESULTS) and in
+# benchmarks/results/RESULTS: an ablation (e.g. RESULTS=accuracy_range_steps with --phase qat --range-lr-scale steps)
+# keeps its own table and reuses the FP checkpoints in ddq_runs/cifar10/work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=ddq_runs/cifar10
 SOURCE=${CIFAR10_SOURCE:-../shared/data/cifar10}
 BUDGET_S=${BUDGET_S:-540}
+RESULTS=${RESULTS:-accuracy}
 command=${1:?usage: gpu_cifar10.sh stage|receive|estimate|train|collect [args]}
 shift
 
 copy_out() {  # results and the state a cold machine needs, back to this machine through $OUT
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT/cifar10"
-    cp -r "$ROOT/accuracy" "$OUT/cifar10/" 2>/dev/null || true
+    cp -r "$ROOT/$RESULTS" "$OUT/cifar10/" 2>/dev/null || true
     mkdir -p "$OUT/cifar10/work"
     cp "$ROOT"/work/fp_*.pt "$OUT/cifar10/work/" 2>/dev/null || true
     [ -d "$ROOT/work/partial" ] && cp -r "$ROOT/work/partial" "$OUT/cifar10/work/" || true
     # The device tool returns folders only a few levels deep: runs/<model>/*.json travel in this archive.
-    tar czf "$OUT/cifar10_state.tgz" -C "$ROOT" accuracy work
+    tar czf "$OUT/cifar10_state.tgz" -C "$ROOT" "$RESULTS" work
 }
 
 case "$command" in
@@ -57,14 +61,14 @@ receive)
     ;;
 estimate)
     PYTHONUNBUFFERED=1 python3 -m ddq.experiments.cifar10 --phase estimate --data-dir "$ROOT/data" \
-        --out "$ROOT/accuracy" --work-dir "$ROOT/work" --no-progress "$@"
+        --out "$ROOT/$RESULTS" --work-dir "$ROOT/work" --no-progress "$@"
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
     copy_out
     ;;
 train)
     status=0
     PYTHONUNBUFFERED=1 python3 -m ddq.experiments.cifar10 --phase all --data-dir "$ROOT/data" \
-        --out "$ROOT/accuracy" --work-dir "$ROOT/work" --time-budget-s "$BUDGET_S" --no-progress "$@" || status=$?
+        --out "$ROOT/$RESULTS" --work-dir "$ROOT/work" --time-budget-s "$BUDGET_S" --no-progress "$@" || status=$?
     copy_out
     exit $status
     ;;
@@ -76,11 +80,11 @@ collect)
         tar xzf "$from/cifar10_state.tgz" -C "$unpacked/cifar10"
         from=$unpacked
     fi
-    mkdir -p benchmarks/results/accuracy "$ROOT/work"
-    cp -r "$from/cifar10/accuracy/." benchmarks/results/accuracy/
-    cp -r "$from/cifar10/accuracy" "$ROOT/"
+    mkdir -p "benchmarks/results/$RESULTS" "$ROOT/work"
+    cp -r "$from/cifar10/$RESULTS/." "benchmarks/results/$RESULTS/"
+    cp -r "$from/cifar10/$RESULTS" "$ROOT/"
     cp -r "$from/cifar10/work/." "$ROOT/work/"
-    echo "results in benchmarks/results/accuracy; state for a cold machine in $ROOT/{accuracy,work}"
+    echo "results in benchmarks/results/$RESULTS; state for a cold machine in $ROOT/{$RESULTS,work}"
     ;;
 *)
     echo "unknown command $command; use stage, receive, estimate, train or collect" >&2

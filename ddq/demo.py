@@ -68,7 +68,7 @@ class Settings:
     qat_lr: float = 5e-4
     quant_lr: float = 1e-3
     gate_lr: float = GATE_LR
-    scale_range_lr: bool = True
+    range_lr_scale: str = "width"
     resource_strength: float = 1e-3
     dual_rate: float = 0.05
     width: int = 16
@@ -174,7 +174,7 @@ def run_qat(config: RunConfig, fp_state: dict, data: Dataset, settings: Settings
         ddq.initialize_quantizers(model, data.train_x[: settings.batch_size * 4])
         # Groups first: range learning rates follow the bits the layer is meant to end at, not the 8 it starts from.
         optimizers = [torch.optim.Adam(parameter_groups(model, settings.qat_lr, quant_lr=settings.quant_lr,
-                                                        scale_range_lr=settings.scale_range_lr, include_gates=False))]
+                                                        range_lr_scale=settings.range_lr_scale, include_gates=False))]
         gates = gate_optimizer(model, settings.gate_lr)
         if config.learn_bits:
             weight_budget, bitops_budget = budget_at(model, config.bits)

@@ -3,10 +3,15 @@
 RESEARCH_NOTES: a range parameter is ~(2^b − 1)× larger than a step and its gradient ~(2^b − 1)×
 smaller, so SGD barely moves it; per-parameter normalised updates (Adam) suit ranges and residuals,
 each with its own learning rate and no weight decay. Adam moves a parameter by about its learning rate
-per step whatever the gradient's scale, so a DDQ range (α, h, lo/hi: 2^b − 1 steps wide) moves
-(2^b − 1)× slower, relative to its size, than an LSQ step at the same learning rate. With
-`scale_range_lr` the DDQ range parameters get quant_lr·(2^b − 1), b = the quantizer's init_bits (the
-bits it was built for, also when learned bits start higher): the same relative speed as LSQ's step.
+per step whatever the gradient's scale, so a DDQ range parameter moves slower, relative to its size, than
+an LSQ step at the same learning rate, by the number of grid steps it spans. `range_lr_scale` sets the
+DDQ range parameters' rate to quant_lr times (b = the quantizer's init_bits, the bits it was built for,
+also when learned bits start higher):
+- "width" (the default, every measured table): 2^b − 1, the steps across the whole grid, for every mode;
+- "steps": the steps the parameter itself spans: 2^b − 1 for an unsigned top h and affine ends lo/hi, but
+  (2^b − 1)/2 for a symmetric α (a half-width), so every range moves at exactly an LSQ step's relative speed
+  ("width" moves a symmetric α twice as fast; docs/cifar10.md has the experiment that tests which is better);
+- "none": 1.
 
 Gate logits are the exception to normalised updates: Adam moves every layer's gates at the same speed
 whatever the layer's share of the resource cost, so all layers end at identical bits (uniform precision
@@ -30,16 +35,28 @@ GATE_LR = 0.1
 FREEZE_BITS_AT = 0.75
 
 
-def range_lr_multiplier(module: nn.Module, name: str) -> int:
-    """2^init_bits − 1 for a DDQ range parameter (it spans that many steps), 1 for everything else."""
-    return 2**module.init_bits - 1 if isinstance(module, DDQQuantizer) and name.startswith("range_") else 1
+RANGE_LR_SCALES = ("width", "steps", "none")
+
+
+def range_lr_multiplier(module: nn.Module, name: str, scale: str = "width") -> float:
+    """The factor on quant_lr of a DDQ range parameter under `scale` (module docstring); 1 for the rest.
+    "steps" reads the quantizer's mode: build the optimizer after the quantizers saw their first batch
+    (an unresolved "auto" mode counts as unsigned)."""
+    if scale not in RANGE_LR_SCALES:
+        raise ValueError(f"range_lr_scale must be one of {RANGE_LR_SCALES}, got {scale!r}")
+    if scale == "none" or not (isinstance(module, DDQQuantizer) and name.startswith("range_")):
+        return 1.0
+    width = 2.0**module.init_bits - 1
+    return width / 2 if scale == "steps" and module.mode == "symmetric" else width
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
-                     gate_lr: float | None = None, scale_range_lr: bool = True, include_gates: bool = True) -> list[dict[str, Any]]:
+                     gate_lr: float | None = None, range_lr_scale: str = "width", include_gates: bool = True) -> list[dict[str, Any]]:
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
-    scaled by 2^init_bits − 1 when `scale_range_lr`) and gate logits at gate_lr (both default to lr), never
-    decayed. `include_gates=False` leaves the gates out (for `gate_optimizer`). Empty groups are left out."""
+    times `range_lr_multiplier`) and gate logits at gate_lr (both default to lr), never decayed.
+    `include_gates=False` leaves the gates out (for `gate_optimizer`). Empty groups are left out."""
+    if range_lr_scale not in RANGE_LR_SCALES:
+        raise ValueError(f"range_lr_scale must be one of {RANGE_LR_SCALES}, got {range_lr_scale!r}")
     quant_lr = quant_lr or lr
     quantizer_params: set[int] = set()
     range_params: dict[int, list[nn.Parameter]] = {}
@@ -54,7 +71,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, qua
             if name == "gate_logits":
                 gates.append(param)
             else:
-                multiplier = range_lr_multiplier(module, name) if scale_range_lr else 1
+                multiplier = range_lr_multiplier(module, name, range_lr_scale)
                 range_params.setdefault(multiplier, []).append(param)
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quantizer_params]
     groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "role": "weights"}]

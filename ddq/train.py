@@ -40,7 +40,8 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.distributed import gather_objects, is_distributed, state_fingerprint, sync_buffers, sync_quantizers
 from ddq.imagefolder import DataError, ImageFolder, ResumableDistributedSampler, normalize
 from ddq.models import SmallCNN
-from ddq.optim import FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
+from ddq.optim import (FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer,
+                       parameter_groups)
 
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50")
 MODELS = TORCHVISION_MODELS + ("small_cnn",)
@@ -53,7 +54,9 @@ CHECKPOINT_FORMAT = "ddq.train/2"
 RESUME_KEYS = ("model", "width", "image_size", "method", "weight_bits", "act_bits", "learn_bits", "target_bits",
                "bitops_budget", "learn_levels", "min_bits", "first_last_bits", "act_mode", "start_bits", "batch_size",
                "epochs", "optimizer", "lr", "weight_decay", "momentum", "quant_lr", "quant_weight_decay", "gate_lr",
-               "warmup_epochs", "label_smoothing", "dual_rate", "seed", "sync_bn", "world_size")
+               "range_lr_scale", "warmup_epochs", "label_smoothing", "dual_rate", "seed", "sync_bn", "world_size")
+# Keys added after checkpoints were written: a checkpoint without one was made at this value.
+RESUME_KEYS_ADDED = {"range_lr_scale": "width"}
 
 
 class UsageError(ValueError):
@@ -91,6 +94,7 @@ class Config:
     quant_lr: Optional[float] = None
     quant_weight_decay: float = 0.0
     gate_lr: float = GATE_LR
+    range_lr_scale: str = "width"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     amp: str = "auto"
@@ -150,6 +154,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     opt.add_argument("--quant-lr", type=float, default=None, help="quantizer ranges and levels (default --lr)")
     opt.add_argument("--quant-weight-decay", type=float, default=0.0, help="quantizer ranges and levels")
     opt.add_argument("--gate-lr", type=float, default=GATE_LR, help="bit gates, by plain SGD (ddq.optim.gate_optimizer)")
+    opt.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width",
+                     help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
     opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up, then cosine to 0")
     opt.add_argument("--label-smoothing", type=float, default=0.1)
     run = parser.add_argument_group("run")
@@ -317,7 +323,8 @@ def quantize(model: nn.Module, config: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr or config.lr, include_gates=False)
+    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr or config.lr,
+                              range_lr_scale=config.range_lr_scale, include_gates=False)
     for group in groups:
         if group["role"] != "weights":
             group["weight_decay"] = config.quant_weight_decay
@@ -554,8 +561,8 @@ class Trainer:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{str(path)!r} is not a ddq.train checkpoint (use --pretrained for FP weights)")
         saved = payload["config"]
-        differences = [f"{key}: checkpoint {saved.get(key)!r}, now {getattr(self.config, key)!r}"
-                       for key in RESUME_KEYS if saved.get(key) != getattr(self.config, key)]
+        differences = [f"{key}: checkpoint {saved.get(key, RESUME_KEYS_ADDED.get(key))!r}, now {getattr(self.config, key)!r}"
+                       for key in RESUME_KEYS if saved.get(key, RESUME_KEYS_ADDED.get(key)) != getattr(self.config, key)]
         if differences:
             raise UsageError(f"cannot resume from {str(path)!r}: it was written by another configuration "
                              f"({'; '.join(differences)}); an exact continuation needs the same settings")

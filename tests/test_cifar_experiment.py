@@ -191,3 +191,18 @@ def test_a_failing_worker_task_is_reported_and_stops_new_tasks(tmp_path):
     (tmp_path / "work").mkdir()
     with pytest.raises(SystemExit, match="resnet20/fp_seed0 failed"):
         cifar10.main(arguments(tmp_path, "--phase", "qat", "--models", "resnet20", "--runs", "fp", "--seeds", "1", "--workers", "2"))
+
+
+def test_results_saved_before_a_protocol_key_existed_count_at_its_old_value(tmp_path):
+    write_shards(tmp_path / "data")
+    argv = arguments(tmp_path, "--models", "resnet20", "--runs", "ddq_w4a4", "--seeds", "1")
+    assert cifar10.main(argv)["complete"]
+    result = tmp_path / "out" / "runs" / "resnet20" / "ddq_w4a4_seed0.json"
+    saved = json.loads(result.read_text())
+    assert saved["protocol"]["range_lr_scale"] == "width"
+    del saved["protocol"]["range_lr_scale"]  # as written before the key existed
+    result.write_text(json.dumps(saved))
+    stamp = result.stat().st_mtime_ns
+    assert cifar10.main(argv)["complete"] and result.stat().st_mtime_ns == stamp, "still this protocol's result"
+    with pytest.raises(SystemExit, match="range_lr_scale: saved 'width', now 'steps'"):
+        cifar10.main(argv + ["--range-lr-scale", "steps"])

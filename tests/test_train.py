@@ -265,5 +265,11 @@ def test_checkpoints_of_another_model_are_refused(data, tmp_path, capsys):
     other = COMMON + data_args(data) + ["--out", str(tmp_path / "c"), "--batch-size", "16", "--width", "4",
                                         "--resume", str(tmp_path / "b" / "checkpoint.pt")]
     assert "width: checkpoint 8, now 4" in run_error(other, capsys)
+    checkpoint = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    del checkpoint["config"]["range_lr_scale"]  # as written before the setting existed: made at "width"
+    torch.save(checkpoint, tmp_path / "before.pt")
+    steps = COMMON + data_args(data) + ["--out", str(tmp_path / "e"), "--batch-size", "16", "--range-lr-scale", "steps",
+                                        "--resume", str(tmp_path / "before.pt")]
+    assert "range_lr_scale: checkpoint 'width', now 'steps'" in run_error(steps, capsys)
     not_ours = COMMON + data_args(data) + ["--out", str(tmp_path / "d"), "--resume", str(good)]
     assert "not a ddq.train checkpoint" in run_error(not_ours, capsys)

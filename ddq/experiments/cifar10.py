@@ -38,7 +38,7 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.experiments import report, workers as worker_pool
 from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
-from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
+from ddq.optim import FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 from ddq.train import atomic_save, warmup_cosine
 
 MODELS = ("resnet20", "mobilenetv2")
@@ -55,7 +55,10 @@ ONE_SEED_RUNS = ("fp", "lsq_w4a4", "ddq_w4a4")
 PHASES = ("pretrain", "qat", "all", "estimate")
 # Settings that define a result: a finished run or a partial state made under other values is not reused.
 PROTOCOL_KEYS = ("train_shards", "pretrain_epochs", "epochs", "batch_size", "pretrain_lr", "lr", "momentum", "weight_decay",
-                 "quant_lr", "gate_lr", "resource_strength", "dual_rate", "resnet_width", "mobilenet_width", "pretrain_seed")
+                 "quant_lr", "gate_lr", "resource_strength", "dual_rate", "resnet_width", "mobilenet_width", "pretrain_seed",
+                 "range_lr_scale")
+# Keys added after results were saved: a saved protocol without one was made at this value.
+PROTOCOL_KEYS_ADDED = {"range_lr_scale": "width"}
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Settings:
     weight_decay: float = 5e-4
     quant_lr: float = 1e-3
     gate_lr: float = GATE_LR
+    range_lr_scale: str = "width"
     resource_strength: float = 1e-3
     dual_rate: float = 0.05
     resnet_width: int = 16
@@ -189,7 +193,8 @@ class Training:
     def __init__(self, model: nn.Module, data: Data, env: Environment, settings: Settings, epochs: int, lr: float,
                  seed: int, resource: Optional[ddq.ResourceLoss] = None) -> None:
         self.model, self.data, self.env, self.settings, self.epochs, self.resource = model, data, env, settings, epochs, resource
-        groups = parameter_groups(model, lr, settings.weight_decay, quant_lr=settings.quant_lr, include_gates=False)
+        groups = parameter_groups(model, lr, settings.weight_decay, quant_lr=settings.quant_lr,
+                                  range_lr_scale=settings.range_lr_scale, include_gates=False)
         weights = [g for g in groups if g["role"] == "weights"]
         quantizer = [g for g in groups if g["role"] != "weights"]
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(weights, lr=lr, momentum=settings.momentum)]
@@ -325,19 +330,23 @@ class Store:
         """True when `path` holds a result of this protocol; a result of another protocol is an error."""
         if not path.exists():
             return False
-        saved = json.loads(path.read_text()).get("protocol", {})
-        differences = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.protocol.items() if saved.get(k) != v]
+        differences = self.differences(json.loads(path.read_text()).get("protocol", {}))
         if differences:
             raise DataError(f"{path} was made with other settings ({'; '.join(differences)}); "
                             "use another --out (and --work-dir) or the same settings")
         return True
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """How a saved protocol differs from this call's ("key: saved X, now Y"); empty when they match."""
+        return [f"{k}: saved {saved.get(k, PROTOCOL_KEYS_ADDED.get(k))!r}, now {v!r}" for k, v in self.protocol.items()
+                if saved.get(k, PROTOCOL_KEYS_ADDED.get(k)) != v]
 
     def load_partial(self, name: str) -> Optional[dict[str, Any]]:
         path = self.partial_path(name)
         if not path.exists():
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("protocol") != self.protocol:
+        if self.differences(state.get("protocol") or {}):
             raise DataError(f"{path} was made with other settings ({state.get('protocol')}); delete it or use the same settings")
         return state
 
@@ -631,6 +640,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     add("--momentum", type=float, default=defaults.momentum)
     add("--weight-decay", type=float, default=defaults.weight_decay, help="weights only (quantizer parameters: none)")
     add("--quant-lr", type=float, default=defaults.quant_lr, help="Adam lr of quantizer ranges and levels (DDQ ranges ×(2^b−1))")
+    add("--range-lr-scale", choices=RANGE_LR_SCALES, default=defaults.range_lr_scale,
+        help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
     add("--gate-lr", type=float, default=defaults.gate_lr, help="SGD lr of DDQ gate logits (mixed runs)")
     add("--resource-strength", type=float, default=defaults.resource_strength, help="initial λ of the mixed runs")
     add("--dual-rate", type=float, default=defaults.dual_rate, help="dual-ascent rate of λ per step")
