@@ -28,7 +28,7 @@ from torch.nn import functional as F
 import ddq
 from ddq.data import load_dataset
 from ddq.models import SmallCNN
-from ddq.optim import FREEZE_BITS_AT, GATE_LR, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
+from ddq.optim import FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
 from ddq.resource import budget_at, set_learned_bits
 from ddq.deploy import use_lut_levels
 
@@ -314,6 +314,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     parser.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs per run (default 4; 2 for the larger sets)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width",
+                        help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-progress", action="store_true")
@@ -326,7 +328,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
         fp_epochs=args.fp_epochs or (2 if large else 4), qat_epochs=args.qat_epochs or (2 if large else 4),
         batch_size=args.batch_size or (128 if large else 64), runs=tuple(r for r in args.runs.split(",") if r),
         device=args.device, out=args.out or f"ddq_runs/demo-{args.data}", progress=not args.no_progress,
-        width=32 if args.data == "cifar10" else 16,
+        width=32 if args.data == "cifar10" else 16, range_lr_scale=args.range_lr_scale,
     )
 
 

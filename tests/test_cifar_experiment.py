@@ -206,3 +206,16 @@ def test_results_saved_before_a_protocol_key_existed_count_at_its_old_value(tmp_
     assert cifar10.main(argv)["complete"] and result.stat().st_mtime_ns == stamp, "still this protocol's result"
     with pytest.raises(SystemExit, match="range_lr_scale: saved 'width', now 'steps'"):
         cifar10.main(argv + ["--range-lr-scale", "steps"])
+
+
+def test_worker_slots_take_the_visible_gpus_and_refuse_more_workers_than_gpus(monkeypatch):
+    from ddq.experiments import workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert workers.slot_devices(2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,6")
+    assert workers.slot_devices(2) == ["3", "5"]
+    with pytest.raises(ValueError, match="4 workers need 4 GPUs; this machine shows 3 \\(3, 5, 6\\)"):
+        workers.slot_devices(4)

@@ -41,3 +41,13 @@ def test_bad_dataset_arguments():
         load_dataset("imagenet")
     with pytest.raises(FileNotFoundError, match="CIFAR-10"):
         load_dataset("cifar10", "/nonexistent")
+
+
+def test_range_lr_scale_flag_reaches_the_settings_and_rejects_unknown_values(capsys):
+    import pytest
+
+    assert demo.parse_args([]).range_lr_scale == "width", "the measured tables' default"
+    assert demo.parse_args(["--range-lr-scale", "steps"]).range_lr_scale == "steps"
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--range-lr-scale", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err

@@ -559,7 +559,10 @@ def finished_task(task: worker_pool.Task, store: Store) -> bool:
 def run_on_workers(settings: Settings, store: Store, deadline: Deadline) -> list[str]:
     """The phases on `settings.workers` processes, one GPU each (or all on the CPU); returns the unfinished tasks.
     Tasks finished earlier are skipped here, so no worker spends a start-up on them."""
-    devices = worker_pool.slot_devices(settings.workers) if settings.device != "cpu" else [None] * settings.workers
+    try:
+        devices = worker_pool.slot_devices(settings.workers) if settings.device != "cpu" else [None] * settings.workers
+    except ValueError as error:
+        raise DataError(f"--workers {settings.workers}: {error}") from error
     tasks = []
     for task in parallel_tasks(settings):
         if finished_task(task, store):

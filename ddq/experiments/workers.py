@@ -2,9 +2,10 @@
 task whose prerequisite has finished (issue 4: the CIFAR-10 protocol on a multi-GPU machine).
 
 A task runs in a fresh interpreter (`python -m ddq.experiments.workers MODULE:FUNCTION ARGS_JSON`) started
-with CUDA_VISIBLE_DEVICES naming only its GPU: set before the interpreter starts, because importing ddq already
-asks CUDA for its devices. So every task is exactly what a one-GPU call would compute. Exit code 0 means finished, `STOPPED_EXIT` means the time budget
-ended first (the task saved its state and resumes on the next call); anything else is a failure.
+with CUDA_VISIBLE_DEVICES naming only its GPU: set before the interpreter starts, because importing ddq
+already asks CUDA for its devices. So every task is exactly what a one-GPU call would compute. Exit code 0
+means finished, `STOPPED_EXIT` that the time budget ended first (the task saved its state and resumes on the
+next call); anything else is a failure.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 STOPPED_EXIT = 3
