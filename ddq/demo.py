@@ -28,7 +28,8 @@ from torch.nn import functional as F
 import ddq
 from ddq.data import load_dataset
 from ddq.models import SmallCNN
-from ddq.optim import FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
+from ddq.optim import (FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALE_HELP, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer,
+                       parameter_groups)
 from ddq.resource import budget_at, set_learned_bits
 from ddq.deploy import use_lut_levels
 
@@ -314,8 +315,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     parser.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs per run (default 4; 2 for the larger sets)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
-    parser.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width",
-                        help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
+    parser.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width", help=RANGE_LR_SCALE_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-progress", action="store_true")

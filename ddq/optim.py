@@ -36,14 +36,19 @@ FREEZE_BITS_AT = 0.75
 
 
 RANGE_LR_SCALES = ("width", "steps", "none")
+RANGE_LR_SCALE_HELP = "DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range"
+
+
+def check_range_lr_scale(scale: str) -> None:
+    if scale not in RANGE_LR_SCALES:
+        raise ValueError(f"range_lr_scale must be one of {RANGE_LR_SCALES}, got {scale!r}")
 
 
 def range_lr_multiplier(module: nn.Module, name: str, scale: str = "width") -> float:
     """The factor on quant_lr of a DDQ range parameter under `scale` (module docstring); 1 for the rest.
     "steps" reads the quantizer's mode: build the optimizer after the quantizers saw their first batch
     (an unresolved "auto" mode counts as unsigned)."""
-    if scale not in RANGE_LR_SCALES:
-        raise ValueError(f"range_lr_scale must be one of {RANGE_LR_SCALES}, got {scale!r}")
+    check_range_lr_scale(scale)
     if scale == "none" or not (isinstance(module, DDQQuantizer) and name.startswith("range_")):
         return 1.0
     width = 2.0**module.init_bits - 1
@@ -55,8 +60,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, qua
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
     times `range_lr_multiplier`) and gate logits at gate_lr (both default to lr), never decayed.
     `include_gates=False` leaves the gates out (for `gate_optimizer`). Empty groups are left out."""
-    if range_lr_scale not in RANGE_LR_SCALES:
-        raise ValueError(f"range_lr_scale must be one of {RANGE_LR_SCALES}, got {range_lr_scale!r}")
+    check_range_lr_scale(range_lr_scale)
     quant_lr = quant_lr or lr
     quantizer_params: set[int] = set()
     range_params: dict[int, list[nn.Parameter]] = {}

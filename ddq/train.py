@@ -40,8 +40,8 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.distributed import gather_objects, is_distributed, state_fingerprint, sync_buffers, sync_quantizers
 from ddq.imagefolder import DataError, ImageFolder, ResumableDistributedSampler, normalize
 from ddq.models import SmallCNN
-from ddq.optim import (FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer,
-                       parameter_groups)
+from ddq.optim import (FREEZE_BITS_AT, GATE_LR, QUANTIZER_TYPES, RANGE_LR_SCALE_HELP, RANGE_LR_SCALES,
+                       freeze_bits_once_within_budget, gate_optimizer, parameter_groups)
 
 TORCHVISION_MODELS = ("mobilenet_v2", "resnet18", "resnet50")
 MODELS = TORCHVISION_MODELS + ("small_cnn",)
@@ -154,8 +154,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Config:
     opt.add_argument("--quant-lr", type=float, default=None, help="quantizer ranges and levels (default --lr)")
     opt.add_argument("--quant-weight-decay", type=float, default=0.0, help="quantizer ranges and levels")
     opt.add_argument("--gate-lr", type=float, default=GATE_LR, help="bit gates, by plain SGD (ddq.optim.gate_optimizer)")
-    opt.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width",
-                     help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
+    opt.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width", help=RANGE_LR_SCALE_HELP)
     opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up, then cosine to 0")
     opt.add_argument("--label-smoothing", type=float, default=0.1)
     run = parser.add_argument_group("run")

@@ -38,7 +38,8 @@ from ddq.resource import budget_at, set_learned_bits
 from ddq.experiments import report, workers as worker_pool
 from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
-from ddq.optim import FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer, parameter_groups
+from ddq.optim import (FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALE_HELP, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer,
+                       parameter_groups)
 from ddq.train import atomic_save, warmup_cosine
 
 MODELS = ("resnet20", "mobilenetv2")
@@ -323,6 +324,10 @@ class Store:
     def checkpoint_path(self, model: str) -> Path:
         return self.work / f"fp_{model}.pt"
 
+    def pretrained(self, model: str) -> bool:
+        """The network's FP pretraining finished under this protocol and its checkpoint is here."""
+        return self.finished(self.pretrain_result_path(model)) and self.checkpoint_path(model).exists()
+
     def partial_path(self, name: str) -> Path:
         return self.work / "partial" / f"{name.replace('/', '_')}.pt"
 
@@ -382,7 +387,7 @@ def to_device(model: nn.Module, env: Environment) -> nn.Module:
 
 def pretrain(model_name: str, data: Data, env: Environment, settings: Settings, store: Store, deadline: Deadline) -> None:
     path = store.pretrain_result_path(model_name)
-    if store.finished(path) and store.checkpoint_path(model_name).exists():
+    if store.pretrained(model_name):
         print(f"{model_name} FP pretraining: done earlier ({path})", flush=True)
         return
     name = f"{model_name}/pretrain"
@@ -551,9 +556,7 @@ def run_task(settings_fields: dict[str, Any], task_name: str, budget_s: Optional
 
 def finished_task(task: worker_pool.Task, store: Store) -> bool:
     model_name, job = task_job(task.name)
-    if job is None:
-        return store.finished(store.pretrain_result_path(model_name)) and store.checkpoint_path(model_name).exists()
-    return store.finished(store.result_path(job))
+    return store.pretrained(model_name) if job is None else store.finished(store.result_path(job))
 
 
 def run_on_workers(settings: Settings, store: Store, deadline: Deadline) -> list[str]:
@@ -643,8 +646,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     add("--momentum", type=float, default=defaults.momentum)
     add("--weight-decay", type=float, default=defaults.weight_decay, help="weights only (quantizer parameters: none)")
     add("--quant-lr", type=float, default=defaults.quant_lr, help="Adam lr of quantizer ranges and levels (DDQ ranges ×(2^b−1))")
-    add("--range-lr-scale", choices=RANGE_LR_SCALES, default=defaults.range_lr_scale,
-        help="DDQ range lr factor (ddq.optim): width = 2^b-1 for every mode; steps = (2^b-1)/2 for a symmetric range")
+    add("--range-lr-scale", choices=RANGE_LR_SCALES, default=defaults.range_lr_scale, help=RANGE_LR_SCALE_HELP)
     add("--gate-lr", type=float, default=defaults.gate_lr, help="SGD lr of DDQ gate logits (mixed runs)")
     add("--resource-strength", type=float, default=defaults.resource_strength, help="initial λ of the mixed runs")
     add("--dual-rate", type=float, default=defaults.dual_rate, help="dual-ascent rate of λ per step")
