@@ -23,14 +23,12 @@ command=${1:?usage: gpu_cifar10.sh stage|receive|estimate|train|collect [args]}
 shift
 
 copy_out() {  # results and the state a cold machine needs, back to this machine through $OUT
+    # The device tool returns at most 8 files of 16 MiB each, two folders down: the results travel as one archive
+    # and the training state (FP checkpoints, half-finished runs) as an archive cut into 15 MiB pieces.
     [ -n "${OUT:-}" ] || return 0
-    mkdir -p "$OUT/cifar10"
-    cp -r "$ROOT/$RESULTS" "$OUT/cifar10/" 2>/dev/null || true
-    mkdir -p "$OUT/cifar10/work"
-    cp "$ROOT"/work/fp_*.pt "$OUT/cifar10/work/" 2>/dev/null || true
-    [ -d "$ROOT/work/partial" ] && cp -r "$ROOT/work/partial" "$OUT/cifar10/work/" || true
-    # The device tool returns folders only a few levels deep: runs/<model>/*.json travel in this archive.
-    tar czf "$OUT/cifar10_state.tgz" -C "$ROOT" "$RESULTS" work
+    tar czf "$OUT/cifar10_results.tgz" -C "$ROOT" "$RESULTS"
+    tar czf - -C "$ROOT" work | split -b 15M -a 1 - "$OUT/cifar10_work.tgz.part-"
+    cp "$ROOT/$RESULTS/table.md" "$OUT/" 2>/dev/null || true
 }
 
 case "$command" in
@@ -73,17 +71,14 @@ train)
     exit $status
     ;;
 collect)
-    from=${1:?usage: gpu_cifar10.sh collect FILES_AT (the folder holding cifar10/ from a device call)}
-    if [ -f "$from/cifar10_state.tgz" ]; then
-        unpacked=$(mktemp -d)
-        mkdir -p "$unpacked/cifar10"
-        tar xzf "$from/cifar10_state.tgz" -C "$unpacked/cifar10"
-        from=$unpacked
+    from=${1:?usage: gpu_cifar10.sh collect FILES_AT (the folder that the files of a device call came back to)}
+    [ -f "$from/cifar10_results.tgz" ] || { echo "no cifar10_results.tgz in $from" >&2; exit 1; }
+    mkdir -p "benchmarks/results/$RESULTS" "$ROOT"
+    tar xzf "$from/cifar10_results.tgz" -C "$ROOT"
+    cp -r "$ROOT/$RESULTS/." "benchmarks/results/$RESULTS/"
+    if compgen -G "$from/cifar10_work.tgz.part-*" > /dev/null; then
+        cat "$from"/cifar10_work.tgz.part-* | tar xzf - -C "$ROOT"
     fi
-    mkdir -p "benchmarks/results/$RESULTS" "$ROOT/work"
-    cp -r "$from/cifar10/$RESULTS/." "benchmarks/results/$RESULTS/"
-    cp -r "$from/cifar10/$RESULTS" "$ROOT/"
-    cp -r "$from/cifar10/work/." "$ROOT/work/"
     echo "results in benchmarks/results/$RESULTS; state for a cold machine in $ROOT/{$RESULTS,work}"
     ;;
 *)
