@@ -356,6 +356,13 @@ class JsonLog:
                 handle.flush()
 
 
+def setting_differences(saved: dict[str, Any], now: dict[str, Any], added: dict[str, Any], saved_as: str = "saved") -> list[str]:
+    """"key: <saved_as> X, now Y" for every setting in `now` that the saved ones differ in; a key missing from
+    `saved` counts at its value in `added` (a setting introduced after `saved` was written)."""
+    return [f"{key}: {saved_as} {saved.get(key, added.get(key))!r}, now {value!r}"
+            for key, value in now.items() if saved.get(key, added.get(key)) != value]
+
+
 def atomic_save(payload: Any, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder:
     a reader (or a resume after a crash) sees the old file or the new one, never a partial one."""
@@ -560,8 +567,8 @@ class Trainer:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{str(path)!r} is not a ddq.train checkpoint (use --pretrained for FP weights)")
         saved = payload["config"]
-        differences = [f"{key}: checkpoint {saved.get(key, RESUME_KEYS_ADDED.get(key))!r}, now {getattr(self.config, key)!r}"
-                       for key in RESUME_KEYS if saved.get(key, RESUME_KEYS_ADDED.get(key)) != getattr(self.config, key)]
+        differences = setting_differences(saved, {key: getattr(self.config, key) for key in RESUME_KEYS}, RESUME_KEYS_ADDED,
+                                          "checkpoint")
         if differences:
             raise UsageError(f"cannot resume from {str(path)!r}: it was written by another configuration "
                              f"({'; '.join(differences)}); an exact continuation needs the same settings")

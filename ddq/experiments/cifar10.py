@@ -40,7 +40,7 @@ from ddq.experiments.shards import DataError, DeviceImages, load_shards
 from ddq.models import MobileNetV2Cifar, ResNet20
 from ddq.optim import (FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALE_HELP, RANGE_LR_SCALES, freeze_bits_once_within_budget, gate_optimizer,
                        parameter_groups)
-from ddq.train import atomic_save, warmup_cosine
+from ddq.train import atomic_save, setting_differences, warmup_cosine
 
 MODELS = ("resnet20", "mobilenetv2")
 RUNS = {
@@ -343,8 +343,7 @@ class Store:
 
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """How a saved protocol differs from this call's ("key: saved X, now Y"); empty when they match."""
-        return [f"{k}: saved {saved.get(k, PROTOCOL_KEYS_ADDED.get(k))!r}, now {v!r}" for k, v in self.protocol.items()
-                if saved.get(k, PROTOCOL_KEYS_ADDED.get(k)) != v]
+        return setting_differences(saved, self.protocol, PROTOCOL_KEYS_ADDED)
 
     def load_partial(self, name: str) -> Optional[dict[str, Any]]:
         path = self.partial_path(name)
