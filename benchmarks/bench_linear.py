@@ -4,7 +4,9 @@ benchmarks/print_ratios.py FILE prints the ratio table. Shapes are M×K×N with 
 
 Variants beyond the issue's four, for the evidence in docs/kernels.md:
 - ddq_kernels: the Triton kernels alone (no quantizer-parameter table math, no autograd);
-- ddq_unfused: quantize kernels around cuBLAS (x_q materialised, separate reduction pass).
+- ddq_unfused: quantize kernels around cuBLAS (x_q materialised, separate reduction pass);
+- ddq_cudagraphs: the DDQ layer under torch.compile(mode="reduce-overhead"), replayed as CUDA graphs
+  (the mode that brought whole networks to FP speed, docs/kernels.md; added 2026-11-27, not yet run).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from cuda_timing import record
 
 SHAPES = [(8192, 4096, 4096), (401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
-VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused")
+VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused", "ddq_cudagraphs")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,6 +104,8 @@ def build_step(variant: str, M: int, K: int, N: int, backward: bool):
     x.requires_grad_(backward)
     if variant == "lsq_compiled":
         layer = torch.compile(layer)
+    if variant == "ddq_cudagraphs":
+        layer = torch.compile(layer, mode="reduce-overhead")
     return lambda: layer_step(layer, x, grad_y, backward)
 
 

@@ -1,6 +1,7 @@
 """Whole-network training steps (issue 3): torchvision MobileNetV2 and ResNet18, batch 256, 224×224, bf16
-autocast, channels_last, SGD — FP eager, LSQ W4A4 compiled, DDQ W4A4 eager and DDQ W4A4 compiled (first and
-last layers at 8 bits, `ddq.quantize_model`'s default policy). Records CUDA-event median ms per step, img/s
+autocast, channels_last, SGD — FP eager, LSQ W4A4 compiled, DDQ W4A4 eager, DDQ W4A4 compiled, and DDQ W4A4
+compiled with CUDA graphs (mode="reduce-overhead") (first and last layers at 8 bits, `ddq.quantize_model`'s
+default policy). Records CUDA-event median ms per step, img/s
 and peak memory per step; benchmarks/print_ratios.py prints them against FP of the same run.
 
 Run on a GPU: pytest benchmarks/bench_models.py --benchmark-only --benchmark-json=FILE [-k mobilenet_v2].
@@ -21,7 +22,7 @@ from cuda_timing import record
 BATCH = 256
 IMAGE = 224
 MODELS = ("mobilenet_v2", "resnet18")
-VARIANTS = ("fp", "lsq_compiled", "ddq_eager", "ddq_compiled")
+VARIANTS = ("fp", "lsq_compiled", "ddq_eager", "ddq_compiled", "ddq_cudagraphs")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,10 +41,17 @@ def build_model(name: str, variant: str, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def training_step(model: nn.Module, compiled: bool, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
-    """One SGD step under bf16 autocast (the optimizer sees every trainable parameter)."""
+def training_step(model: nn.Module, variant: str, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """One SGD step under bf16 autocast (the optimizer sees every trainable parameter). `*_compiled` compiles
+    the model (forward and backward) with torch.compile's default mode; `*_cudagraphs` with
+    mode="reduce-overhead", which replays each compiled graph as one CUDA graph (no per-kernel launch cost)."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    forward = torch.compile(model) if compiled else model
+    if variant.endswith("compiled"):
+        forward = torch.compile(model)
+    elif variant.endswith("cudagraphs"):
+        forward = torch.compile(model, mode="reduce-overhead")
+    else:
+        forward = model
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -73,7 +81,7 @@ def test_training_step(benchmark, model_name, variant):
     x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (BATCH,), device="cuda")
     model = build_model(model_name, variant, x)
-    step = training_step(model, variant.endswith("compiled"), x, labels)
+    step = training_step(model, variant, x, labels)
     peak = peak_bytes(step)
     median_ms = record(benchmark, step, model=model_name, variant=variant, batch=BATCH, image=IMAGE)
     benchmark.extra_info.update(img_per_s=BATCH / (median_ms / 1e3), peak_gib=peak / 2**30)

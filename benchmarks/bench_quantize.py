@@ -1,7 +1,8 @@
 """Fused quantize kernel bandwidth vs a plain copy on a 1 GiB bf16 tensor (issue 3 target: ≥ 80 %).
 
 Bytes moved count one read and one write of the tensor (plus one more read of v for the backward
-pass); bandwidth = bytes / CUDA-event median.
+pass); bandwidth = bytes / CUDA-event median. The backward runs each histogram strategy
+(ddq_kernels.quantize_backward) on Gaussian data and on a ReLU output (half its elements 0, one cell).
 """
 
 from __future__ import annotations
@@ -16,18 +17,28 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 NUMEL = (1 << 30) // 2  # 1 GiB of bfloat16
 
 
+BACKWARD_OPS = ["quantize_backward_shared", "quantize_backward_one_hot", "quantize_backward_bincount",
+                "relu_quantize_backward_shared", "relu_quantize_backward_one_hot", "relu_quantize_backward_bincount"]
+
+
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-@pytest.mark.parametrize("op", ["copy", "quantize", "quantize_backward"])
+@pytest.mark.parametrize("op", ["copy", "quantize"] + BACKWARD_OPS)
 def test_quantize_bandwidth(benchmark, op, granularity):
     from ddq_kernels.level_table import level_table
     from ddq_kernels.quantize import quantize
-    from ddq_kernels.quantize_backward import quantize_reductions
+    from ddq_kernels.quantize_backward import quantize_reductions, strategies
 
-    if op == "copy" and granularity == "per_channel":
-        pytest.skip("a copy has no granularity")
+    if op in ("copy",) or op.startswith("relu"):
+        if granularity == "per_channel":
+            pytest.skip("a copy has no granularity; activations (ReLU outputs) are quantized per tensor")
+    strategy = {"histogram": op.split("backward_")[1]} if "backward" in op else None
+    if strategy is not None and strategy not in strategies():
+        pytest.skip(f"{strategy} cannot run here")
     torch.manual_seed(0)
     groups = 1 if granularity == "per_tensor" else 4096
     x = torch.randn(groups, NUMEL // groups, device="cuda", dtype=torch.bfloat16)
+    if op.startswith("relu"):
+        x = x.relu_()
     lo = -torch.full((groups,), 3.0, device="cuda")
     hi = torch.full((groups,), 3.0, device="cuda")
     residuals = torch.randn(groups, 256, device="cuda") * 0.1
@@ -40,7 +51,7 @@ def test_quantize_bandwidth(benchmark, op, granularity):
         step, bytes_moved = (lambda: quantize(x, lo, hi, residuals, logits, 2, table=table)), 2 * x.numel() * 2
     else:
         v = torch.randn_like(x)
-        step, bytes_moved = (lambda: quantize_reductions(v, x, lo, hi)), 3 * x.numel() * 2
+        step, bytes_moved = (lambda: quantize_reductions(v, x, lo, hi, None, strategy)), 3 * x.numel() * 2
     step()
     median = record(benchmark, step, op=op, granularity=granularity, bytes=bytes_moved)
     benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e6

@@ -99,10 +99,39 @@ def check_parameter_values(lo: Tensor, hi: Tensor, residuals: Tensor, gate_logit
         raise ValueError(f"ddq_quantize: needs hi > lo in every group; group {bad} has lo={lo[bad].item()} hi={hi[bad].item()}")
 
 
+def storage_order(x: Tensor, groups: int) -> list[int]:
+    """x's dims from outermost to innermost in memory (dim 0 first when it holds groups > 1 groups), if x
+    permuted that way is contiguous; the identity otherwise.
+
+    The element-wise passes run over x's storage in this order, so a channels_last activation or weight
+    stays channels_last (its output too) instead of being copied to NCHW, which would send every
+    following convolution and BatchNorm down PyTorch's slower NCHW kernels. A group is still one
+    consecutive slice: dim 0 outermost.
+    """
+    dims = list(range(x.dim()))
+    inner = dims[1:] if groups > 1 else dims
+    order = ([0] if groups > 1 else []) + sorted(inner, key=lambda d: -x.stride(d))
+    return order if x.permute(order).is_contiguous() else dims
+
+
+def restored(t: Tensor, order: list[int]) -> Tensor:
+    """Undo `x.permute(order)`: back to x's dim order, with x's strides when t is contiguous."""
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return t.permute(inverse)
+
+
+def empty_in_storage_order(x: Tensor, groups: int) -> Tensor:
+    """An uninitialised tensor of x's shape and dtype laid out as the element-wise passes write it."""
+    order = storage_order(x, groups)
+    return restored(x.new_empty([x.shape[d] for d in order]), order)
+
+
 def grouped(x: Tensor, groups: int) -> Tensor:
     """x as a contiguous (groups, numel / groups): group g is the g-th consecutive slice (empty x included).
 
-    Contiguous so that every output is, whatever x's strides, as the fake kernels promise.
+    The ops pass x in `storage_order`, so this copies only an x that is not dense.
     """
     return x.contiguous().reshape(groups, x.numel() // groups if groups else 0)
 
@@ -137,15 +166,18 @@ def reductions_reference(grad: Tensor, x: Tensor, lo: Tensor, hi: Tensor) -> tup
 def quantize_op(
     x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor, min_bits: int, grad_scale: bool
 ) -> Tensor:
-    """Spec §2 forward; groups = lo.shape[0] consecutive slices of x. `grad_scale` is used by backward."""
+    """Spec §2 forward; groups = lo.shape[0] consecutive slices of x. `grad_scale` is used by backward.
+
+    Every body returns x_q laid out as `empty_in_storage_order` says: x's strides when x is dense.
+    """
     check_parameter_values(lo, hi, residuals, gate_logits)
-    return quantize_reference(x, lo, hi, residuals, gate_logits, min_bits)
+    order = storage_order(x, lo.shape[0])
+    return restored(quantize_reference(x.permute(order), lo, hi, residuals, gate_logits, min_bits), order)
 
 
-# The real bodies return contiguous tensors whatever x's strides; empty_like(x) would copy x's strides.
 @quantize_op.register_fake
 def _quantize_fake(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    return x.new_empty(x.shape)
+    return empty_in_storage_order(x, lo.shape[0])
 
 
 @torch.library.custom_op("ddq::quantize_backward", mutates_args=())
@@ -159,17 +191,18 @@ def quantize_backward_op(
     min_bits: int,
     grad_scale: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Spec §3: (∂x, ∂lo, ∂hi, ∂residuals, ∂gate_logits) from the upstream gradient."""
-    grad_x, histogram, sum_vu, sum_clipped = reductions_reference(grad, x, lo, hi)
+    """Spec §3: (∂x, ∂lo, ∂hi, ∂residuals, ∂gate_logits) from the upstream gradient; ∂x laid out as x_q."""
+    order = storage_order(x, lo.shape[0])
+    grad_x, histogram, sum_vu, sum_clipped = reductions_reference(grad.permute(order), x.permute(order), lo, hi)
     numel_per_group = x.numel() // max(lo.shape[0], 1)
     grads = qm.parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale, numel_per_group)
-    return (grad_x, *grads)
+    return (restored(grad_x, order), *grads)
 
 
 @quantize_backward_op.register_fake
 def _quantize_backward_fake(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    return (x.new_empty(x.shape), lo.new_empty(lo.shape), hi.new_empty(hi.shape), residuals.new_empty(residuals.shape),
-            gate_logits.new_empty(gate_logits.shape))
+    return (empty_in_storage_order(x, lo.shape[0]), lo.new_empty(lo.shape), hi.new_empty(hi.shape),
+            residuals.new_empty(residuals.shape), gate_logits.new_empty(gate_logits.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -181,7 +214,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, lo, hi, residuals, gate_logits = ctx.saved_tensors
-    grads = torch.ops.ddq.quantize_backward(grad.contiguous(), x, lo, hi, residuals, gate_logits, ctx.min_bits, ctx.grad_scale)
+    grads = torch.ops.ddq.quantize_backward(grad, x, lo, hi, residuals, gate_logits, ctx.min_bits, ctx.grad_scale)
     return (*grads, None, None)
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ddq_kernels.fine_grid import cast_rounded, cell_histogram, fine_cell, fine_position, grid_scalars, inside_range
+from ddq_kernels import shared_histogram
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 
 BACKWARD_BLOCK = 512
@@ -82,6 +83,19 @@ def quantize_backward_cells_kernel(grad_ptr, x_ptr, grad_x_ptr, lo_ptr, hi_ptr, 
 
 ONE_HOT = {"histogram": "one_hot"}
 BINCOUNT = {"histogram": "bincount"}
+SHARED = {"histogram": "shared"}
+
+
+def strategies() -> tuple[dict, ...]:
+    """The histogram strategies this process can run: SHARED (CUDA C) needs NVRTC and a GPU, not the interpreter."""
+    shared = (SHARED,) if shared_histogram.available() and not interpreting() else ()
+    return shared + (ONE_HOT, BINCOUNT)
+
+
+def tuned_candidates() -> tuple[dict, ...]:
+    """What `fastest_config` chooses from: without BINCOUNT's host sync where SHARED runs (5–20× faster
+    and keeps the backward capturable in a CUDA graph)."""
+    return (SHARED, ONE_HOT) if SHARED in strategies() else (ONE_HOT, BINCOUNT)
 
 
 def quantize_reductions(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block: int | None = None,
@@ -90,9 +104,9 @@ def quantize_reductions(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, h
 
     grad may have any float dtype (a float32 GEMM accumulator, say); it is rounded to x's dtype first,
     as the gradient of x_q would be. Two ways to the histogram, the faster chosen per shape class on the
-    device (`fastest_config`): ONE_HOT, fully fused (one pass, one-hot products on the tensor cores), and
-    BINCOUNT, which writes each element's bin and v for `torch.bincount` (shared-memory atomics in
-    PyTorch's CUDA kernel; more bytes, far fewer instructions per element).
+    device (`fastest_config`): SHARED, one pass with the bins in shared memory (CUDA C, `shared_histogram`);
+    ONE_HOT, fully fused in Triton (one pass, one-hot products on the tensor cores); and BINCOUNT, which
+    writes each element's bin and v for `torch.bincount` (more bytes, a host sync).
     """
     x = x.contiguous()
     grad = grad.contiguous()
@@ -100,11 +114,21 @@ def quantize_reductions(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, h
         def run(candidate):
             return quantize_reductions(grad, x, lo, hi, block, candidate)
         key = (size_class(x.numel()), lo.shape[0], x.dtype, grad.dtype)
-        strategy = fastest_config("quantize_reductions", key, [ONE_HOT, BINCOUNT], run)
+        strategy = fastest_config("quantize_reductions", key, tuned_candidates(), run)
+    if strategy["histogram"] == "shared":
+        grad_x, histogram, sums = reduction_outputs(x, lo.shape[0])
+        shared_histogram.reductions_shared(grad, x, lo, hi, grad_x, histogram, sums)
+        return grad_x, histogram, sums[:, 0], sums[:, 1]
     if strategy["histogram"] == "bincount":
         return reductions_with_bincount(grad, x, lo.contiguous(), hi.contiguous(), block or CELLS_BLOCK,
                                         strategy.get("chunk", BINCOUNT_CHUNK))
     return reductions_one_hot(grad, x, lo.contiguous(), hi.contiguous(), block or BACKWARD_BLOCK)
+
+
+def reduction_outputs(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂x like x, zeroed histogram (G, 256), zeroed sums (G, 2)): what every strategy fills."""
+    histogram = torch.zeros(groups, 256, device=x.device, dtype=torch.float32)
+    return torch.empty_like(x), histogram, torch.zeros(groups, 2, device=x.device, dtype=torch.float32)
 
 
 CELLS_BLOCK = 2048
@@ -120,9 +144,8 @@ def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK):
     """
     groups = lo.shape[0]
     group_numel = x.numel() // groups
-    grad_x = torch.empty_like(x)
-    histogram = torch.zeros(groups * 256, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(groups, 2, device=x.device, dtype=torch.float32)
+    grad_x, histogram, sums = reduction_outputs(x, groups)
+    histogram = histogram.reshape(-1)
     if group_numel == 0:
         return grad_x, histogram.reshape(groups, 256), sums[:, 0], sums[:, 1]
     flat_x, flat_grad, flat_grad_x = x.reshape(-1), grad.reshape(-1), grad_x.reshape(-1)
@@ -149,9 +172,7 @@ def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK):
 
 def reductions_one_hot(grad, x, lo, hi, block):
     groups = lo.shape[0]
-    grad_x = torch.empty_like(x)
-    histogram = torch.zeros(groups, 256, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(groups, 2, device=x.device, dtype=torch.float32)
+    grad_x, histogram, sums = reduction_outputs(x, groups)
     group_numel = x.numel() // groups
     if group_numel > 0:
         blocks = triton.cdiv(group_numel, block)

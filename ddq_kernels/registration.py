@@ -12,12 +12,15 @@ Each GEMM and reduction launcher picks, per shape class, the faster of its fused
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
 Host syncs: none in the forward; every kernel reads the bitwidth from the gate logits on the device.
-The backward syncs only where `torch.bincount` is the chosen histogram strategy (it reads its largest bin).
+The backward syncs only where `torch.bincount` is the chosen histogram strategy (it reads its largest
+bin), which happens only where NVRTC cannot compile the SHARED strategy: so a whole training step can be
+captured as CUDA graphs (`torch.compile(mode="reduce-overhead")`, docs/kernels.md).
+ddq::quantize(_backward) run over x in `ddq.functional.storage_order`, keeping a channels_last x's layout.
 """
 
 import torch
 
-from ddq.functional import check_parameter_values
+from ddq.functional import check_parameter_values, restored, storage_order
 from ddq_kernels.linear_op import bias_grad  # also defines ddq::quantized_linear before its CUDA body is registered
 from ddq_kernels.level_table import level_table
 from ddq_kernels.linear_backward_input import linear_backward_input
@@ -26,6 +29,16 @@ from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads
 from ddq_kernels.quantize import quantize
 from ddq_kernels.quantize_backward import quantize_reductions
+
+
+MAX_GROUPS = 65535  # CUDA's limit on a grid's y extent, where the element kernels put the groups
+
+
+def check_groups(lo: torch.Tensor, what: str = "x") -> None:
+    """A clear error instead of a failed launch for per-channel tensors with more than 65535 channels."""
+    if lo.shape[0] > MAX_GROUPS:
+        raise ValueError(f"ddq CUDA kernels: {what} has {lo.shape[0]} quantizer groups (channels); at most {MAX_GROUPS} "
+                         "are supported on CUDA (per-tensor quantization, or the CPU reference, has no limit)")
 
 
 def reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
@@ -38,13 +51,18 @@ def reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min
 
 @torch.library.register_kernel("ddq::quantize", "cuda")
 def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_groups(lo)
     check_parameter_values(lo, hi, residuals, gate_logits)
-    return quantize(x, lo, hi, residuals, gate_logits, min_bits)
+    order = storage_order(x, lo.shape[0])
+    return restored(quantize(x.permute(order), lo, hi, residuals, gate_logits, min_bits), order)
 
 
 @torch.library.register_kernel("ddq::quantize_backward", "cuda")
 def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    reductions = quantize_reductions(grad, x, lo, hi)
+    check_groups(lo)
+    order = storage_order(x, lo.shape[0])
+    grad_x, *sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi)
+    reductions = (restored(grad_x, order), *sums)
     return reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
 
 
@@ -52,6 +70,7 @@ def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, gr
 def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_logits,
                           weight_lo, weight_hi, weight_residuals, weight_logits,
                           act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale):
+    check_groups(weight_lo, "the weight")
     check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
     check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
     w_q = quantize(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)

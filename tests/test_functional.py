@@ -377,15 +377,21 @@ def test_unsigned_coefficients_put_zero_on_a_level(bits):
         ((3, 4, 5), 0, torch.bfloat16, 8, 2),
         ((6,), None, torch.float16, 0, 0),
         ((2, 9), 0, torch.float32, 1, 1),
+        ((3, 4, 5, 2), None, torch.bfloat16, 4, 2),
+        ((5, 3, 2, 3), 0, torch.float32, 3, 2),
     ],
 )
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 def test_opcheck(shape, axis, dtype, bits, min_bits, layout):
     """torch.library.opcheck of both ops: schema, fake (meta) kernels, autograd registration, AOT dispatch."""
     rng = np.random.default_rng(bits)
     x = torch.randn(shape, dtype=dtype) * 2
     if layout == "transposed" and x.dim() >= 2:
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "channels_last":
+        if x.dim() != 4:
+            pytest.skip("channels_last needs a 4-d tensor")
+        x = x.to(memory_format=torch.channels_last)
     groups = 1 if axis is None else shape[0]
     lo, hi = make_range(rng, "affine", groups, bits)
     args = [tensor(lo), tensor(hi), tensor(make_residuals(rng, groups, 0.3)), tensor(make_gate_logits(rng, bits, min_bits))]
@@ -393,6 +399,27 @@ def test_opcheck(shape, axis, dtype, bits, min_bits, layout):
     torch.library.opcheck(torch.ops.ddq.quantize, (*grad_args, min_bits, True))
     grad = torch.randn(shape, dtype=dtype)
     torch.library.opcheck(torch.ops.ddq.quantize_backward, (grad, x.detach(), *[a.detach() for a in args], min_bits, True))
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_dense_layouts_are_kept(axis):
+    """A channels_last (or any dense) x gives x_q and ∂x with x's strides and the values of a contiguous x:
+    the element-wise passes run in storage order (no NCHW copy in front of a channels_last convolution)."""
+    rng = np.random.default_rng(3)
+    x = (torch.randn(4, 6, 3, 5) * 2).to(memory_format=torch.channels_last)
+    groups = 1 if axis is None else 4
+    lo, hi = make_range(rng, "affine", groups, 4)
+    params = [tensor(lo), tensor(hi), tensor(make_residuals(rng, groups, 0.3)), tensor(make_gate_logits(rng, 4, 2))]
+    for layout in (x, x.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)):
+        x_q = ddq_quantize(layout, *params, axis=axis)
+        assert x_q.stride() == layout.stride()
+        assert torch.equal(x_q, ddq_quantize(layout.contiguous(), *params, axis=axis))
+        grad = torch.randn(layout.shape).to(memory_format=torch.channels_last)
+        got = torch.ops.ddq.quantize_backward(grad, layout, *params, 2, True)
+        want = torch.ops.ddq.quantize_backward(grad.contiguous(), layout.contiguous(), *params, 2, True)
+        assert got[0].stride() == layout.stride()
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=40, **PROPERTY_SETTINGS)

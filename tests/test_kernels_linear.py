@@ -50,15 +50,17 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
     assert not (differ & ~ambiguous(weight, args[7], args[8])).any()
     assert y.shape == (M, N) and y.dtype == dtype
     # A row holding an activation within rounding distance of a cell boundary (sample_input plants some) may
-    # take the neighbouring level there (arithmetic order): such rows are left out; most rows must remain.
-    boundary_rows = ambiguous(x, args[3], args[4]).any(dim=1)
-    assert int(boundary_rows.sum()) <= M // 2
-    clean = ~boundary_rows.to(y.device)
-    assert relative_error(y[clean], want_y.float()[clean.cpu()]) <= tolerance
+    # take the neighbouring level there (arithmetic order): such rows are left out here. A long row of
+    # 16-bit values often holds one (at K = 1029 in fp16, half the rows do), so every row is compared below.
+    clean = ~ambiguous(x, args[3], args[4]).any(dim=1).to(y.device)
+    if clean.any():
+        assert relative_error(y[clean], want_y.float()[clean.cpu()]) <= tolerance
 
-    # Gradients sum over every element, so the backward compares inputs with no element on a boundary.
+    # Every row, and the gradients (sums over every element), on inputs with no element on a boundary.
     x, weight = clear_of_boundaries(x, args[3], args[4]), clear_of_boundaries(weight, args[7], args[8])
-    _, w_q = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
+    y, w_q = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
+    want_y, _ = torch.ops.ddq.quantized_linear(*on_cpu((x, weight, *args[2:])))
+    assert relative_error(y, want_y.float()) <= tolerance
     grad_y = torch.randn(M, N, device=x.device).to(dtype)
     backward_args = (grad_y, x, weight, w_q, *args[3:], True)
     got = cuda_bodies.quantized_linear_backward_cuda(*backward_args)

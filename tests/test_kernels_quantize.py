@@ -4,7 +4,7 @@ DDQ_SPEC.md §2 forward and §3 element pass. Runs on CUDA (@pytest.mark.gpu cas
 and on CPU through the Triton interpreter with tiny odd sizes. Forward: equal to `quantize_reference`
 up to rounding of the level itself (`levels_differ`), except elements within rounding distance of a
 cell boundary (the kernels compute u = (x − lo)·(1/Δ), the reference (x − lo)/Δ; both float32), which
-are counted and must be rare. Backward, both histogram strategies: gradients are compared with v = 0 on
+are counted and must be rare. Backward, every histogram strategy this machine runs: gradients are compared with v = 0 on
 those ambiguous elements, so the only differences left are float32 summation order: ∂x exactly,
 histogram and sums within 1e-5 of Σ|v| (resp. Σ|v·u|) per group.
 """
@@ -20,7 +20,7 @@ from kernel_cases import DEVICE, DTYPES, ambiguous, levels_differ, quantizer_par
 
 from ddq_kernels.level_table import level_table
 from ddq_kernels.quantize import quantize
-from ddq_kernels.quantize_backward import BINCOUNT, ONE_HOT, quantize_reductions
+from ddq_kernels.quantize_backward import BINCOUNT, quantize_reductions, strategies
 
 MODES = ("symmetric", "unsigned", "affine")
 SUM_TOLERANCE = 1e-5
@@ -46,11 +46,13 @@ def check_forward(x, lo, hi, residuals, logits, min_bits, block=None):
     return int(differ.sum())
 
 
-def check_backward(x, lo, hi, block=None, strategy=None):
+def check_backward(x, lo, hi, block=None, strategy=None, grad_dtype=None):
+    """grad_dtype float32 for a 16-bit x is a GEMM accumulator: the kernels round it to x's dtype first."""
     groups = lo.shape[0]
-    v = torch.randn(x.shape, device=x.device).to(x.dtype)
+    v = torch.randn(x.shape, device=x.device).to(grad_dtype or x.dtype)
     v = torch.where(ambiguous(x, lo, hi).to(x.device), torch.zeros_like(v), v)
     grad_x, histogram, sum_vu, sum_clipped = quantize_reductions(v, x, lo, hi, block, strategy)
+    v = v.to(x.dtype)
     want_x, want_hist, want_vu, want_clipped = reductions_reference(v, x, lo, hi)
     assert grad_x.dtype == x.dtype and torch.equal(grad_x, want_x)
     v32 = v.float().reshape(groups, -1)
@@ -72,7 +74,7 @@ def test_quantize_matches_reference(mode, per_channel, bits):
     x, lo, hi, residuals, logits, min_bits = case(mode, per_channel, bits, (3, 37, 5), dtype)
     x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     check_forward(x, lo, hi, residuals, logits, min_bits, block=256)
-    for strategy in (ONE_HOT, BINCOUNT):
+    for strategy in strategies():
         check_backward(x, lo, hi, 128, strategy)
 
 
@@ -107,19 +109,56 @@ def test_empty_and_single_element_tensors():
 def test_quantize_large_odd_shapes_on_gpu(mode, per_channel, bits, dtype):
     x, lo, hi, residuals, logits, min_bits = case(mode, per_channel, bits, (67, 1031, 3), dtype)
     check_forward(x, lo, hi, residuals, logits, min_bits)
-    for strategy in (ONE_HOT, BINCOUNT):
+    for strategy in strategies():
         check_backward(x, lo, hi, None, strategy)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("columns", [8 * 129, 8 * 129 + 5])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_quantize_op_on_gpu_matches_cpu(per_channel):
-    """The registered CUDA bodies of ddq::quantize(_backward), parameter gradients included."""
-    x, lo, hi, residuals, logits, min_bits = case("affine", per_channel, 5, (33, 517), torch.float32)
+def test_backward_strategies_on_vector_and_unaligned_layouts(per_channel, columns, offset, grad_dtype):
+    """Whole 16-byte vectors (rows a multiple of 8 elements, aligned storage) and the element-wise path
+    (odd rows, or storage starting one element into an allocation), with bf16 or float32 gradients."""
+    x, lo, hi, *_ = case("unsigned", per_channel, 4, (37, columns), torch.bfloat16)
+    x = torch.cat([x.new_zeros(1), x.reshape(-1)])[offset:offset + x.numel()].reshape(x.shape)
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    for strategy in strategies():
+        check_backward(x, lo, hi, None, strategy, grad_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(33, 517), (17, 9, 5, 7)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantize_op_on_gpu_matches_cpu(per_channel, shape):
+    """The registered CUDA bodies of ddq::quantize(_backward), parameter gradients included; a 4-d x is
+    channels_last, and x_q and ∂x keep its strides."""
+    x, lo, hi, residuals, logits, min_bits = case("affine", per_channel, 5, shape, torch.float32)
+    if x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
     v = torch.randn_like(x)
     v = torch.where(ambiguous(x, lo, hi).to(x.device), torch.zeros_like(v), v)
     args = (x, lo, hi, residuals, logits, min_bits, True)
+    x_q = torch.ops.ddq.quantize(*args)
+    assert x_q.stride() == x.stride()
+    assert not (levels_differ(x_q, quantize_reference(x, lo, hi, residuals, logits, min_bits), lo, hi)
+                & ~ambiguous(x, lo, hi)).any()
     got = torch.ops.ddq.quantize_backward(v, *args)
+    assert got[0].stride() == x.stride()
     want = torch.ops.ddq.quantize_backward(v.cpu(), *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+
+
+def test_more_groups_than_a_cuda_grid_holds_is_a_clear_error():
+    """The element kernels put per-channel groups on the grid's y axis (at most 65535 on CUDA)."""
+    import ddq_kernels.registration as cuda_bodies
+
+    groups = cuda_bodies.MAX_GROUPS + 1
+    lo, hi, residuals, logits = quantizer_params("symmetric", groups, 4, 2)
+    x = torch.zeros(groups, 3, device=lo.device)
+    with pytest.raises(ValueError, match="65536 quantizer groups"):
+        cuda_bodies.quantize_cuda(x, lo, hi, residuals, logits, 2, True)
+    with pytest.raises(ValueError, match="65536 quantizer groups"):
+        cuda_bodies.quantize_backward_cuda(x, x, lo, hi, residuals, logits, 2, True)
