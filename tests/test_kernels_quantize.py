@@ -11,6 +11,8 @@ histogram and sums within 1e-5 of Σ|v| (resp. Σ|v·u|) per group.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -162,3 +164,26 @@ def test_more_groups_than_a_cuda_grid_holds_is_a_clear_error():
         cuda_bodies.quantize_cuda(x, lo, hi, residuals, logits, 2, True)
     with pytest.raises(ValueError, match="65536 quantizer groups"):
         cuda_bodies.quantize_backward_cuda(x, x, lo, hi, residuals, logits, 2, True)
+
+
+def test_shared_strategy_falls_back_to_triton_when_nvrtc_fails(monkeypatch):
+    """A CUDA machine whose PyTorch cannot compile the CUDA C kernel (no NVRTC) keeps the Triton strategies."""
+    from ddq_kernels import shared_histogram
+    from ddq_kernels.quantize_backward import SHARED, tuned_candidates
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("libnvrtc not found")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", refuse, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    shared_histogram.available.cache_clear()
+    shared_histogram.compiled_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="libnvrtc not found"):
+            assert not shared_histogram.available()
+        assert SHARED not in strategies() and SHARED not in tuned_candidates()
+    finally:
+        shared_histogram.available.cache_clear()
+        shared_histogram.compiled_kernel.cache_clear()
