@@ -17,8 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 NUMEL = (1 << 30) // 2  # 1 GiB of bfloat16
 
 
-BACKWARD_OPS = ["quantize_backward_shared", "quantize_backward_one_hot", "quantize_backward_bincount",
-                "relu_quantize_backward_shared", "relu_quantize_backward_one_hot", "relu_quantize_backward_bincount"]
+BACKWARD_OPS = [f"{data}quantize_backward_{strategy}" for data in ("", "relu_") for strategy in ("shared", "one_hot", "bincount")]
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
@@ -28,9 +27,8 @@ def test_quantize_bandwidth(benchmark, op, granularity):
     from ddq_kernels.quantize import quantize
     from ddq_kernels.quantize_backward import quantize_reductions, strategies
 
-    if op in ("copy",) or op.startswith("relu"):
-        if granularity == "per_channel":
-            pytest.skip("a copy has no granularity; activations (ReLU outputs) are quantized per tensor")
+    if granularity == "per_channel" and (op == "copy" or op.startswith("relu")):
+        pytest.skip("a copy has no granularity; activations (ReLU outputs) are quantized per tensor")
     strategy = {"histogram": op.split("backward_")[1]} if "backward" in op else None
     if strategy is not None and strategy not in strategies():
         pytest.skip(f"{strategy} cannot run here")

@@ -55,8 +55,8 @@ RESUME_KEYS = ("model", "width", "image_size", "method", "weight_bits", "act_bit
                "bitops_budget", "learn_levels", "min_bits", "first_last_bits", "act_mode", "start_bits", "batch_size",
                "epochs", "optimizer", "lr", "weight_decay", "momentum", "quant_lr", "quant_weight_decay", "gate_lr",
                "range_lr_scale", "warmup_epochs", "label_smoothing", "dual_rate", "seed", "sync_bn", "world_size")
-# Keys added after checkpoints were written: a checkpoint without one was made at this value.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# Keys added after checkpoints were written: a checkpoint without one was made at this value.
 RESUME_KEYS_ADDED = {"range_lr_scale": "width"}
 
 

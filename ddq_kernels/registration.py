@@ -61,8 +61,8 @@ def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
 def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
     check_groups(lo)
     order = storage_order(x, lo.shape[0])
-    grad_x, *sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi)
-    reductions = (restored(grad_x, order), *sums)
+    grad_x, *group_sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi)
+    reductions = (restored(grad_x, order), *group_sums)
     return reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
 
 

@@ -30,7 +30,6 @@ _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f1
 
 SOURCE = r"""
 #define WARPS (THREADS / 32)
-#define VECTOR 8
 
 __device__ __forceinline__ float widen_f32(float f) { return f; }
 __device__ __forceinline__ float widen_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
@@ -158,7 +157,7 @@ def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, device_index: in
     """The kernel for (x dtype, v dtype), loaded on one device (a CUDA module belongs to one context)."""
     x_type, x_kind = _TYPES[x_dtype]
     v_type, v_kind = _TYPES[v_dtype]
-    header = (f"#define THREADS {THREADS}\n#define BLOCKS_PER_SM {BLOCKS_PER_SM}\n#define X_T {x_type}\n#define V_T {v_type}\n"
+    header = (f"#define THREADS {THREADS}\n#define BLOCKS_PER_SM {BLOCKS_PER_SM}\n#define VECTOR {VECTOR}\n#define X_T {x_type}\n#define V_T {v_type}\n"
               f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define V_WIDEN widen_{v_kind}\n")
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
