@@ -137,7 +137,7 @@ def sweep(args, configs, log) -> tuple[float, object]:
 
 
 def gemv_configs(m: int):
-    from ddq_kernels.int_gemm import DECODE_GATHER, DECODE_NIBBLE_PTX, TileConfig, default_config
+    from ddq_kernels.int_gemm import DECODE_GATHER, DECODE_NIBBLE_MMA, DECODE_NIBBLE_PTX, TileConfig, default_config
 
     yield default_config(m, GEMV_N, 4, GEMV_K // 2, torch.device("cuda"), nibble_ptx=True), None
     yield default_config(m, GEMV_N, 4, GEMV_K // 2, torch.device("cuda")), None
@@ -150,6 +150,12 @@ def gemv_configs(m: int):
         yield TileConfig(1 if m == 1 else 16, block_n, block_kb, num_warps=warps, num_stages=stages, decode=decode,
                          group_m=1, split_k=split), True
     if m > 1:
+        # The CUDA C fragment decode (nibble_mma_gemv.py): 16-row tiles per warp, warps on rows, warps on K,
+        # cp.async ring stages, K splits.
+        for row_tiles, warps_n, warps_k, stages, split in ((2, 1, 8, 2, 1), (2, 1, 8, 3, 1), (2, 1, 4, 2, 1),
+                                                           (2, 2, 4, 2, 1), (1, 1, 8, 2, 1), (2, 4, 2, 2, 2)):
+            yield TileConfig(16, 16 * row_tiles * warps_n, 64, num_warps=warps_n * warps_k, num_stages=stages,
+                             decode=DECODE_NIBBLE_MMA, split_k=split, row_tiles=row_tiles), True
         for block_n, block_kb, split, warps, stages, as_a in ((64, 128, 8, 4, 3, True), (64, 128, 8, 4, 4, True),
                                                                (64, 128, 16, 4, 3, True), (128, 128, 8, 8, 3, True),
                                                                (64, 256, 4, 4, 3, False)):

@@ -226,6 +226,25 @@ def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
                             config=TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX))
 
 
+def test_nibble_mma_decode_is_refused_where_it_cannot_run():
+    """DECODE_NIBBLE_MMA is CUDA C (NVRTC) for M <= 16 over 4-bit words: asked for elsewhere (here: the CPU
+    interpreter, or M = 17, or 2-bit containers) it is a clear error, never a wrong result."""
+    import torch
+
+    from ddq.deploy.packing import pack
+    from ddq_kernels.int_gemm import DECODE_NIBBLE_MMA, TileConfig, int_gemm_packed
+
+    rng = np.random.default_rng(15)
+    config = TileConfig(16, 64, 64, decode=DECODE_NIBBLE_MMA)
+    for m, bits_w, error, message in ((3, 4, RuntimeError, "CUDA C kernel compiled by NVRTC"),
+                                      (17, 4, ValueError, "M <= 16"), (3, 2, ValueError, "4-bit containers")):
+        case = random_case(rng, m, 5, 64, 4, bits_w, True)
+        codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+        tensors = [torch.from_numpy(a) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+        with pytest.raises(error, match=message):
+            int_gemm_packed(*tensors, shift, torch.from_numpy(i_min), bits_out, bits_w, 64, config=config)
+
+
 def test_triton_backend_pads_nibble_rows_to_whole_words():
     """backend="triton" packs 4-bit containers in rows of whole int32 words (zero codes past K) so every 3-
     and 4-bit layer can take the nibble decode; other widths keep the spec layout. The padded rows still

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from ddq_kernels.int_gemm import (  # noqa: E402 (needs the skip first)
-    DECODE_BYTES, DECODE_GATHER, DECODE_NIBBLE_PTX, TileConfig, int_gemm_packed)
+    DECODE_BYTES, DECODE_GATHER, DECODE_NIBBLE_MMA, DECODE_NIBBLE_PTX, TileConfig, int_gemm_packed)
 
 
 def random_case(rng, m, n, k, bits_x, bits_w, signed_x):
@@ -84,6 +84,14 @@ NIBBLE_PATHS = {
                                                       weights_as_a=True)),
     "nibble dot weights as A, M=45": (45, TileConfig(64, 64, 128, split_k=3, decode=DECODE_NIBBLE_PTX,
                                                       weights_as_a=True)),
+    "nibble mma fragments, M=16": (16, TileConfig(16, 256, 64, num_warps=8, num_stages=3, split_k=4,
+                                                  decode=DECODE_NIBBLE_MMA)),
+    "nibble mma fragments, warps on K, M=13": (13, TileConfig(16, 32, 64, num_warps=8, num_stages=3, split_k=5,
+                                                              decode=DECODE_NIBBLE_MMA)),
+    "nibble mma fragments, M=2": (2, TileConfig(16, 64, 64, num_warps=4, num_stages=6, row_tiles=1,
+                                                decode=DECODE_NIBBLE_MMA)),
+    "nibble mma fragments, warps on rows and K, M=8": (8, TileConfig(16, 64, 64, num_warps=4, num_stages=2, split_k=3,
+                                                                     decode=DECODE_NIBBLE_MMA)),
     "nibble decode once TMA": (300, TileConfig(128, 128, 128, num_warps=8, num_stages=4, decode_once=True, tma=True,
                                                decode=DECODE_NIBBLE_PTX)),
 }
