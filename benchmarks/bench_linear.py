@@ -6,7 +6,7 @@ Variants beyond the issue's four, for the evidence in docs/kernels.md:
 - ddq_kernels: the Triton kernels alone (no quantizer-parameter table math, no autograd);
 - ddq_unfused: quantize kernels around cuBLAS (x_q materialised, separate reduction pass);
 - ddq_cudagraphs: the DDQ layer under torch.compile(mode="reduce-overhead"), replayed as CUDA graphs
-  (the mode that brought whole networks to FP speed, docs/kernels.md; added 2026-11-27, not yet run).
+  (the mode that brought whole networks to FP speed, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -102,6 +102,10 @@ def build_step(variant: str, M: int, K: int, N: int, backward: bool):
         forward, forward_backward = kernel_steps(layer, x, grad_y, fused=variant == "ddq_kernels")
         return forward_backward if backward else forward
     x.requires_grad_(backward)
+    if variant in ("lsq_compiled", "ddq_cudagraphs"):
+        # Each test compiles a fresh layer: without a reset, Dynamo recompiles DDQLinear.forward per shape until
+        # its recompile limit, then runs it eagerly (the 2026-11-27 run 6 cudagraph numbers were such fallbacks).
+        torch._dynamo.reset()
     if variant == "lsq_compiled":
         layer = torch.compile(layer)
     if variant == "ddq_cudagraphs":

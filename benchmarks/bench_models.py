@@ -5,11 +5,14 @@ default policy). Records CUDA-event median ms per step, img/s
 and peak memory per step; benchmarks/print_ratios.py prints them against FP of the same run.
 
 Run on a GPU: pytest benchmarks/bench_models.py --benchmark-only --benchmark-json=FILE [-k mobilenet_v2].
-Compiling a quantized network takes minutes: select with -k where a call's time is short.
+Compiling a quantized network takes minutes: select with -k where a call's time is short. CUDNN_BENCHMARK=1
+sets torch.backends.cudnn.benchmark for every variant (cuDNN times its algorithms per shape, as
+torchvision's reference training does); the default leaves PyTorch's default (heuristic choice).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pytest
@@ -78,10 +81,12 @@ def peak_bytes(step: Callable[[], None]) -> int:
 @pytest.mark.parametrize("model_name", MODELS)
 def test_training_step(benchmark, model_name, variant):
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "0") == "1"
     x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (BATCH,), device="cuda")
     model = build_model(model_name, variant, x)
     step = training_step(model, variant, x, labels)
     peak = peak_bytes(step)
-    median_ms = record(benchmark, step, model=model_name, variant=variant, batch=BATCH, image=IMAGE)
+    median_ms = record(benchmark, step, model=model_name, variant=variant, batch=BATCH, image=IMAGE,
+                       cudnn_benchmark=torch.backends.cudnn.benchmark)
     benchmark.extra_info.update(img_per_s=BATCH / (median_ms / 1e3), peak_gib=peak / 2**30)

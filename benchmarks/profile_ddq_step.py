@@ -1,6 +1,7 @@
 """Where a DDQ forward+backward step spends its time (torch.profiler), for docs/kernels.md.
 
-Usage: python benchmarks/profile_ddq_step.py M K N  (bf16, W4A4, the fused DDQLinear path on CUDA)
+Usage: python benchmarks/profile_ddq_step.py M K N [VARIANT]  (bf16, W4A4; VARIANT a bench_linear variant,
+default "ddq": the DDQLinear layer on CUDA)
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from bench_linear import build_step
 
 
-def main(M: int, K: int, N: int) -> None:
-    step = build_step("ddq", M, K, N, backward=True)
+def main(M: int, K: int, N: int, variant: str = "ddq") -> None:
+    step = build_step(variant, M, K, N, backward=True)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -27,4 +28,4 @@ def main(M: int, K: int, N: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    main(*(int(a) for a in sys.argv[1:4]), *sys.argv[4:5])

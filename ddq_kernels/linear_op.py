@@ -76,12 +76,16 @@ def _quantized_linear_backward_fake(grad_y, x, weight, w_q, act_lo, act_hi, act_
 def _setup_context(ctx, inputs, output):
     x, weight, bias, *params = inputs[:11]
     ctx.flags = inputs[11:]
+    # W_q is rarely used by the caller: its gradient stays None instead of a weight-sized tensor of zeros.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, output[1], *params)
 
 
 def _backward(ctx, grad_y, grad_w_q):
     x, weight, w_q, *params = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
     grads = torch.ops.ddq.quantized_linear_backward(grad_y.contiguous(), x, weight, w_q, *params, *ctx.flags, ctx.has_bias)
     grad_x, grad_weight, grad_bias, *param_grads = grads
     if grad_w_q is not None:
