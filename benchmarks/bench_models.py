@@ -30,6 +30,13 @@ VARIANTS = ("fp", "lsq_compiled", "ddq_eager", "ddq_compiled", "ddq_cudagraphs")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random batch of images (channels_last, on the GPU) and labels."""
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (BATCH,), device="cuda")
+
+
 def build_model(name: str, variant: str, x: torch.Tensor) -> nn.Module:
     """The network in channels_last on x's device, quantized as `variant` says and initialised on x."""
     import torchvision
@@ -80,10 +87,8 @@ def peak_bytes(step: Callable[[], None]) -> int:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_training_step(benchmark, model_name, variant):
-    torch.manual_seed(0)
     torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "0") == "1"
-    x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (BATCH,), device="cuda")
+    x, labels = batch()
     model = build_model(model_name, variant, x)
     step = training_step(model, variant, x, labels)
     peak = peak_bytes(step)

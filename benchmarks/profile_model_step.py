@@ -14,15 +14,13 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_models import BATCH, IMAGE, build_model, training_step
+from bench_models import BATCH, batch, build_model, training_step
 
 PROFILED_STEPS = 3
 
 
 def profile_pair(model_name: str, variant: str) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(BATCH, 3, IMAGE, IMAGE, device="cuda").to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (BATCH,), device="cuda")
+    x, labels = batch()
     start = time.time()
     step = training_step(build_model(model_name, variant, x), variant, x, labels)
     for _ in range(3):

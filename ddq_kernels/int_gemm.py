@@ -627,8 +627,8 @@ def _check_nibble_mma(width: int, packed_w: Tensor, m: int, device: torch.device
     if not (nibble_ptx_eligible(width, packed_w) and 1 <= m <= 16):
         raise ValueError(f"int_gemm_packed: DECODE_NIBBLE_MMA needs 4-bit containers (got {width}-bit), packed rows "
                          f"of whole int32 words (got {packed_w.shape[1]} bytes) and M <= 16 (got {m})")
-    warps_n = config.block_n // (16 * config.row_tiles)
-    if (config.block_n % (16 * config.row_tiles) or config.num_warps % max(warps_n, 1) or warps_n == 0
+    warps_n, warps_k = _mma_warps(config)
+    if (warps_n == 0 or warps_n * warps_k != config.num_warps or config.block_n != 16 * config.row_tiles * warps_n
             or config.block_kb != nibble_mma_gemv.STEP_CODES // 2 or config.num_stages < 1):
         raise ValueError(f"int_gemm_packed: DECODE_NIBBLE_MMA needs block_n a multiple of 16 × row_tiles "
                          f"(got {config.block_n}, row_tiles {config.row_tiles}) whose warps divide num_warps "
@@ -637,6 +637,12 @@ def _check_nibble_mma(width: int, packed_w: Tensor, m: int, device: torch.device
     if device.type != "cuda" or not nibble_mma_gemv.available():
         raise RuntimeError("int_gemm_packed: DECODE_NIBBLE_MMA is a CUDA C kernel compiled by NVRTC; it cannot run "
                            f"on {device} here (the Triton decodes, e.g. DECODE_NIBBLE_PTX, run everywhere)")
+
+
+def _mma_warps(config: TileConfig) -> tuple[int, int]:
+    """DECODE_NIBBLE_MMA's warps per block on different rows and on K, from block_n, row_tiles and num_warps."""
+    warps_n = config.block_n // (16 * config.row_tiles)
+    return warps_n, config.num_warps // max(warps_n, 1)
 
 
 def _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config):
@@ -752,10 +758,10 @@ def _decode_nibbles_into_fragments(codes_x, lut_x, packed_w, lut_w, epilogue, sc
     atomic = config.split_k > 1
     acc = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.int32, device=codes.device)
     _, shift, drop_bits = scalars
-    warps_n = config.block_n // (16 * config.row_tiles)
+    warps_n, warps_k = _mma_warps(config)
     nibble_mma_gemv.nibble_mma_gemv(x, nibble_lut_words(lut_w), packed_w, *epilogue, acc, codes, shift, drop_bits,
-                                    config.split_k, row_tiles=config.row_tiles, warps_n=warps_n,
-                                    warps_k=config.num_warps // warps_n, stages=config.num_stages)
+                                    config.split_k, row_tiles=config.row_tiles, warps_n=warps_n, warps_k=warps_k,
+                                    stages=config.num_stages)
     if atomic:
         _requantize_split_sums(acc, epilogue, codes, scalars)
     return acc, codes
