@@ -53,3 +53,20 @@ def test_quantize_bandwidth(benchmark, op, granularity):
     step()
     median = record(benchmark, step, op=op, granularity=granularity, bytes=bytes_moved)
     benchmark.extra_info["gb_per_s"] = bytes_moved / median / 1e6
+
+
+@pytest.mark.parametrize("groups", [1, 4096])
+def test_parameter_grads_time(benchmark, groups):
+    """The quantizer's parameter gradients from its reductions: two launches, constant in the tensor's size
+    but linear in the groups (a per-channel weight quantizer of a 4096-row GEMM has 4096)."""
+    from ddq_kernels.parameter_grads import parameter_grads
+
+    torch.manual_seed(0)
+    histogram = torch.rand(groups, 256, device="cuda")
+    sum_vu, sum_clipped = torch.rand(groups, device="cuda"), torch.rand(groups, device="cuda")
+    lo, hi = -torch.ones(groups, device="cuda"), torch.ones(groups, device="cuda")
+    residuals = torch.randn(groups, 256, device="cuda") * 0.1
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0], device="cuda")
+    step = lambda: parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, 2, True, 4096)
+    step()
+    record(benchmark, step, kernel="parameter_grads", groups=groups)

@@ -125,7 +125,25 @@ class DDQConv2d(nn.Conv2d):
             weight = self.weight.reshape(self.out_channels, self.in_channels)
             y = fused_quantized_linear(x.permute(0, 2, 3, 1), weight, self.bias, self.input_quantizer, self.weight_quantizer)
             return y.permute(0, 3, 1, 2)
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        x_q, w_q = self.input_quantizer(x), self.weight_quantizer(self.weight)
+        if x_q.is_cuda and self.pads_input_channels() and torch.is_grad_enabled() and x_q.requires_grad:
+            return self.conv_with_padded_channels(x_q, w_q)
+        return self._conv_forward(x_q, w_q, self.bias)
+
+    def pads_input_channels(self) -> bool:
+        """A dense convolution over RGB images (a network's stem), whose input gradient cuDNN computes slowly.
+
+        FP training never needs that gradient; DDQ does (the image quantizer's range and levels). With 3
+        input channels cuDNN's dgrad took 3.44 ms on ResNet18's stem (batch 256, bf16, channels_last, H100),
+        1.79 ms with a fourth, zero channel; the forward and weight gradient are as fast with it
+        (`benchmarks/probe_stem_dgrad.py`).
+        """
+        return self.in_channels == 3 and self.groups == 1
+
+    def conv_with_padded_channels(self, x_q: Tensor, w_q: Tensor) -> Tensor:
+        """The convolution of x_q and w_q with a zero channel appended to both: the same output, and
+        autograd slices the padded channel's gradient off again."""
+        return self._conv_forward(F.pad(x_q, (0, 0, 0, 0, 0, 1)), F.pad(w_q, (0, 0, 0, 0, 0, 1)), self.bias)
 
     def is_pointwise(self) -> bool:
         """A 1×1, stride-1, unpadded, ungrouped convolution: a plain GEMM over pixels."""

@@ -23,6 +23,15 @@ from ddq_kernels.parameter_grads import parameter_grads
 def test_parameter_grads_match_reference(bits, min_bits, groups):
     if bits < min_bits:
         pytest.skip("the bitwidth is at least min_bits")
+    check_against_reference(bits, min_bits, groups)
+
+
+def test_gate_terms_of_more_groups_than_one_reduction_block():
+    """The gate terms of 1100 per-channel groups are summed in two blocks of 1024 rows (gate_logit_grads_kernel)."""
+    check_against_reference(3, 2, 1100)
+
+
+def check_against_reference(bits: int, min_bits: int, groups: int) -> None:
     histogram = torch.randn(groups, 256, device=DEVICE)
     sum_vu, sum_clipped = torch.randn(groups, device=DEVICE), torch.randn(groups, device=DEVICE)
     lo = -torch.rand(groups, device=DEVICE) - 0.5
