@@ -133,3 +133,26 @@ def test_linear(benchmark, shape, variant, phase):
     peak = peak_extra_bytes(step)
     record(benchmark, step, shape=list(shape), variant=variant, phase=phase, peak_extra_bytes=peak)
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("strategy", ["unfused", "shared_epilogue"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_input_strategy(benchmark, shape, strategy):
+    """The backward-input GEMM with the activation reductions alone: cuBLAS then the SHARED pass, or the
+    CUDA C GEMM with the histogram in its epilogue (where it supports the shape)."""
+    from ddq_kernels.linear_backward_input import SHARED_EPILOGUE, linear_backward_input
+    from ddq_kernels.linear_backward_input_cuda import supports
+    from ddq_kernels.linear_forward import UNFUSED
+
+    M, K, N = shape
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
+    w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    if strategy == "shared_epilogue" and not supports(grad_y, w_q, x):
+        pytest.skip("outside the CUDA C kernel's scope")
+    config = SHARED_EPILOGUE if strategy == "shared_epilogue" else UNFUSED
+    step = lambda: linear_backward_input(grad_y, w_q, x, lo, hi, config)
+    step()
+    record(benchmark, step, kernel=f"backward_input_{strategy}", case="×".join(map(str, shape)))

@@ -69,4 +69,4 @@ def test_parameter_grads_time(benchmark, groups):
     logits = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0], device="cuda")
     step = lambda: parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, 2, True, 4096)
     step()
-    record(benchmark, step, kernel="parameter_grads", groups=groups)
+    record(benchmark, step, kernel="parameter_grads", case=f"{groups} groups")

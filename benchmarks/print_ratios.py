@@ -29,7 +29,7 @@ def main(path: str) -> None:
         elif "op" in extra:
             bandwidth[(extra["op"], extra["granularity"])] = extra["gb_per_s"]
         elif "kernel" in extra:
-            kernel_times[(extra["kernel"], extra["groups"])] = extra["cuda_median_ms"]
+            kernel_times[(extra["kernel"], extra["case"])] = extra["cuda_median_ms"]
     print(f"{info}  date {report.get('datetime', '?')}")
     variants = sorted({v for times in linear.values() for v in times}, key=lambda v: (v != "cublas", v))
     if linear:
@@ -51,8 +51,8 @@ def main(path: str) -> None:
             share = f"{gbps / copy:.0%} of copy" if copy else ""
             print(f"{op:>18} {granularity:>12} {gbps:8.0f} GB/s {share}")
 
-    for (kernel, groups), milliseconds in sorted(kernel_times.items()):
-        print(f"{kernel:>18} {groups:>6} groups {milliseconds * 1e3:8.1f} µs")
+    for (kernel, case), milliseconds in sorted(kernel_times.items()):
+        print(f"{kernel:>32} {case:>16} {milliseconds * 1e3:8.1f} µs")
 
     for model, variants in sorted(steps.items()):
         fp_rate, fp_peak = variants.get("fp", (None, None))

@@ -17,6 +17,7 @@ import triton.language as tl
 from ddq_kernels.fine_grid import cast_rounded, cell_histogram, fine_cell, fine_position, grid_scalars, inside_range
 from ddq_kernels.gemm_tiles import grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
+from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, supports as shared_epilogue_supports
 from ddq_kernels.linear_forward import UNFUSED, block_size, dot_precision
 from ddq_kernels.quantize_backward import accumulate_reductions, quantize_reductions
 
@@ -71,10 +72,15 @@ def linear_backward_input_kernel(dy_ptr, w_ptr, x_ptr, dx_ptr, lo_ptr, hi_ptr, h
     accumulate_reductions(hist_ptr, sums_ptr, 0, histogram, sum_vu, sum_clipped)
 
 
-def backward_input_configs(M: int, N: int, K: int) -> list[dict]:
+SHARED_EPILOGUE = {"shared_epilogue": True}
+
+
+def backward_input_configs(M: int, N: int, K: int, shared_epilogue: bool = False) -> list[dict]:
     """Candidate tiles for the backward-input GEMM (output block_m × block_k, contraction block_n).
 
-    The last candidate, UNFUSED, is cuBLAS for dY·W_q followed by the `quantize_reductions` pass.
+    Then, where it `supports` the call, SHARED_EPILOGUE: the CUDA C GEMM with the histogram in shared
+    memory (`linear_backward_input_cuda`). The last candidate, UNFUSED, is cuBLAS for dY·W_q followed by
+    the `quantize_reductions` pass.
     """
     candidates = []
     for block_m, block_k, num_warps in ((128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8)):
@@ -82,7 +88,7 @@ def backward_input_configs(M: int, N: int, K: int) -> list[dict]:
                       block_n=block_size(N, 64), num_warps=num_warps, num_stages=3)
         if config not in candidates:
             candidates.append(config)
-    return candidates + [UNFUSED]
+    return candidates + ([SHARED_EPILOGUE] if shared_epilogue else []) + [UNFUSED]
 
 
 def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
@@ -97,7 +103,11 @@ def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tens
         def run(candidate):
             return linear_backward_input(grad_y, w_q, x, lo, hi, candidate)
         key = (size_class(M), N, K, x.dtype)
-        config = fastest_config("linear_backward_input", key, backward_input_configs(M, N, K), run)
+        shared_epilogue = shared_epilogue_supports(grad_y, w_q, x)
+        candidates = backward_input_configs(M, N, K, shared_epilogue)
+        config = fastest_config("linear_backward_input", key + (shared_epilogue,), candidates, run)
+    if config.get("shared_epilogue"):
+        return linear_backward_input_shared(grad_y, w_q, x, lo, hi)
     if config.get("unfused"):
         return quantize_reductions(grad_y @ w_q, x, lo, hi)
     block_m, block_k, block_n = config["block_m"], config["block_k"], config["block_n"]

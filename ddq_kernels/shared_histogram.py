@@ -28,7 +28,7 @@ BLOCKS_PER_SM = 4  # with __launch_bounds__(THREADS, 4): 1024 resident threads, 
 
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f16"), torch.bfloat16: ("unsigned short", "bf16")}
 
-SOURCE = r"""
+ELEMENT_MATH = r"""
 #define WARPS (THREADS / 32)
 
 __device__ __forceinline__ float widen_f32(float f) { return f; }
@@ -38,6 +38,55 @@ __device__ __forceinline__ float narrow_f32(float f) { return f; }
 __device__ __forceinline__ unsigned short narrow_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ unsigned short narrow_bf16(float f) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 
+struct Accumulators {
+    float* warp_bins;
+    int hot_cell;
+    float hot_sum, sum_vu, sum_clipped;
+};
+
+__device__ __forceinline__ void start(Accumulators& acc, float* warp_bins, float lo, float inv_delta) {
+    acc.warp_bins = warp_bins;
+    acc.hot_cell = (int)fminf(fmaxf(floorf((0.0f - lo) * inv_delta + 0.5f), 0.0f), 255.0f);
+    acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
+}
+
+__device__ __forceinline__ X_T element(X_T x_raw, V_T v_raw, float lo, float inv_delta, Accumulators& acc) {
+    // v as the reference sees it: the gradient of x_q, which has x's dtype.
+    const float v = X_WIDEN(X_NARROW(V_WIDEN(v_raw)));
+    const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
+    const bool inside = (u >= 0.0f) && (u <= 255.0f);
+    const int cell = (int)fminf(fmaxf(floorf(u + 0.5f), 0.0f), 255.0f);
+    if (cell == acc.hot_cell) acc.hot_sum += v; else atomicAdd(acc.warp_bins + cell, v);
+    acc.sum_vu += inside ? v * u : 0.0f;
+    acc.sum_clipped += inside ? 0.0f : v;
+    return X_NARROW(inside ? v : 0.0f);
+}
+
+// The block's per-warp bins and register sums into the group's global histogram and sums (one atomic each).
+__device__ __forceinline__ void flush(Accumulators& acc, float (*bins)[256], float (*partial)[3], float* histogram, float* sums) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int offset = 16; offset > 0; offset /= 2) {
+        acc.hot_sum += __shfl_xor_sync(0xffffffffu, acc.hot_sum, offset);
+        acc.sum_vu += __shfl_xor_sync(0xffffffffu, acc.sum_vu, offset);
+        acc.sum_clipped += __shfl_xor_sync(0xffffffffu, acc.sum_clipped, offset);
+    }
+    if (lane == 0) { partial[warp][0] = acc.hot_sum; partial[warp][1] = acc.sum_vu; partial[warp][2] = acc.sum_clipped; }
+    __syncthreads();
+    for (int cell = threadIdx.x; cell < 256; cell += THREADS) {
+        float total = 0.0f;
+        for (int w = 0; w < WARPS; ++w) total += bins[w][cell];
+        if (cell == acc.hot_cell) for (int w = 0; w < WARPS; ++w) total += partial[w][0];
+        if (total != 0.0f) atomicAdd(histogram + cell, total);
+    }
+    if (threadIdx.x < 2) {
+        float total = 0.0f;
+        for (int w = 0; w < WARPS; ++w) total += partial[w][1 + threadIdx.x];
+        atomicAdd(sums + threadIdx.x, total);
+    }
+}
+"""
+
+SOURCE = ELEMENT_MATH + r"""
 template <typename T> __device__ __forceinline__ void load_vector(const T* source, T (&values)[VECTOR]) {
     const uint4* from = reinterpret_cast<const uint4*>(source);
     uint4* to = reinterpret_cast<uint4*>(values);
@@ -52,24 +101,6 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
     for (int j = 0; j < (int)(VECTOR * sizeof(T) / 16); ++j) to[j] = from[j];
 }
 
-struct Accumulators {
-    float* warp_bins;
-    int hot_cell;
-    float hot_sum, sum_vu, sum_clipped;
-};
-
-__device__ __forceinline__ X_T element(X_T x_raw, V_T v_raw, float lo, float inv_delta, Accumulators& acc) {
-    // v as the reference sees it: the gradient of x_q, which has x's dtype.
-    const float v = X_WIDEN(X_NARROW(V_WIDEN(v_raw)));
-    const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
-    const bool inside = (u >= 0.0f) && (u <= 255.0f);
-    const int cell = (int)fminf(fmaxf(floorf(u + 0.5f), 0.0f), 255.0f);
-    if (cell == acc.hot_cell) acc.hot_sum += v; else atomicAdd(acc.warp_bins + cell, v);
-    acc.sum_vu += inside ? v * u : 0.0f;
-    acc.sum_clipped += inside ? 0.0f : v;
-    return X_NARROW(inside ? v : 0.0f);
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X_T* __restrict__ grad_x,
                       const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
@@ -79,15 +110,13 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     const int group = blockIdx.y;
     __shared__ float bins[WARPS][256];
     __shared__ float partial[WARPS][3];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const float lo = lo_ptr[group];
     const float inv_delta = 1.0f / ((hi_ptr[group] - lo) / 255.0f);
     for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) (&bins[0][0])[i] = 0.0f;
     __syncthreads();
     Accumulators acc;
-    acc.warp_bins = bins[warp];
-    acc.hot_cell = (int)fminf(fmaxf(floorf((0.0f - lo) * inv_delta + 0.5f), 0.0f), 255.0f);
-    acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
+    start(acc, bins[warp], lo, inv_delta);
     const long long base = (long long)group * group_numel;
     const V_T* g = grad + base;
     const X_T* xs = x + base;
@@ -116,24 +145,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
         }
     }
     for (long long i = vectors * VECTOR + first; i < group_numel; i += stride) out[i] = element(xs[i], g[i], lo, inv_delta, acc);
-    for (int offset = 16; offset > 0; offset /= 2) {
-        acc.hot_sum += __shfl_xor_sync(0xffffffffu, acc.hot_sum, offset);
-        acc.sum_vu += __shfl_xor_sync(0xffffffffu, acc.sum_vu, offset);
-        acc.sum_clipped += __shfl_xor_sync(0xffffffffu, acc.sum_clipped, offset);
-    }
-    if (lane == 0) { partial[warp][0] = acc.hot_sum; partial[warp][1] = acc.sum_vu; partial[warp][2] = acc.sum_clipped; }
-    __syncthreads();
-    for (int cell = threadIdx.x; cell < 256; cell += THREADS) {
-        float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += bins[w][cell];
-        if (cell == acc.hot_cell) for (int w = 0; w < WARPS; ++w) total += partial[w][0];
-        if (total != 0.0f) atomicAdd(histogram + group * 256 + cell, total);
-    }
-    if (threadIdx.x < 2) {
-        float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += partial[w][1 + threadIdx.x];
-        atomicAdd(sums + group * 2 + threadIdx.x, total);
-    }
+    flush(acc, bins, partial, histogram + group * 256, sums + group * 2);
 }
 """
 
@@ -152,13 +164,18 @@ def available() -> bool:
     return True
 
 
+def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int) -> str:
+    """The #defines that ELEMENT_MATH needs: x's and v's storage types and conversions, the block size."""
+    x_type, x_kind = _TYPES[x_dtype]
+    v_type, v_kind = _TYPES[v_dtype]
+    return (f"#define THREADS {threads}\n#define X_T {x_type}\n#define V_T {v_type}\n"
+            f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define V_WIDEN widen_{v_kind}\n")
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, device_index: int):
     """The kernel for (x dtype, v dtype), loaded on one device (a CUDA module belongs to one context)."""
-    x_type, x_kind = _TYPES[x_dtype]
-    v_type, v_kind = _TYPES[v_dtype]
-    header = (f"#define THREADS {THREADS}\n#define BLOCKS_PER_SM {BLOCKS_PER_SM}\n#define VECTOR {VECTOR}\n#define X_T {x_type}\n#define V_T {v_type}\n"
-              f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define V_WIDEN widen_{v_kind}\n")
+    header = element_math_header(x_dtype, v_dtype, THREADS) + f"#define BLOCKS_PER_SM {BLOCKS_PER_SM}\n#define VECTOR {VECTOR}\n"
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
 
