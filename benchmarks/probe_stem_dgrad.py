@@ -45,11 +45,14 @@ def main(batch: int) -> None:
                                                             (0, 0), 1, (False, True, False))
         print(f"{name:>14} wgrad C=3 {cuda_median_ms(wgrad):.3f} ms")
         for channels in (4, 8, 16):
-            print(f"{name:>14} dgrad C={channels} (zero-padded weight) {padded_channels(channels, batch, grad_out, weight, layout):.3f} ms")
-        print(f"{name:>14} conv_transpose2d {cuda_median_ms(lambda: F.conv_transpose2d(grad_out, w, None, STRIDE, PADDING, output_padding=1)):.3f} ms")
+            milliseconds = padded_channels(channels, batch, grad_out, weight, layout)
+            print(f"{name:>14} dgrad C={channels} (zero-padded weight) {milliseconds:.3f} ms")
+        transposed = lambda: F.conv_transpose2d(grad_out, w, None, STRIDE, PADDING, output_padding=1)
+        print(f"{name:>14} conv_transpose2d {cuda_median_ms(transposed):.3f} ms")
         grad32, w32, x32 = grad_out.float(), w.float(), x.float()
         print(f"{name:>14} dgrad C=3 float32 {cuda_median_ms(lambda: input_grad(grad32, w32, x32)):.3f} ms")
-    grad_out = torch.randn(batch, 64, 112, 112, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(batch, 64, 112, 112, device="cuda", dtype=torch.bfloat16)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     x = image.contiguous(memory_format=torch.channels_last)
     padded_input = F.pad(x, (0, 0, 0, 0, 0, 1))
     print("F.pad keeps channels_last:", padded_input.is_contiguous(memory_format=torch.channels_last),

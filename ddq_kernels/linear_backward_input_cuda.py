@@ -148,7 +148,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {
             const int r = i / (BLOCK_K / 8), c = (i % (BLOCK_K / 8)) * 8;
             if (row0 + r < M && col0 + c < K)
-                *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) = *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
+                *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) =
+                    *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
         }
     }
     __syncthreads();
@@ -174,7 +175,9 @@ def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
     M, K = x.shape
     N = w_q.shape[0]
     dense = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (grad_y, x))
-    return dense and 0 < N <= MAX_CONTRACTION and N % 8 == 0 and K % 8 == 0 and M > 0 and nvrtc_available()
+    fits_int32 = M < 2**31 and K < 2**31  # the kernel takes M, N, K as C ints
+    return (dense and fits_int32 and 0 < N <= MAX_CONTRACTION and N % 8 == 0 and K % 8 == 0 and M > 0
+            and nvrtc_available())
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,8 +185,8 @@ def compiled_kernel(dtype: torch.dtype, contraction: int, device_index: int):
     """The kernel for one dtype and padded contraction, loaded on one device, its shared memory opted in."""
     header = element_math_header(dtype, torch.float32, THREADS) + "".join(
         f"#define {name} {value}\n" for name, value in (
-            ("BLOCK_M", BLOCK_M), ("BLOCK_K", BLOCK_K), ("M_TILES", BLOCK_M // 64), ("MIN_BLOCKS", MIN_BLOCKS), ("N_PAD", contraction), ("ROW", contraction + ROW_PAD),
-            ("X_ROW", BLOCK_K + ROW_PAD),
+            ("BLOCK_M", BLOCK_M), ("BLOCK_K", BLOCK_K), ("M_TILES", BLOCK_M // 64), ("MIN_BLOCKS", MIN_BLOCKS),
+            ("N_PAD", contraction), ("ROW", contraction + ROW_PAD), ("X_ROW", BLOCK_K + ROW_PAD),
             ("MMA_TYPE", '"bf16"' if dtype == torch.bfloat16 else '"f16"')))
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + KERNEL, "ddq_backward_input_shared")
@@ -193,8 +196,8 @@ def compiled_kernel(dtype: torch.dtype, contraction: int, device_index: int):
 
 
 def prefer_shared_memory(kernel) -> None:
-    """Ask the driver for the largest shared-memory carveout, so that two blocks fit an SM (the driver may
-    otherwise size the carveout for one)."""
+    """Ask the driver for the largest shared-memory carveout, so that MIN_BLOCKS blocks fit an SM (the driver
+    may otherwise size the carveout for fewer)."""
     from torch.cuda._utils import _get_gpu_runtime_library
 
     preferred_carveout = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, in percent of the maximum
@@ -210,7 +213,7 @@ def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: tor
     if not supports(grad_y, w_q, x):
         raise ValueError(f"linear_backward_input_shared: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
                          f"x {tuple(x.shape)}, W_q {tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, "
-                         f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows)")
+                         f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
     M, K = x.shape
     N = w_q.shape[0]
     grad_x = torch.empty_like(x)

@@ -84,8 +84,8 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
         "weight logits": v_weight.abs().sum() * torch.maximum(cpu[8].abs(), cpu[9].abs()).max(),
     }
     # ∂lo and ∂hi are differences of Σv·t and Σv·u (spec §3): their rounding scales with the terms.
-    range_scale = {"act lo": range_term_scale(v_act, 1, act_bits), "act hi": range_term_scale(v_act, 1, act_bits),
-                   "weight lo": range_term_scale(v_weight, N, weight_bits), "weight hi": range_term_scale(v_weight, N, weight_bits)}
+    act_terms, weight_terms = range_term_scale(v_act, 1, act_bits), range_term_scale(v_weight, N, weight_bits)
+    range_scale = {"act lo": act_terms, "act hi": act_terms, "weight lo": weight_terms, "weight hi": weight_terms}
     for name, g, w in zip(GRAD_NAMES, got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         if name in gate_scale:
@@ -314,7 +314,8 @@ def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
     want = reductions_reference(v, x, lo, hi)
     unit = torch.finfo(dtype).eps
     magnitude = v.double().abs()
-    runs = [linear_backward_input_shared(grad_y, weight, x, lo, hi), linear_backward_input(grad_y, weight, x, lo, hi, SHARED_EPILOGUE)]
+    runs = [linear_backward_input_shared(grad_y, weight, x, lo, hi),
+            linear_backward_input(grad_y, weight, x, lo, hi, SHARED_EPILOGUE)]
     for got in runs:
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype
