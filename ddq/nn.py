@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ddq.baselines import LSQQuantizer
+from ddq.quantized_conv import quantized_conv2d, recomputes_quantized_input
 from ddq.quantizer import DDQQuantizer
 
 try:  # the fused quantize-and-matmul op; its CUDA body needs Triton (ddq_kernels.registration)
@@ -125,6 +126,9 @@ class DDQConv2d(nn.Conv2d):
             weight = self.weight.reshape(self.out_channels, self.in_channels)
             y = fused_quantized_linear(x.permute(0, 2, 3, 1), weight, self.bias, self.input_quantizer, self.weight_quantizer)
             return y.permute(0, 3, 1, 2)
+        if x.is_cuda and not self.pads_input_channels() and recomputes_quantized_input(self) and uses_ddq_quantizers(self):
+            # x is all the backward keeps, as in float training; x_q is recomputed there.
+            return quantized_conv2d(self, x, self.weight_quantizer(self.weight))
         x_q, w_q = self.input_quantizer(x), self.weight_quantizer(self.weight)
         if x_q.is_cuda and self.pads_input_channels() and torch.is_grad_enabled() and x_q.requires_grad:
             return self.conv_with_padded_channels(x_q, w_q)
@@ -154,10 +158,14 @@ class DDQConv2d(nn.Conv2d):
 QUANTIZED_LAYERS = (DDQLinear, DDQConv2d)
 
 
+def uses_ddq_quantizers(layer: nn.Module) -> bool:
+    """Whether both of a layer's quantizers are DDQQuantizers (not the LSQ baseline)."""
+    return isinstance(layer.input_quantizer, DDQQuantizer) and isinstance(layer.weight_quantizer, DDQQuantizer)
+
+
 def uses_fused_matmul(layer: nn.Module) -> bool:
     """Whether a layer's GEMM runs through `torch.ops.ddq.quantized_linear` (DDQ quantizers, op importable)."""
-    return (fused_quantized_linear is not None and isinstance(layer.input_quantizer, DDQQuantizer)
-            and isinstance(layer.weight_quantizer, DDQQuantizer))
+    return fused_quantized_linear is not None and uses_ddq_quantizers(layer)
 
 
 def macs_per_sample(layer: nn.Module, output: Tensor) -> int:
