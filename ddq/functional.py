@@ -46,6 +46,15 @@ def ddq_quantize(
     return torch.ops.ddq.quantize(x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
 
 
+def autocast_operands(device_type: str, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The tensors cast as autocast casts a matmul's or a convolution's operands (a custom op is opaque to
+    autocast, so its callers cast); unchanged outside autocast. None stays None."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
 def validate_arguments(
     x: Tensor,
     lo: Tensor,

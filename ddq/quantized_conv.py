@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ddq.functional import empty_in_storage_order, validate_arguments
+from ddq.functional import autocast_operands, empty_in_storage_order
 
 
 @torch.library.custom_op("ddq::quantized_conv2d", mutates_args=())
@@ -87,16 +87,6 @@ def quantized_conv2d(layer: nn.Conv2d, x: Tensor, w_q: Tensor) -> Tensor:
     quantizer = layer.input_quantizer
     if quantizer.axis is not None or not recomputes_quantized_input(layer):
         raise ValueError("quantized_conv2d: needs a per-tensor input quantizer and a dense convolution with zero padding")
-    bias = layer.bias
-    if torch.is_autocast_enabled(x.device.type):
-        # The custom op is opaque to autocast; cast as autocast casts F.conv2d's operands.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_q = x.to(dtype), w_q.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if not quantizer._initialized:
-        quantizer.initialize(x)
-    lo, hi = quantizer.range()
-    residuals, gate_logits = quantizer.effective_residuals(), quantizer.effective_gate_logits()
-    validate_arguments(x, lo, hi, residuals, gate_logits, None, quantizer.min_bits)
-    return torch.ops.ddq.quantized_conv2d(x, w_q, bias, lo, hi, residuals, gate_logits, list(layer.stride),
+    x, w_q, bias = autocast_operands(x.device.type, x, w_q, layer.bias)
+    return torch.ops.ddq.quantized_conv2d(x, w_q, bias, *quantizer.op_arguments(x), list(layer.stride),
                                           list(layer.padding), list(layer.dilation), quantizer.min_bits, quantizer.grad_scale)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
-from ddq.functional import FLOAT_INPUT_DTYPES, ddq_quantize
+from ddq.functional import FLOAT_INPUT_DTYPES, ddq_quantize, validate_arguments
 
 RANGE_MODES = ("symmetric", "unsigned", "affine")
 MODES = RANGE_MODES + ("auto",)
@@ -316,6 +316,16 @@ class DDQQuantizer(nn.Module):
         """The 99.9th percentile; the max when that is 0 (a mostly-zero ReLU output), never below MIN_RANGE."""
         top = percentile(x, 0.999)
         return torch.where(top > 0, top, x.amax().to(torch.float32)).clamp_min(MIN_RANGE)
+
+    def op_arguments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Spec §2: (lo, hi, residuals, gate_logits) for the fused custom ops that quantize x, checked against x;
+        the quantizer is initialised from x on first use, as its forward would be."""
+        if not self._initialized:
+            self.initialize(x)
+        lo, hi = self.range()
+        residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
+        validate_arguments(x, lo, hi, residuals, gate_logits, self.axis, self.min_bits)
+        return lo, hi, residuals, gate_logits
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ddq.functional import quantize_reference, validate_arguments
+from ddq.functional import autocast_operands, quantize_reference
 
 
 @torch.library.custom_op("ddq::quantized_linear", mutates_args=())
@@ -106,26 +106,13 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_quan
         raise ValueError("quantized_linear: needs a per-tensor input quantizer and a per-channel weight quantizer")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: x has {x.shape[-1]} features but the weight expects {weight.shape[1]}")
-    if torch.is_autocast_enabled(x.device.type):
-        # The custom op is opaque to autocast; cast as autocast casts F.linear's operands.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    x, weight, bias = autocast_operands(x.device.type, x, weight, bias)
     if x.dtype != weight.dtype:
         raise TypeError(f"quantized_linear: x is {x.dtype} but the weight is {weight.dtype}")
-    for quantizer, tensor in ((act_quantizer, x), (weight_quantizer, weight)):
-        if not quantizer._initialized:
-            quantizer.initialize(tensor)
-    act_lo, act_hi = act_quantizer.range()
-    weight_lo, weight_hi = weight_quantizer.range()
-    act_residuals, weight_residuals = act_quantizer.effective_residuals(), weight_quantizer.effective_residuals()
-    act_logits, weight_logits = act_quantizer.effective_gate_logits(), weight_quantizer.effective_gate_logits()
     flat = x.reshape(-1, x.shape[-1])
-    validate_arguments(flat, act_lo, act_hi, act_residuals, act_logits, None, act_quantizer.min_bits)
-    validate_arguments(weight, weight_lo, weight_hi, weight_residuals, weight_logits, 0, weight_quantizer.min_bits)
     y, _ = torch.ops.ddq.quantized_linear(
-        flat.contiguous(), weight.contiguous(), bias, act_lo, act_hi, act_residuals, act_logits,
-        weight_lo, weight_hi, weight_residuals, weight_logits,
+        flat.contiguous(), weight.contiguous(), bias, *act_quantizer.op_arguments(flat),
+        *weight_quantizer.op_arguments(weight),
         act_quantizer.min_bits, weight_quantizer.min_bits, act_quantizer.grad_scale, weight_quantizer.grad_scale,
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -96,3 +96,15 @@ def levels_differ(got: torch.Tensor, want: torch.Tensor, lo: torch.Tensor, hi: t
     scale = float(torch.maximum(lo.abs().max(), hi.abs().max()))
     same = torch.isclose(got.float(), want.float(), rtol=rtol, atol=rtol * scale) | (got.isnan() & want.isnan())
     return ~same
+
+
+def layer_output_and_grads(layer: torch.nn.Module, x: torch.Tensor, forward) -> tuple[torch.Tensor, dict]:
+    """forward(x) on a fresh leaf copy of x, then the gradient of a fixed weighted sum of the output:
+    (output, {"x": ∂x, parameter name: its gradient}) for comparing two ways of computing one layer."""
+    x = x.detach().requires_grad_()
+    layer.zero_grad()
+    y = forward(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y)).sum().backward()
+    grads = {"x": x.grad.clone()}
+    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
+    return y.detach(), grads

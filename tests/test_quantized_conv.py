@@ -11,7 +11,7 @@ import torch
 
 from ddq.nn import DDQConv2d
 from ddq.quantized_conv import quantized_conv2d, recomputes_quantized_input
-from kernel_cases import relative_error
+from kernel_cases import layer_output_and_grads, relative_error
 
 
 def layer_and_input(device: str = "cpu", **kwargs):
@@ -24,14 +24,12 @@ def layer_and_input(device: str = "cpu", **kwargs):
 
 
 def output_and_grads(layer: DDQConv2d, x: torch.Tensor, through_op: bool):
-    x = x.detach().requires_grad_()
-    layer.zero_grad()
-    w_q = layer.weight_quantizer(layer.weight)
-    y = quantized_conv2d(layer, x, w_q) if through_op else layer._conv_forward(layer.input_quantizer(x), w_q, layer.bias)
-    (y * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
-    grads = {"x": x.grad.clone()}
-    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
-    return y.detach(), grads
+    def forward(x):
+        w_q = layer.weight_quantizer(layer.weight)
+        if through_op:
+            return quantized_conv2d(layer, x, w_q)
+        return layer._conv_forward(layer.input_quantizer(x), w_q, layer.bias)
+    return layer_output_and_grads(layer, x, forward)
 
 
 @pytest.mark.parametrize("bias", [True, False])

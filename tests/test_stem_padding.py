@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddq.nn import DDQConv2d
-from kernel_cases import relative_error
+from kernel_cases import layer_output_and_grads, relative_error
 
 
 def stem(**kwargs) -> DDQConv2d:
@@ -21,14 +21,10 @@ def stem(**kwargs) -> DDQConv2d:
 
 
 def output_and_grads(layer: DDQConv2d, x: torch.Tensor, padded: bool):
-    x = x.detach().requires_grad_()
-    layer.zero_grad()
-    x_q, w_q = layer.input_quantizer(x), layer.weight_quantizer(layer.weight)
-    y = layer.conv_with_padded_channels(x_q, w_q) if padded else layer._conv_forward(x_q, w_q, layer.bias)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y)).sum().backward()
-    grads = {"x": x.grad.clone()}
-    grads.update({name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None})
-    return y.detach(), grads
+    def forward(x):
+        x_q, w_q = layer.input_quantizer(x), layer.weight_quantizer(layer.weight)
+        return layer.conv_with_padded_channels(x_q, w_q) if padded else layer._conv_forward(x_q, w_q, layer.bias)
+    return layer_output_and_grads(layer, x, forward)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
