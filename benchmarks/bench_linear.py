@@ -159,3 +159,37 @@ def test_backward_input_strategy(benchmark, shape, strategy):
     step = lambda: linear_backward_input(grad_y, w_q, x, lo, hi, config)
     step()
     record(benchmark, step, kernel=f"backward_input_{strategy}", case="×".join(map(str, shape)))
+
+
+@pytest.mark.parametrize("strategy", ["triton", "unfused", "cuda_tiles"])
+@pytest.mark.parametrize("gemm", ["forward", "backward_weight"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quantized_operand_strategy(benchmark, shape, gemm, strategy):
+    """The GEMMs that quantize x in their operand load, one strategy each: the first Triton tile, a quantize
+    pass around cuBLAS, or the CUDA C GEMM with the fine-cell levels in shared memory (where it supports
+    the shape)."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight
+    from ddq_kernels.linear_backward_weight_cuda import supports as weight_supports
+    from ddq_kernels.linear_forward import CUDA_TILES, UNFUSED, forward_configs, linear_forward
+    from ddq_kernels.linear_forward_cuda import supports as forward_supports
+
+    M, K, N = shape
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
+    w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
+    table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
+    supported = forward_supports(x, w_q) if gemm == "forward" else weight_supports(grad_y, x)
+    if strategy == "cuda_tiles" and not supported:
+        pytest.skip("outside the CUDA C kernel's scope")
+    if gemm == "forward":
+        config = {"triton": forward_configs(M, N, K)[0], "unfused": UNFUSED, "cuda_tiles": CUDA_TILES}[strategy]
+        step = lambda: linear_forward(x, w_q, None, lo, hi, table, logits, 2, config)
+    else:
+        config = {"triton": backward_weight_configs(M, N, K)[0], "unfused": UNFUSED, "cuda_tiles": CUDA_TILES}[strategy]
+        step = lambda: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2, config=config)
+    step()
+    record(benchmark, step, kernel=f"{gemm}_{strategy}", case="×".join(map(str, shape)))

@@ -34,6 +34,7 @@ import functools
 
 import torch
 
+from ddq_kernels.cuda_tiles import TILE_HELPERS, defines, mma_type, prefer_shared_memory
 from ddq_kernels.shared_histogram import ELEMENT_MATH, available as nvrtc_available, element_math_header
 
 THREADS = 256
@@ -44,25 +45,6 @@ MAX_CONTRACTION = 256
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
-__device__ __forceinline__ unsigned int shared_word(const X_T* row, int column) {
-    return *reinterpret_cast<const unsigned int*>(row + column);
-}
-
-// A rows × columns block at (first_row, first_column) of a (total_rows, row_length) row-major matrix into
-// shared rows of `pitch` elements, zero outside the matrix; asynchronous (cp.async, 16 bytes). row_length
-// and first_column are multiples of 8.
-__device__ __forceinline__ void stage(X_T* shared, int pitch, const X_T* __restrict__ global, long long first_row,
-                                      int first_column, int rows, int columns, long long total_rows, int row_length) {
-    const int vectors_per_row = columns / 8;
-    for (int i = threadIdx.x; i < rows * vectors_per_row; i += THREADS) {
-        const int r = i / vectors_per_row, c = (i % vectors_per_row) * 8;
-        const bool inside = first_row + r < total_rows && first_column + c < row_length;
-        const X_T* source = inside ? global + (first_row + r) * row_length + first_column + c : global;
-        const unsigned int target = (unsigned int)__cvta_generic_to_shared(shared + r * pitch + c);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict__ w_t, const X_T* __restrict__ x,
                           X_T* __restrict__ grad_x, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
@@ -120,11 +102,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
-                                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                                 : "+f"(c[i][j][0]), "+f"(c[i][j][1]), "+f"(c[i][j][2]), "+f"(c[i][j][3])
-                                 : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]), "r"(b[j][1]));
+                for (int j = 0; j < 4; ++j) mma_16816(c[i][j], a[i], b[j][0], b[j][1]);
         }
         // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
 #pragma unroll
@@ -183,25 +161,14 @@ def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(dtype: torch.dtype, contraction: int, device_index: int):
     """The kernel for one dtype and padded contraction, loaded on one device, its shared memory opted in."""
-    header = element_math_header(dtype, torch.float32, THREADS) + "".join(
-        f"#define {name} {value}\n" for name, value in (
-            ("BLOCK_M", BLOCK_M), ("BLOCK_K", BLOCK_K), ("M_TILES", BLOCK_M // 64), ("MIN_BLOCKS", MIN_BLOCKS),
-            ("N_PAD", contraction), ("ROW", contraction + ROW_PAD), ("X_ROW", BLOCK_K + ROW_PAD),
-            ("MMA_TYPE", '"bf16"' if dtype == torch.bfloat16 else '"f16"')))
+    header = element_math_header(dtype, torch.float32, THREADS) + defines(
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=MIN_BLOCKS, N_PAD=contraction,
+        ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, MMA_TYPE=mma_type(dtype))
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + KERNEL, "ddq_backward_input_shared")
+        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + KERNEL, "ddq_backward_input_shared")
         kernel.set_shared_memory_config(shared_bytes(contraction))
         prefer_shared_memory(kernel)
     return kernel
-
-
-def prefer_shared_memory(kernel) -> None:
-    """Ask the driver for the largest shared-memory carveout, so that MIN_BLOCKS blocks fit an SM (the driver
-    may otherwise size the carveout for fewer)."""
-    from torch.cuda._utils import _get_gpu_runtime_library
-
-    preferred_carveout = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, in percent of the maximum
-    _get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, preferred_carveout, 100)
 
 
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,

@@ -15,7 +15,8 @@ import triton.language as tl
 from ddq_kernels.fine_grid import bitwidth_from_logits, grid_scalars, quantized_values
 from ddq_kernels.gemm_tiles import dot_operand
 from ddq_kernels.launch import fastest_config, interpreting, size_class
-from ddq_kernels.linear_forward import UNFUSED, block_size, dot_precision
+from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda, supports as cuda_tiles_supports
+from ddq_kernels.linear_forward import CUDA_TILES, UNFUSED, block_size, dot_precision
 from ddq_kernels.quantize import quantize
 
 
@@ -54,10 +55,11 @@ def linear_backward_weight_kernel(dy_ptr, x_ptr, dw_ptr, lo_ptr, hi_ptr, table_p
         tl.store(dw_ptrs, acc, mask=out_mask)
 
 
-def backward_weight_configs(M: int, N: int, K: int) -> list[dict]:
+def backward_weight_configs(M: int, N: int, K: int, cuda_tiles: bool = False) -> list[dict]:
     """Candidate tiles for the backward-weight GEMM (output block_n × block_k, contraction block_m).
 
-    The last candidate, UNFUSED, quantizes x in its own pass (a transient x_q) and multiplies with cuBLAS.
+    Then, where it `supports` the call, CUDA_TILES: the CUDA C GEMM that quantizes x in shared memory
+    (`linear_backward_weight_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED, quantizes x in its own pass (a transient x_q) and multiplies with cuBLAS.
     """
     candidates = []
     for block_n, block_k, block_m, num_warps in ((128, 128, 64, 8), (64, 128, 64, 4), (128, 64, 64, 4),
@@ -66,7 +68,7 @@ def backward_weight_configs(M: int, N: int, K: int) -> list[dict]:
                       num_warps=num_warps, num_stages=3)
         if config not in candidates:
             candidates.append(config)
-    return candidates + [UNFUSED]
+    return candidates + ([CUDA_TILES] if cuda_tiles else []) + [UNFUSED]
 
 
 def linear_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, table: torch.Tensor,
@@ -79,8 +81,11 @@ def linear_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, lo: torch.Tens
     if config is None:
         def run(candidate):
             return linear_backward_weight(grad_y, x, lo, hi, table, gate_logits, min_bits, target_programs, candidate)
-        key = (size_class(M), N, K, x.dtype)
-        config = fastest_config("linear_backward_weight", key, backward_weight_configs(M, N, K), run)
+        cuda_tiles = cuda_tiles_supports(grad_y, x)
+        key = (size_class(M), N, K, x.dtype, cuda_tiles)
+        config = fastest_config("linear_backward_weight", key, backward_weight_configs(M, N, K, cuda_tiles), run)
+    if config.get("cuda_tiles"):
+        return linear_backward_weight_cuda(grad_y, x, lo, hi, table, gate_logits, min_bits)
     if config.get("unfused"):
         return grad_y.t() @ quantize(x, lo, hi, None, gate_logits, min_bits, table=table)
     block_n, block_k, block_m = config["block_n"], config["block_k"], config["block_m"]

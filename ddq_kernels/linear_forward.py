@@ -15,6 +15,7 @@ import triton.language as tl
 from ddq_kernels.fine_grid import bitwidth_from_logits, cast_rounded, grid_scalars, quantized_values
 from ddq_kernels.gemm_tiles import dot_operand, grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
+from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as cuda_tiles_supports
 from ddq_kernels.quantize import quantize
 
 
@@ -63,12 +64,14 @@ def block_size(extent: int, cap: int) -> int:
 
 
 UNFUSED = {"unfused": True}
+CUDA_TILES = {"cuda_tiles": True}
 
 
-def forward_configs(M: int, N: int, K: int) -> list[dict]:
+def forward_configs(M: int, N: int, K: int, cuda_tiles: bool = False) -> list[dict]:
     """Candidate tiles for the forward GEMM (block_m × block_n output, block_k deep), heuristic first.
 
-    The last candidate, UNFUSED, quantizes x in its own pass and multiplies with cuBLAS: where the
+    Then, where it `supports` the call, CUDA_TILES: the CUDA C GEMM that quantizes x in shared memory with
+    the fine-cell levels beside it (`linear_forward_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED, quantizes x in its own pass and multiplies with cuBLAS: where the
     GEMM is large (N in the thousands) a separate memory-bound pass costs less than re-quantizing each A
     tile for every column of tiles; the timing in `fastest_config` decides per shape class.
     """
@@ -79,7 +82,7 @@ def forward_configs(M: int, N: int, K: int) -> list[dict]:
                       num_warps=num_warps, num_stages=3)
         if config not in candidates:
             candidates.append(config)
-    return candidates + [UNFUSED]
+    return candidates + ([CUDA_TILES] if cuda_tiles else []) + [UNFUSED]
 
 
 def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor,
@@ -91,8 +94,11 @@ def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None
     if config is None:
         def run(candidate):
             return linear_forward(x, w_q, bias, lo, hi, table, gate_logits, min_bits, candidate)
-        key = (size_class(M), N, K, x.dtype, bias is not None)
-        config = fastest_config("linear_forward", key, forward_configs(M, N, K), run)
+        cuda_tiles = cuda_tiles_supports(x, w_q)
+        key = (size_class(M), N, K, x.dtype, bias is not None, cuda_tiles)
+        config = fastest_config("linear_forward", key, forward_configs(M, N, K, cuda_tiles), run)
+    if config.get("cuda_tiles"):
+        return linear_forward_cuda(x, w_q, bias, lo, hi, table, gate_logits, min_bits)
     if config.get("unfused"):
         x_q = quantize(x, lo, hi, None, gate_logits, min_bits, table=table)
         return torch.addmm(bias, x_q, w_q.t()) if bias is not None else x_q @ w_q.t()

@@ -341,3 +341,98 @@ def test_shared_epilogue_rejects_what_it_cannot_run():
         assert not supports(grad_y, weight, x)
         with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
             linear_backward_input_shared(grad_y, weight, x, lo, hi)
+
+
+CUDA_TILE_SHAPES = [(1031, 200, 40), (259, 72, 256), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (300, 32, 192)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("act_mode", ("unsigned", "affine"))
+@pytest.mark.parametrize("M,K,N", CUDA_TILE_SHAPES)
+def test_cuda_tiles_forward_and_weight_gradient_on_gpu(M, K, N, dtype, act_mode):
+    """The CUDA C forward and backward-weight GEMMs (x quantized in shared memory; odd M, partial tiles in M,
+    N and K) against float64 products of the reference x_q. The forward's y differs from that only by float32
+    summation order before rounding to x's dtype: at most one unit in its last place. ∂W_q is float32: each
+    element within 2e-5 of the sum of its terms' magnitudes, far below one wrong term (M ≤ 4099 terms). x is
+    cleared of cell boundaries so that the cells agree; both kernels are also called through their launchers."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_weight import linear_backward_weight
+    from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda, supports as weight_supports
+    from ddq_kernels.linear_forward import CUDA_TILES, linear_forward
+    from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as forward_supports
+
+    x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
+    x = clear_of_boundaries(x, lo, hi)
+    grad_y = torch.randn(M, N, device=DEVICE).to(dtype)
+    assert forward_supports(x, weight) and weight_supports(grad_y, x)
+    table = level_table(lo, hi, residuals, logits, 1)
+    x_q = quantize_reference(x, lo, hi, residuals, logits, 1).double()
+    unit = torch.finfo(dtype).eps
+    want_y = x_q @ weight.double().t() + bias.double()
+    for got in (linear_forward_cuda(x, weight, bias, lo, hi, table, logits, 1),
+                linear_forward(x, weight, bias, lo, hi, table, logits, 1, CUDA_TILES)):
+        assert got.shape == (M, N) and got.dtype == dtype
+        assert torch.allclose(got.double(), want_y, rtol=unit, atol=1e-6 * want_y.abs().max().item())
+    no_bias = linear_forward_cuda(x, weight, None, lo, hi, table, logits, 1)
+    assert torch.allclose(no_bias.double(), x_q @ weight.double().t(), rtol=unit, atol=1e-6 * want_y.abs().max().item())
+    want_dw = grad_y.double().t() @ x_q
+    bound = grad_y.double().abs().t() @ x_q.abs()
+    for got in (linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 1),
+                linear_backward_weight(grad_y, x, lo, hi, table, logits, 1, config=CUDA_TILES)):
+        assert got.shape == (N, K) and got.dtype == torch.float32
+        assert ((got.double() - want_dw).abs() <= 2e-5 * bound + 1e-30).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_cuda_tiles_every_bitwidth_on_gpu(bits):
+    """Both CUDA C GEMMs read the bitwidth from the gate logits on the device, like the Triton kernels."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda
+    from ddq_kernels.linear_forward_cuda import linear_forward_cuda
+
+    x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(515, 136, 72, torch.bfloat16, "unsigned", bits, 4)
+    min_bits = min(bits, 1)
+    x = clear_of_boundaries(x, lo, hi)
+    grad_y = torch.randn(515, 72, device=DEVICE).to(torch.bfloat16)
+    table = level_table(lo, hi, residuals, logits, min_bits)
+    x_q = quantize_reference(x, lo, hi, residuals, logits, min_bits).double()
+    want_y = x_q @ weight.double().t() + bias.double()
+    got_y = linear_forward_cuda(x, weight, bias, lo, hi, table, logits, min_bits)
+    assert torch.allclose(got_y.double(), want_y, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6 * want_y.abs().max().item())
+    got_dw = linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, min_bits).double()
+    assert ((got_dw - grad_y.double().t() @ x_q).abs() <= 2e-5 * (grad_y.double().abs().t() @ x_q.abs()) + 1e-30).all()
+
+
+@pytest.mark.gpu
+def test_cuda_tiles_forward_keeps_non_finite_inputs_on_gpu():
+    """A NaN or ±inf activation quantizes to NaN (spec: never a silent level), so its output row is NaN."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_forward_cuda import linear_forward_cuda
+
+    x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(70, 24, 16, torch.bfloat16, "affine", 4, 4)
+    x[3, 5], x[40, 0], x[69, 23] = float("nan"), float("inf"), -float("inf")
+    table = level_table(lo, hi, residuals, logits, 1)
+    y = linear_forward_cuda(x, weight, bias, lo, hi, table, logits, 1)
+    bad = torch.zeros(70, dtype=torch.bool, device=DEVICE)
+    bad[[3, 40, 69]] = True
+    assert y[bad].isnan().all() and torch.isfinite(y[~bad]).all()
+
+
+def test_cuda_tiles_reject_what_they_cannot_run():
+    from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda, supports as weight_supports
+    from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as forward_supports
+
+    cases = [(torch.float32, 64, 64), (torch.bfloat16, 264, 64), (torch.bfloat16, 60, 64), (torch.bfloat16, 64, 60)]
+    lo, hi = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
+    table, logits = torch.zeros(1, 256, device=DEVICE), torch.ones(8, device=DEVICE)
+    for dtype, N, K in cases:
+        x = torch.randn(33, K, device=DEVICE).to(dtype)
+        weight = torch.randn(N, K, device=DEVICE).to(dtype)
+        grad_y = torch.randn(33, N, device=DEVICE).to(dtype)
+        assert not forward_supports(x, weight) and not weight_supports(grad_y, x)
+        with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
+            linear_forward_cuda(x, weight, None, lo, hi, table, logits, 1)
+        with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
+            linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 1)

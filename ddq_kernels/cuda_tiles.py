@@ -1,0 +1,116 @@
+"""CUDA C building blocks of the NVRTC GEMMs (DDQ_SPEC.md §2): tile staging, fragments, the quantizer on a tile.
+
+Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backward_input_cuda`:
+- `stage`: a rows × columns block of a row-major matrix into padded shared-memory rows with cp.async
+  (16-byte vectors, zero outside the matrix);
+- `shared_word`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
+  product itself (float32 accumulation); `narrow_pair`: two float32 values into one word of 16-bit values;
+- `fine_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
+  staged tile. The bitwidth comes from the gate logits on the device, and the level of each of the 256
+  fine cells (`level_table`'s V[i >> (8 − b)]) is laid out in shared memory once per block, so quantizing
+  an element costs one shared-memory load besides its arithmetic. Triton's quantize-in-load gathers the
+  level from global memory (L1) instead, which made its fused forward 2.8× slower than its bytes allow.
+  The element math is `fine_grid`'s: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255) with NaN in
+  cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores.
+The source needs `element_math_header`'s #defines and `shared_histogram.ELEMENT_MATH`'s conversions.
+"""
+
+from __future__ import annotations
+
+TILE_HELPERS = r"""
+__device__ __forceinline__ unsigned int shared_word(const X_T* row, int column) {
+    return *reinterpret_cast<const unsigned int*>(row + column);
+}
+
+// A rows × columns block at (first_row, first_column) of a (total_rows, row_length) row-major matrix into
+// shared rows of `pitch` elements, zero outside the matrix; asynchronous (cp.async, 16 bytes). row_length
+// and first_column are multiples of 8.
+__device__ __forceinline__ void stage(X_T* shared, int pitch, const X_T* __restrict__ global, long long first_row,
+                                      int first_column, int rows, int columns, long long total_rows, int row_length) {
+    const int vectors_per_row = columns / 8;
+    for (int i = threadIdx.x; i < rows * vectors_per_row; i += THREADS) {
+        const int r = i / vectors_per_row, c = (i % vectors_per_row) * 8;
+        const bool inside = first_row + r < total_rows && first_column + c < row_length;
+        const X_T* source = inside ? global + (first_row + r) * row_length + first_column + c : global;
+        const unsigned int target = (unsigned int)__cvta_generic_to_shared(shared + r * pitch + c);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(target), "l"(source), "r"(inside ? 16 : 0));
+    }
+}
+
+// Four 8 × 8 blocks of 16-bit values, transposed: lanes 8q..8q+7 give the rows of block q, and lane
+// (g, t) receives elements (2t, g) and (2t + 1, g) of each block.
+__device__ __forceinline__ void ldmatrix_transposed(unsigned int (&fragment)[4], const X_T* row) {
+    const unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3]) : "r"(address));
+}
+
+// Two float32 values rounded to nearest even into one word of 16-bit values, `low` in the low half.
+__device__ __forceinline__ unsigned int narrow_pair(float low, float high) {
+    unsigned int packed;
+    asm("cvt.rn." MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(high), "f"(low));
+    return packed;
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+"""
+
+QUANTIZE_TILE = r"""
+// levels[i] = V[i >> (8 − b)] for the 256 fine cells, b = the number of leading open gates (forced open
+// below min_bits), as fine_grid.bitwidth_from_logits reads it.
+__device__ __forceinline__ void fine_levels(float* levels, const float* __restrict__ table,
+                                            const float* __restrict__ logits, int min_bits) {
+    int bits = 8;
+    for (int k = 7; k >= 0; --k)
+        if (!(logits[k] > 0.0f || k < min_bits)) bits = k;
+    for (int cell = threadIdx.x; cell < 256; cell += THREADS) levels[cell] = table[cell >> (8 - bits)];
+}
+
+__device__ __forceinline__ float quantized(unsigned int raw, const float* levels, float lo, float inv_delta) {
+    const float value = X_WIDEN((X_T)raw);
+    const float u = (value - lo) * inv_delta;
+    const int cell = (int)fminf(fmaxf(floorf(u + 0.5f), 0.0f), 255.0f);
+    return levels[cell] + value * 0.0f;
+}
+
+// Every element of a staged rows × columns tile replaced by its quantized value (columns a multiple of 8).
+__device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, int rows, int columns, const float* levels,
+                                              float lo, float inv_delta) {
+    const int vectors_per_row = columns / 8;
+    for (int i = threadIdx.x; i < rows * vectors_per_row; i += THREADS) {
+        uint4* vector = reinterpret_cast<uint4*>(tile + (i / vectors_per_row) * pitch + (i % vectors_per_row) * 8);
+        uint4 words = *vector;
+        unsigned int* word = reinterpret_cast<unsigned int*>(&words);
+#pragma unroll
+        for (int w = 0; w < 4; ++w)
+            word[w] = narrow_pair(quantized(word[w] & 0xFFFFu, levels, lo, inv_delta),
+                                  quantized(word[w] >> 16, levels, lo, inv_delta));
+        *vector = words;
+    }
+}
+"""
+
+
+def mma_type(dtype) -> str:
+    """The mma.sync operand type name of a 16-bit torch dtype, as a C string literal."""
+    import torch
+
+    return '"bf16"' if dtype == torch.bfloat16 else '"f16"'
+
+
+def defines(**values) -> str:
+    return "".join(f"#define {name} {value}\n" for name, value in values.items())
+
+
+def prefer_shared_memory(kernel) -> None:
+    """Ask the driver for the largest shared-memory carveout, so that the blocks a kernel's launch bounds
+    promise fit an SM (the driver may otherwise size the carveout for fewer)."""
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    preferred_carveout = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, in percent of the maximum
+    _get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, preferred_carveout, 100)

@@ -1,0 +1,169 @@
+"""DDQLinear forward GEMM with the activation quantizer in its operand staging, in CUDA C (NVRTC).
+
+The same op as `linear_forward` (spec §2; reference: F.linear(quantize_reference(x), W_q, bias)): each
+block owns BLOCK_M rows of y (`layout`) and every one of its N ≤ MAX_N columns, so each element of x is read and
+quantized once. x and W_q move in BLOCK_K-deep chunks through two shared-memory stages (cp.async); the
+x chunk is quantized in place (`cuda_tiles.quantize_tile`, the level of each fine cell in shared memory)
+before eight warps, 4 along M × 2 along N, multiply it on the tensor cores (mma.sync m16n8k16, float32
+accumulation). Output rounded to x's dtype after the float32 bias add, as the Triton kernel does.
+
+Scope: 16-bit x and W_q of one dtype, N ≤ MAX_N, N and K multiples of 8, dense 16-byte aligned rows, M and
+K < 2^31 (`supports`). The CNN GEMMs of issue 3 (N ≤ 256, M ≈ 10⁵) are memory-bound: this reads x once
+at a cost of one shared-memory load and ~10 instructions an element, where Triton's kernel gathers every
+level from global memory. `linear_forward` offers it as one more candidate to `fastest_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_type, prefer_shared_memory
+from ddq_kernels.shared_histogram import ELEMENT_MATH, available as nvrtc_available, element_math_header
+
+THREADS = 256
+BLOCK_K = 64
+MAX_N = 256
+ROW_PAD = 8  # elements: 16 bytes, so that 8 rows × 4 lanes of fragment loads hit 32 distinct banks
+
+KERNEL = r"""
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const float* __restrict__ bias,
+                   X_T* __restrict__ y, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
+                   const float* __restrict__ table, const float* __restrict__ logits,
+                   int M, int N, int K, int min_bits, int has_bias) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    X_T* x_stages = reinterpret_cast<X_T*>(shared_bytes);
+    X_T* w_stages = x_stages + 2 * BLOCK_M * ROW;
+    float* levels = reinterpret_cast<float*>(w_stages + 2 * N_PAD * ROW);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int warp_m = (warp % 4) * (16 * M_TILES), warp_n = (warp / 4) * (N_PAD / 2);
+    const long long row0 = (long long)blockIdx.x * BLOCK_M;
+    const float lo = lo_ptr[0];
+    const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
+    fine_levels(levels, table, logits, min_bits);
+    const int chunks = (K + BLOCK_K - 1) / BLOCK_K;
+    stage(x_stages, ROW, x, row0, 0, BLOCK_M, BLOCK_K, M, K);
+    stage(w_stages, ROW, w_q, 0, 0, N_PAD, BLOCK_K, N, K);
+    asm volatile("cp.async.commit_group;");
+    float c[M_TILES][N_TILES][4];
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int j = 0; j < N_TILES; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int s = chunk & 1;
+        if (chunk + 1 < chunks) {  // the next chunk loads while this one is quantized and multiplied
+            stage(x_stages + (s ^ 1) * BLOCK_M * ROW, ROW, x, row0, (chunk + 1) * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
+            stage(w_stages + (s ^ 1) * N_PAD * ROW, ROW, w_q, 0, (chunk + 1) * BLOCK_K, N_PAD, BLOCK_K, N, K);
+        }
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        __syncthreads();
+        X_T* x_tile = x_stages + s * BLOCK_M * ROW;
+        const X_T* w_tile = w_stages + s * N_PAD * ROW;
+        quantize_tile(x_tile, ROW, BLOCK_M, BLOCK_K, levels, lo, inv_delta);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_K; kk += 16) {
+            unsigned int b[N_TILES][2];
+#pragma unroll
+            for (int j = 0; j < N_TILES; ++j) {
+                const X_T* column = w_tile + (warp_n + j * 8 + g) * ROW + kk + 2 * t;
+                b[j][0] = shared_word(column, 0);
+                b[j][1] = shared_word(column, 8);
+            }
+#pragma unroll
+            for (int i = 0; i < M_TILES; ++i) {
+                const X_T* top = x_tile + (warp_m + 16 * i + g) * ROW + kk + 2 * t;
+                const unsigned int a[4] = {shared_word(top, 0), shared_word(top, 8 * ROW), shared_word(top, 8),
+                                           shared_word(top, 8 * ROW + 8)};
+#pragma unroll
+                for (int j = 0; j < N_TILES; ++j) mma_16816(c[i][j], a, b[j][0], b[j][1]);
+            }
+        }
+        __syncthreads();  // every warp is done with stage s before the next iteration refills it
+    }
+    // Accumulator (i, j): rows g and g + 8 of the warp's 16-row slice i, columns 2t and 2t + 1 of its 8-column slice j.
+#pragma unroll
+    for (int j = 0; j < N_TILES; ++j) {
+        const int col = warp_n + j * 8 + 2 * t;
+        if (col >= N) continue;
+        const float bias0 = has_bias ? bias[col] : 0.0f, bias1 = has_bias ? bias[col + 1] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const long long row = row0 + warp_m + 16 * i + g + 8 * half;
+                if (row < M)
+                    *reinterpret_cast<unsigned int*>(y + row * N + col) =
+                        narrow_pair(c[i][j][2 * half] + bias0, c[i][j][2 * half + 1] + bias1);
+            }
+    }
+}
+"""
+
+
+def layout(n: int) -> dict:
+    """N padded to whole 8-column slices for both warp columns, and the rows a block owns: 128 (two 16-row
+    slices a warp) where N ≤ 64, so that each staged W_q chunk serves twice the rows; 64 otherwise, where
+    the accumulators of a warp's wider N slice need the registers."""
+    n_pad = -(-n // 16) * 16
+    m_tiles = 2 if n_pad <= 64 else 1
+    return dict(N_PAD=n_pad, N_TILES=n_pad // 16, M_TILES=m_tiles, BLOCK_M=64 * m_tiles,
+                MIN_BLOCKS=3 if n_pad <= 128 else 2)
+
+
+def shared_bytes(shape: dict) -> int:
+    """Two stages of the x and W_q chunks (padded rows) and the 256 fine-cell levels."""
+    return 2 * (shape["BLOCK_M"] + shape["N_PAD"]) * (BLOCK_K + ROW_PAD) * 2 + 256 * 4
+
+
+def supports(x: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Whether this kernel can run the call (see the module docstring for the scope)."""
+    if not (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and w_q.dtype == x.dtype):
+        return False
+    M, K = x.shape
+    N = w_q.shape[0]
+    dense = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, w_q))
+    return (dense and 0 < M < 2**31 and 0 < K < 2**31 and K % 8 == 0 and 0 < N <= MAX_N and N % 8 == 0
+            and w_q.shape[1] == K and nvrtc_available())
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel(dtype: torch.dtype, n: int, device_index: int):
+    """The kernel for one dtype and N's layout, loaded on one device, its shared memory opted in."""
+    shape = layout(n)
+    header = element_math_header(dtype, dtype, THREADS) + defines(
+        BLOCK_K=BLOCK_K, ROW=BLOCK_K + ROW_PAD, MMA_TYPE=mma_type(dtype), **shape)
+    with torch.cuda.device(device_index):
+        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
+                                            "ddq_linear_forward")
+        kernel.set_shared_memory_config(shared_bytes(shape))
+        prefer_shared_memory(kernel)
+    return kernel
+
+
+def linear_forward_cuda(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor,
+                        hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int) -> torch.Tensor:
+    """Spec §2: y = Q_x(x) · W_qᵀ + bias for x (M, K), W_q (N, K), per-tensor activation parameters and
+    `level_table`'s (1, 256) table, on one CUDA device, within `supports`."""
+    if not supports(x, w_q):
+        raise ValueError(f"linear_forward_cuda: unsupported call (x {x.dtype} {tuple(x.shape)}, W_q {w_q.dtype} "
+                         f"{tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, N ≤ {MAX_N} and N, K multiples "
+                         "of 8, dense 16-byte aligned rows, M and K < 2^31)")
+    M, K = x.shape
+    N = w_q.shape[0]
+    shape = layout(N)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bias_values = bias.float().contiguous() if bias is not None else table
+    kernel = compiled_kernel(x.dtype, N, x.device.index)
+    with torch.cuda.device(x.device):
+        kernel(grid=(-(-M // shape["BLOCK_M"]), 1, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(shape),
+               args=[x, w_q, bias_values, y, lo.contiguous(), hi.contiguous(), table.contiguous(),
+                     gate_logits.contiguous(), M, N, K, min_bits, int(bias is not None)])
+    return y
