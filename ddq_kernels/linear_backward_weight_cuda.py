@@ -4,7 +4,7 @@ The same op as `linear_backward_weight` (spec §2–3; reference: dYᵀ · quant
 the forward saved x, not x_q, and this kernel quantizes each staged x chunk in place
 (`cuda_tiles.quantize_tile`, the fine-cell levels in shared memory) instead of a separate quantize pass
 writing x_q for cuBLAS. Block (k, s) owns the N × BLOCK_K slice k of ∂W_q and the s-th run of
-`rows_per_split` rows of the contraction over M: dY and x move through two shared-memory stages of
+`rows_per_split` rows of the contraction over M: dY and x move through STAGES shared-memory slots of
 BLOCK_M rows (cp.async), both operands reach the tensor cores transposed by ldmatrix.trans, and eight
 warps (WARPS_N along N × WARPS_K along K) accumulate in float32. Each block writes its partial slice to a
 (splits, N, K) buffer that one sum reduces in a fixed order: no atomics, the same result every run.
@@ -24,8 +24,6 @@ from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_typ
 from ddq_kernels.shared_histogram import ELEMENT_MATH, available as nvrtc_available, element_math_header
 
 THREADS = 256
-BLOCK_M = 64  # rows of the contraction per stage
-BLOCK_K = 64  # columns of ∂W_q per block
 MAX_N = 256
 ROW_PAD = 8  # elements: 16 bytes, so that the 8 rows of an ldmatrix block hit distinct banks
 
@@ -37,8 +35,8 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
                            int M, int N, int K, int rows_per_split, int min_bits) {
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     X_T* dy_stages = reinterpret_cast<X_T*>(shared_bytes);
-    X_T* x_stages = dy_stages + 2 * BLOCK_M * DY_ROW;
-    float* levels = reinterpret_cast<float*>(x_stages + 2 * BLOCK_M * X_ROW);
+    X_T* x_stages = dy_stages + STAGES * BLOCK_M * DY_ROW;
+    float* levels = reinterpret_cast<float*>(x_stages + STAGES * BLOCK_M * X_ROW);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int warp_n = (warp % WARPS_N) * (16 * N_TILES), warp_k = (warp / WARPS_N) * (8 * K_TILES);
@@ -51,9 +49,15 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     fine_levels(levels, table, logits, min_bits);
     const int chunks = (int)((last_row - first_row + BLOCK_M - 1) / BLOCK_M);
-    stage(dy_stages, DY_ROW, grad_y, first_row, 0, BLOCK_M, N_PAD, last_row, N);
-    stage(x_stages, X_ROW, x, first_row, col0, BLOCK_M, BLOCK_K, last_row, K);
-    asm volatile("cp.async.commit_group;");
+#pragma unroll
+    for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
+        if (ahead < chunks) {
+            const long long rows = first_row + (long long)ahead * BLOCK_M;
+            stage(dy_stages + ahead * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
+            stage(x_stages + ahead * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
+        }
+        asm volatile("cp.async.commit_group;");
+    }
     float c[N_TILES][K_TILES][4];
 #pragma unroll
     for (int i = 0; i < N_TILES; ++i)
@@ -62,14 +66,15 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
 #pragma unroll
             for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int s = chunk & 1;
-        if (chunk + 1 < chunks) {  // the next rows load while these are quantized and multiplied
-            const long long next = first_row + (long long)(chunk + 1) * BLOCK_M;
-            stage(dy_stages + (s ^ 1) * BLOCK_M * DY_ROW, DY_ROW, grad_y, next, 0, BLOCK_M, N_PAD, last_row, N);
-            stage(x_stages + (s ^ 1) * BLOCK_M * X_ROW, X_ROW, x, next, col0, BLOCK_M, BLOCK_K, last_row, K);
+        const int ahead = chunk + STAGES - 1, s = chunk % STAGES;
+        if (ahead < chunks) {  // later rows load while these are quantized and multiplied
+            const int slot = ahead % STAGES;
+            const long long rows = first_row + (long long)ahead * BLOCK_M;
+            stage(dy_stages + slot * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
+            stage(x_stages + slot * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
         }
         asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncthreads();
         const X_T* dy_tile = dy_stages + s * BLOCK_M * DY_ROW;
         X_T* x_tile = x_stages + s * BLOCK_M * X_ROW;
@@ -95,7 +100,7 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
                 }
             }
         }
-        __syncthreads();  // every warp is done with stage s before the next iteration refills it
+        __syncthreads();  // every warp is done with slot s before a later iteration refills it
     }
     // Accumulator (i, j): rows g and g + 8 of the warp's 16-row slice i of N, columns 2t, 2t + 1 of its 8-column slice j.
     float* out = partial + (long long)blockIdx.y * N * K;
@@ -115,20 +120,25 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
 """
 
 
-def layout(n: int) -> dict:
-    """Padded N and the warp grid. N is padded to whole 32-row pairs of 16-row slices, so that WARPS_N ∈ {2, 4}
-    and each warp's K_TILES (8-column slices of BLOCK_K) is even, for the two-slice ldmatrix loads. (128
-    columns a block, halving the re-staging of dY, measured no faster on 401408×576×64: 0.357 against 0.354 ms.)"""
+def layout(n: int, **overrides: int) -> dict:
+    """The tiling for N (keyword overrides for `benchmarks/probe_cuda_tiles.py`). N is padded to whole 32-row
+    pairs of 16-row slices, so that WARPS_N ∈ {2, 4} and each warp's K_TILES (8-column slices of BLOCK_K) is
+    even, for the two-slice ldmatrix loads. dY and x move in BLOCK_M-row chunks through STAGES shared-memory
+    slots. (128 columns a block, halving the re-staging of dY, measured no faster on 401408×576×64: 0.357
+    against 0.354 ms, run 8.)"""
     n_pad = -(-n // 32) * 32
     warps_n = 4 if (n_pad // 16) % 4 == 0 else 2
-    warps_k = 8 // warps_n
-    return dict(N_PAD=n_pad, BLOCK_K=BLOCK_K, WARPS_N=warps_n, N_TILES=n_pad // 16 // warps_n,
-                K_TILES=BLOCK_K // 8 // warps_k, MIN_BLOCKS=4 if n_pad <= 64 else 3 if n_pad <= 128 else 2)
+    shape = dict(N_PAD=n_pad, BLOCK_M=64, BLOCK_K=64, STAGES=2, WARPS_N=warps_n, N_TILES=n_pad // 16 // warps_n,
+                 MIN_BLOCKS=4 if n_pad <= 64 else 3 if n_pad <= 128 else 2)
+    shape.update(overrides)
+    shape["K_TILES"] = shape["BLOCK_K"] // 8 // (8 // warps_n)
+    return shape
 
 
 def shared_bytes(shape: dict) -> int:
-    """Two stages of the dY and x chunks (padded rows) and the 256 fine-cell levels."""
-    return 2 * BLOCK_M * ((shape["N_PAD"] + ROW_PAD) + (shape["BLOCK_K"] + ROW_PAD)) * 2 + 256 * 4
+    """STAGES slots of the dY and x chunks (padded rows) and the 256 fine-cell levels."""
+    return (shape["STAGES"] * shape["BLOCK_M"] * ((shape["N_PAD"] + ROW_PAD) + (shape["BLOCK_K"] + ROW_PAD)) * 2
+            + 256 * 4)
 
 
 def supports(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
@@ -144,11 +154,11 @@ def supports(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, n: int, device_index: int):
-    """The kernel for one dtype and N's layout, loaded on one device, its shared memory opted in."""
-    shape = layout(n)
+def compiled_kernel(dtype: torch.dtype, shape_items: tuple, device_index: int):
+    """The kernel for one dtype and tiling (`layout`'s items), loaded on one device, its shared memory opted in."""
+    shape = dict(shape_items)
     header = element_math_header(dtype, dtype, THREADS) + defines(
-        BLOCK_M=BLOCK_M, DY_ROW=shape["N_PAD"] + ROW_PAD, X_ROW=shape["BLOCK_K"] + ROW_PAD,
+        DY_ROW=shape["N_PAD"] + ROW_PAD, X_ROW=shape["BLOCK_K"] + ROW_PAD,
         MMA_TYPE=mma_type(dtype), **shape)
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
@@ -159,22 +169,25 @@ def compiled_kernel(dtype: torch.dtype, n: int, device_index: int):
 
 
 def linear_backward_weight_cuda(grad_y: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                                table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int) -> torch.Tensor:
-    """∂L/∂W_q = dYᵀ · Q_x(x), (N, K) float32, for x (M, K) and dY (M, N) on one CUDA device within `supports`."""
+                                table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
+                                tiling: dict | None = None) -> torch.Tensor:
+    """∂L/∂W_q = dYᵀ · Q_x(x), (N, K) float32, for x (M, K) and dY (M, N) on one CUDA device within `supports`.
+    `tiling`: `layout` overrides."""
     if not supports(grad_y, x):
         raise ValueError(f"linear_backward_weight_cuda: unsupported call (dY {grad_y.dtype} {tuple(grad_y.shape)}, "
                          f"x {x.dtype} {tuple(x.shape)}; needs 16-bit CUDA tensors of one dtype, N ≤ {MAX_N} and N, K "
                          "multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
     M, K = x.shape
     N = grad_y.shape[1]
-    shape = layout(N)
+    shape = layout(N, **(tiling or {}))
     tiles_k = -(-K // shape["BLOCK_K"])
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = max(1, min(-(-M // BLOCK_M), shape["MIN_BLOCKS"] * sms // tiles_k))
-    rows_per_split = -(-(-(-M // splits)) // BLOCK_M) * BLOCK_M
+    chunk = shape["BLOCK_M"]
+    splits = max(1, min(-(-M // chunk), shape["MIN_BLOCKS"] * sms // tiles_k))
+    rows_per_split = -(-(-(-M // splits)) // chunk) * chunk
     splits = -(-M // rows_per_split)
     partial = torch.empty(splits, N, K, device=x.device, dtype=torch.float32)
-    kernel = compiled_kernel(x.dtype, N, x.device.index)
+    kernel = compiled_kernel(x.dtype, tuple(shape.items()), x.device.index)
     with torch.cuda.device(x.device):
         kernel(grid=(tiles_k, splits, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(shape),
                args=[grad_y, x, partial, lo.contiguous(), hi.contiguous(), table.contiguous(),

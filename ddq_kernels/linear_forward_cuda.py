@@ -2,7 +2,7 @@
 
 The same op as `linear_forward` (spec §2; reference: F.linear(quantize_reference(x), W_q, bias)): each
 block owns BLOCK_M rows of y (`layout`) and every one of its N ≤ MAX_N columns, so each element of x is read and
-quantized once. x and W_q move in BLOCK_K-deep chunks through two shared-memory stages (cp.async); the
+quantized once. x and W_q move in BLOCK_K-deep chunks through STAGES shared-memory slots (cp.async); the
 x chunk is quantized in place (`cuda_tiles.quantize_tile`, the level of each fine cell in shared memory)
 before eight warps, 4 along M × 2 along N, multiply it on the tensor cores (mma.sync m16n8k16, float32
 accumulation). Output rounded to x's dtype after the float32 bias add, as the Triton kernel does.
@@ -23,7 +23,6 @@ from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_typ
 from ddq_kernels.shared_histogram import ELEMENT_MATH, available as nvrtc_available, element_math_header
 
 THREADS = 256
-BLOCK_K = 64
 MAX_N = 256
 ROW_PAD = 8  # elements: 16 bytes, so that 8 rows × 4 lanes of fragment loads hit 32 distinct banks
 
@@ -35,8 +34,8 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
                    int M, int N, int K, int min_bits, int has_bias) {
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     X_T* x_stages = reinterpret_cast<X_T*>(shared_bytes);
-    X_T* w_stages = x_stages + 2 * BLOCK_M * ROW;
-    float* levels = reinterpret_cast<float*>(w_stages + 2 * N_PAD * ROW);
+    X_T* w_stages = x_stages + STAGES * BLOCK_M * ROW;
+    float* levels = reinterpret_cast<float*>(w_stages + STAGES * N_PAD * ROW);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int warp_m = (warp % 4) * (16 * M_TILES), warp_n = (warp / 4) * (N_PAD / 2);
@@ -45,9 +44,14 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     fine_levels(levels, table, logits, min_bits);
     const int chunks = (K + BLOCK_K - 1) / BLOCK_K;
-    stage(x_stages, ROW, x, row0, 0, BLOCK_M, BLOCK_K, M, K);
-    stage(w_stages, ROW, w_q, 0, 0, N_PAD, BLOCK_K, N, K);
-    asm volatile("cp.async.commit_group;");
+#pragma unroll
+    for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
+        if (ahead < chunks) {
+            stage(x_stages + ahead * BLOCK_M * ROW, ROW, x, row0, ahead * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
+            stage(w_stages + ahead * N_PAD * ROW, ROW, w_q, 0, ahead * BLOCK_K, N_PAD, BLOCK_K, N, K);
+        }
+        asm volatile("cp.async.commit_group;");
+    }
     float c[M_TILES][N_TILES][4];
 #pragma unroll
     for (int i = 0; i < M_TILES; ++i)
@@ -56,13 +60,14 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
 #pragma unroll
             for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int s = chunk & 1;
-        if (chunk + 1 < chunks) {  // the next chunk loads while this one is quantized and multiplied
-            stage(x_stages + (s ^ 1) * BLOCK_M * ROW, ROW, x, row0, (chunk + 1) * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
-            stage(w_stages + (s ^ 1) * N_PAD * ROW, ROW, w_q, 0, (chunk + 1) * BLOCK_K, N_PAD, BLOCK_K, N, K);
+        const int ahead = chunk + STAGES - 1, s = chunk % STAGES;
+        if (ahead < chunks) {  // later chunks load while this one is quantized and multiplied
+            const int slot = ahead % STAGES;
+            stage(x_stages + slot * BLOCK_M * ROW, ROW, x, row0, ahead * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
+            stage(w_stages + slot * N_PAD * ROW, ROW, w_q, 0, ahead * BLOCK_K, N_PAD, BLOCK_K, N, K);
         }
         asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncthreads();
         X_T* x_tile = x_stages + s * BLOCK_M * ROW;
         const X_T* w_tile = w_stages + s * N_PAD * ROW;
@@ -86,7 +91,7 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
                 for (int j = 0; j < N_TILES; ++j) mma_16816(c[i][j], a, b[j][0], b[j][1]);
             }
         }
-        __syncthreads();  // every warp is done with stage s before the next iteration refills it
+        __syncthreads();  // every warp is done with slot s before a later iteration refills it
     }
     // Accumulator (i, j): rows g and g + 8 of the warp's 16-row slice i, columns 2t and 2t + 1 of its 8-column slice j.
 #pragma unroll
@@ -108,19 +113,24 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
 """
 
 
-def layout(n: int) -> dict:
-    """N padded to whole 8-column slices for both warp columns, and the rows a block owns: 128 (two 16-row
-    slices a warp) where N ≤ 64, so that each staged W_q chunk serves twice the rows; 64 otherwise, where
-    the accumulators of a warp's wider N slice need the registers."""
+def layout(n: int, **overrides: int) -> dict:
+    """The tiling for N (keyword overrides for `benchmarks/probe_cuda_tiles.py`). N is padded to whole 8-column
+    slices for both warp columns. A block owns 128 rows (two 16-row slices a warp) where N ≤ 64, so that each
+    staged W_q chunk serves twice the rows (0.345 → 0.307 ms on 401408×576×64, run 8), 64 otherwise, where the
+    accumulators of a warp's wider N slice need the registers. x and W_q move in BLOCK_K-deep chunks through
+    STAGES shared-memory slots."""
     n_pad = -(-n // 16) * 16
     m_tiles = 2 if n_pad <= 64 else 1
-    return dict(N_PAD=n_pad, N_TILES=n_pad // 16, M_TILES=m_tiles, BLOCK_M=64 * m_tiles,
-                MIN_BLOCKS=3 if n_pad <= 128 else 2)
+    shape = dict(N_PAD=n_pad, N_TILES=n_pad // 16, M_TILES=m_tiles, BLOCK_K=64, STAGES=2,
+                 MIN_BLOCKS=3 if n_pad <= 128 else 2)
+    shape.update(overrides)
+    shape["BLOCK_M"] = 64 * shape["M_TILES"]
+    return shape
 
 
 def shared_bytes(shape: dict) -> int:
-    """Two stages of the x and W_q chunks (padded rows) and the 256 fine-cell levels."""
-    return 2 * (shape["BLOCK_M"] + shape["N_PAD"]) * (BLOCK_K + ROW_PAD) * 2 + 256 * 4
+    """STAGES slots of the x and W_q chunks (padded rows) and the 256 fine-cell levels."""
+    return shape["STAGES"] * (shape["BLOCK_M"] + shape["N_PAD"]) * (shape["BLOCK_K"] + ROW_PAD) * 2 + 256 * 4
 
 
 def supports(x: torch.Tensor, w_q: torch.Tensor) -> bool:
@@ -135,11 +145,11 @@ def supports(x: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, n: int, device_index: int):
-    """The kernel for one dtype and N's layout, loaded on one device, its shared memory opted in."""
-    shape = layout(n)
+def compiled_kernel(dtype: torch.dtype, shape_items: tuple, device_index: int):
+    """The kernel for one dtype and tiling (`layout`'s items), loaded on one device, its shared memory opted in."""
+    shape = dict(shape_items)
     header = element_math_header(dtype, dtype, THREADS) + defines(
-        BLOCK_K=BLOCK_K, ROW=BLOCK_K + ROW_PAD, MMA_TYPE=mma_type(dtype), **shape)
+        ROW=shape["BLOCK_K"] + ROW_PAD, MMA_TYPE=mma_type(dtype), **shape)
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
                                             "ddq_linear_forward")
@@ -149,19 +159,20 @@ def compiled_kernel(dtype: torch.dtype, n: int, device_index: int):
 
 
 def linear_forward_cuda(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor,
-                        hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int) -> torch.Tensor:
+                        hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
+                        tiling: dict | None = None) -> torch.Tensor:
     """Spec §2: y = Q_x(x) · W_qᵀ + bias for x (M, K), W_q (N, K), per-tensor activation parameters and
-    `level_table`'s (1, 256) table, on one CUDA device, within `supports`."""
+    `level_table`'s (1, 256) table, on one CUDA device, within `supports`. `tiling`: `layout` overrides."""
     if not supports(x, w_q):
         raise ValueError(f"linear_forward_cuda: unsupported call (x {x.dtype} {tuple(x.shape)}, W_q {w_q.dtype} "
                          f"{tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, N ≤ {MAX_N} and N, K multiples "
                          "of 8, dense 16-byte aligned rows, M and K < 2^31)")
     M, K = x.shape
     N = w_q.shape[0]
-    shape = layout(N)
+    shape = layout(N, **(tiling or {}))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     bias_values = bias.float().contiguous() if bias is not None else table
-    kernel = compiled_kernel(x.dtype, N, x.device.index)
+    kernel = compiled_kernel(x.dtype, tuple(shape.items()), x.device.index)
     with torch.cuda.device(x.device):
         kernel(grid=(-(-M // shape["BLOCK_M"]), 1, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(shape),
                args=[x, w_q, bias_values, y, lo.contiguous(), hi.contiguous(), table.contiguous(),
