@@ -74,8 +74,7 @@ __device__ __forceinline__ void fine_levels(float* levels, const float* __restri
 __device__ __forceinline__ float quantized(unsigned int raw, const float* levels, float lo, float inv_delta) {
     const float value = X_WIDEN((X_T)raw);
     const float u = (value - lo) * inv_delta;
-    const int cell = (int)fminf(fmaxf(floorf(u + 0.5f), 0.0f), 255.0f);
-    return levels[cell] + value * 0.0f;
+    return levels[fine_cell(u)] + value * 0.0f;
 }
 
 // Every element of a staged rows × columns tile replaced by its quantized value (columns a multiple of 8).

@@ -38,6 +38,10 @@ __device__ __forceinline__ float narrow_f32(float f) { return f; }
 __device__ __forceinline__ unsigned short narrow_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ unsigned short narrow_bf16(float f) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 
+// i = clamp(floor(u + 0.5), 0, 255) in one flooring convert and an integer clamp: the convert gives 0 for NaN
+// and saturates ±inf and |u| ≥ 2^31, so every u lands where the float clamp would put it.
+__device__ __forceinline__ int fine_cell(float u) { return min(max(__float2int_rd(u + 0.5f), 0), 255); }
+
 struct Accumulators {
     float* warp_bins;
     int hot_cell;
@@ -46,7 +50,7 @@ struct Accumulators {
 
 __device__ __forceinline__ void start(Accumulators& acc, float* warp_bins, float lo, float inv_delta) {
     acc.warp_bins = warp_bins;
-    acc.hot_cell = (int)fminf(fmaxf(floorf((0.0f - lo) * inv_delta + 0.5f), 0.0f), 255.0f);
+    acc.hot_cell = fine_cell((0.0f - lo) * inv_delta);
     acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
 }
 
@@ -55,7 +59,7 @@ __device__ __forceinline__ X_T element(X_T x_raw, V_T v_raw, float lo, float inv
     const float v = X_WIDEN(X_NARROW(V_WIDEN(v_raw)));
     const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
     const bool inside = (u >= 0.0f) && (u <= 255.0f);
-    const int cell = (int)fminf(fmaxf(floorf(u + 0.5f), 0.0f), 255.0f);
+    const int cell = fine_cell(u);
     if (cell == acc.hot_cell) acc.hot_sum += v; else atomicAdd(acc.warp_bins + cell, v);
     acc.sum_vu += inside ? v * u : 0.0f;
     acc.sum_clipped += inside ? 0.0f : v;
