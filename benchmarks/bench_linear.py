@@ -138,6 +138,17 @@ def test_linear(benchmark, shape, variant, phase):
     torch.cuda.empty_cache()
 
 
+def gemm_operands(M: int, K: int, N: int):
+    """bf16 operands of one strategy benchmark: x a ReLU output (half of it in the cell of 0), W_q (N, K), dY,
+    and a per-tensor range [0, 3]."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
+    w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    return x, w_q, grad_y, lo, hi
+
+
 @pytest.mark.parametrize("strategy", ["unfused", "shared_epilogue"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_backward_input_strategy(benchmark, shape, strategy):
@@ -148,11 +159,7 @@ def test_backward_input_strategy(benchmark, shape, strategy):
     from ddq_kernels.linear_forward import UNFUSED
 
     M, K, N = shape
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
-    w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
     if strategy == "shared_epilogue" and not supports(grad_y, w_q, x):
         pytest.skip("outside the CUDA C kernel's scope")
     config = SHARED_EPILOGUE if strategy == "shared_epilogue" else UNFUSED
@@ -175,11 +182,7 @@ def test_quantized_operand_strategy(benchmark, shape, gemm, strategy):
     from ddq_kernels.linear_forward_cuda import supports as forward_supports
 
     M, K, N = shape
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
-    w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
     logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
     table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
     supported = forward_supports(x, w_q) if gemm == "forward" else weight_supports(grad_y, x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from bench_linear import gemm_operands
 from ddq_kernels.level_table import level_table
 from ddq_kernels.linear_backward_weight_cuda import layout as weight_layout, linear_backward_weight_cuda, shared_bytes as weight_bytes
 from ddq_kernels.linear_forward_cuda import layout as forward_layout, linear_forward_cuda, shared_bytes as forward_bytes
@@ -33,14 +34,10 @@ def gpu_ms(fn) -> float:
 
 def main() -> None:
     print(torch.cuda.get_device_name())
-    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
     logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
-    table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
     for M, K, N in SHAPES:
-        torch.manual_seed(0)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
-        w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
+        table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
         reference_y = linear_forward_cuda(x, w_q, None, lo, hi, table, logits, 2)
         reference_dw = linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 2)
         for tiling in FORWARD_TILINGS:
