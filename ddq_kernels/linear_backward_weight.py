@@ -59,7 +59,8 @@ def backward_weight_configs(M: int, N: int, K: int, cuda_tiles: bool = False) ->
     """Candidate tiles for the backward-weight GEMM (output block_n × block_k, contraction block_m).
 
     Then, where it `supports` the call, CUDA_TILES: the CUDA C GEMM that quantizes x in shared memory
-    (`linear_backward_weight_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED, quantizes x in its own pass (a transient x_q) and multiplies with cuBLAS.
+    (`linear_backward_weight_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED, quantizes x in its own
+    pass (a transient x_q) and multiplies with cuBLAS.
     """
     candidates = []
     for block_n, block_k, block_m, num_warps in ((128, 128, 64, 8), (64, 128, 64, 4), (128, 64, 64, 4),
