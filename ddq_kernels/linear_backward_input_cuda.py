@@ -12,19 +12,23 @@ and at most MAX_CONTRACTION (the whole of a block's dY rows and W_q columns sit 
 GEMMs of issue 3 have N ≤ 256), K a multiple of 8, dense rows. `supports` says whether a call qualifies;
 the launcher in `linear_backward_input` offers it as one more candidate to `fastest_config`.
 
-Layout: a persistent grid; each block takes output tiles of BLOCK_M × BLOCK_K (64 × 64), column tiles
-fastest so that neighbouring blocks share dY rows in L2. Eight warps, 4 along M × 2 along K, each 16 × 32.
-dY rows, W_q columns and the x block are staged with cp.async; ∂x is written back through the x block, so
-global memory sees only whole 16-byte vectors. Shared-memory rows are padded by 16 bytes, so that the
-fragment loads of 8 rows × 4 lanes hit 32 distinct banks. The histogram is flushed to global memory once
-per block, not once per tile.
+Layout: a persistent grid of as many blocks as fit at once, a multiple of the column tiles: each block
+keeps one column tile of BLOCK_K (64) columns, stages its W_q columns once, and walks the row tiles of
+BLOCK_M (64) rows; blocks next to each other take the same rows, so they share dY rows in L2. Eight warps,
+4 along M × 2 along K, each 16 × 32. dY rows and the x block are staged with cp.async into one of STAGES
+buffers: with two (N ≤ 128, three blocks an SM) the next tile's loads are in flight while this one is
+computed. ∂x is written back through the x block, so global memory sees only whole 16-byte vectors.
+Shared-memory rows are padded by 16 bytes, so that the fragment loads of 8 rows × 4 lanes hit 32 distinct
+banks. Each tile gives every lane 16 values of v, one chunk of the element math's integer bins; the
+histogram is flushed to global memory once per block, not once per tile.
 
-Speed (H100, bf16, GPU time from the profiler, `benchmarks/bench_linear.py::test_backward_input_strategy`
-for wall time): the element math's shared-memory atomics bound it, so it runs as fast as it has resident
-warps. 128-row tiles (16 warps an SM) took 1.27 ms on 401408×576×64, double-buffering the loads changed
-that by 4 %; 64-row tiles at 64 registers (32 warps) took 0.78 ms, level with cuBLAS + SHARED (0.19 +
-0.60 ms), and 64 µs against 74 on 100352×192×32. It loses where K = 32 (half of each tile idle) and at
-N = 256 (two blocks an SM). `fastest_config` keeps whichever is faster per shape class; where it wins it
+Speed (H100, bf16, CUDA-event medians, `benchmarks/probe_backward_input.py`; docs/kernels.md, run 9): on
+401408×576×64 0.90 ms with float bins and column-fastest tiles, 0.73 ms with the integer bins, 0.69 ms with
+one column tile a block (one buffer, four blocks an SM) and 0.68 ms with two buffers (three blocks); cuBLAS
+plus the SHARED pass take 0.19 + 0.50 ms. 25088×1024×256: 0.23 → 0.16 ms. Nsight Compute (run 9): 57
+instructions an element, issued on 65 % of cycles, at 44 % of DRAM bandwidth; about half of them are
+outside the element math (staging, bounds checks, fragments, write-back: SASS of the kernel). Run 7 measured 128-row tiles (16 warps an
+SM) at 1.27 ms. `fastest_config` keeps whichever candidate is faster per shape class; where this one wins it
 also saves the M×K buffer of v.
 """
 
@@ -35,7 +39,7 @@ import functools
 import torch
 
 from ddq_kernels.cuda_tiles import TILE_HELPERS, defines, mma_type, prefer_shared_memory
-from ddq_kernels.shared_histogram import ELEMENT_MATH, available as nvrtc_available, element_math_header
+from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, available as nvrtc_available, element_math_header
 
 THREADS = 256
 BLOCK_M = 64
@@ -45,36 +49,77 @@ MAX_CONTRACTION = 256
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
+template <bool FIXED>
+__device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, int row0, int col0, int warp_m,
+                                              int warp_k, int M, int K, float lo, float inv_delta, Accumulators& acc) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = row0 + warp_m + i * 16 + g + 8 * half;
+            if (row >= M) continue;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int col = col0 + warp_k + j * 8 + 2 * t;
+                if (col >= K) continue;
+                const int e = (i * 4 + j) * 4 + 2 * half;
+                unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + (row - row0) * X_ROW + col - col0);
+                const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
+                const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc);
+                const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc);
+                *pair = d0 | (d1 << 16);
+            }
+        }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict__ w_t, const X_T* __restrict__ x,
                           X_T* __restrict__ grad_x, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
                           float* __restrict__ histogram, float* __restrict__ sums, int M, int N, int K) {
+    static_assert(M_TILES * 16 == CHUNK, "a tile gives each lane one chunk of v");
     extern __shared__ __align__(16) unsigned char shared_bytes[];
-    X_T* dy_tile = reinterpret_cast<X_T*>(shared_bytes);
-    X_T* w_tile = dy_tile + BLOCK_M * ROW;
-    X_T* x_tile = w_tile + BLOCK_K * ROW;  // x in, ∂x out: both cross global memory as whole 16-byte vectors
-    float (*bins)[256] = reinterpret_cast<float (*)[256]>(x_tile + BLOCK_M * X_ROW);
+    // The block's W_q columns, then STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as
+    // whole 16-byte vectors), then the per-warp bins.
+    X_T* w_tile = reinterpret_cast<X_T*>(shared_bytes);
+    X_T* buffers = w_tile + BLOCK_K * ROW;
+    constexpr int BUFFER = BLOCK_M * ROW + BLOCK_M * X_ROW;
+    WarpBins* bins = reinterpret_cast<WarpBins*>(buffers + STAGES * BUFFER);
     __shared__ float partial[WARPS][3];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * 32;
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
-    for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) (&bins[0][0])[i] = 0.0f;
+    for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
     Accumulators acc;
-    start(acc, bins[warp], lo, inv_delta);
+    start(acc, bins + warp, lo, inv_delta);
+    // The launcher makes the grid a multiple of the column tiles: a block keeps one column tile, so it stages
+    // its W_q columns once, and walks the row tiles; neighbouring blocks share dY rows in L2.
     const int tiles_k = (K + BLOCK_K - 1) / BLOCK_K;
-    const long long tiles = (long long)((M + BLOCK_M - 1) / BLOCK_M) * tiles_k;
-    for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int row0 = (int)(tile / tiles_k) * BLOCK_M;
-        const int col0 = (int)(tile % tiles_k) * BLOCK_K;
-        __syncthreads();  // every thread is done with the previous tile; the bins are zeroed
-        stage(dy_tile, ROW, grad_y, row0, 0, BLOCK_M, N_PAD, M, N);
-        stage(w_tile, ROW, w_t, col0, 0, BLOCK_K, N_PAD, K, N);
-        stage(x_tile, X_ROW, x, row0, col0, BLOCK_M, BLOCK_K, M, K);
-        asm volatile("cp.async.commit_group;");
+    const int col0 = (int)(blockIdx.x % tiles_k) * BLOCK_K;
+    const long long row_tiles = (M + BLOCK_M - 1) / BLOCK_M, row_step = gridDim.x / tiles_k;
+    long long row_tile = blockIdx.x / tiles_k;
+    stage(w_tile, ROW, w_t, col0, 0, BLOCK_K, N_PAD, K, N);
+    if (row_tile < row_tiles) {
+        stage(buffers, ROW, grad_y, row_tile * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
+        stage(buffers + BLOCK_M * ROW, X_ROW, x, row_tile * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+    }
+    asm volatile("cp.async.commit_group;");
+    for (int slot = 0; row_tile < row_tiles; row_tile += row_step, slot = (slot + 1) % STAGES) {
+        const int row0 = (int)(row_tile * BLOCK_M);
+        X_T* dy_tile = buffers + slot * BUFFER;
+        X_T* x_tile = dy_tile + BLOCK_M * ROW;
         asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();
+        __syncthreads();  // this tile has landed, and every thread is done writing back from the other buffer
+        const long long next = row_tile + row_step;
+        if (STAGES == 2 && next < row_tiles) {
+            X_T* next_dy = buffers + (1 - slot) * BUFFER;
+            stage(next_dy, ROW, grad_y, next * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
+            stage(next_dy + BLOCK_M * ROW, X_ROW, x, next * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+        }
+        asm volatile("cp.async.commit_group;");
         float c[M_TILES][4][4];
 #pragma unroll
         for (int i = 0; i < M_TILES; ++i)
@@ -104,30 +149,30 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
 #pragma unroll
                 for (int j = 0; j < 4; ++j) mma_16816(c[i][j], a[i], b[j][0], b[j][1]);
         }
-        // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
+        // v rounded to x's dtype; the rows and columns past M and K hold 0 and add nothing to the bound.
+        float v[CHUNK];
+        float bound = 0.0f;
 #pragma unroll
-        for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int row = row0 + warp_m + i * 16 + g + 8 * half;
-                if (row >= M) continue;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int col = col0 + warp_k + j * 8 + 2 * t;
-                    if (col >= K) continue;
-                    unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + (row - row0) * X_ROW + col - col0);
-                    const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
-                    const unsigned int d0 = element(x0, c[i][j][2 * half], lo, inv_delta, acc);
-                    const unsigned int d1 = element(x1, c[i][j][2 * half + 1], lo, inv_delta, acc);
-                    *pair = d0 | (d1 << 16);
-                }
-            }
+        for (int e = 0; e < CHUNK; ++e) {
+            v[e] = x_gradient((&c[0][0][0])[e]);
+            bound = chunk_bound(bound, v[e]);
+        }
+        begin_chunk(acc, bound);
+        if (acc.fixed) tile_elements<true>(v, x_tile, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        else tile_elements<false>(v, x_tile, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        end_chunk(acc);
         __syncthreads();
         for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {
             const int r = i / (BLOCK_K / 8), c = (i % (BLOCK_K / 8)) * 8;
             if (row0 + r < M && col0 + c < K)
                 *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) =
                     *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
+        }
+        if (STAGES == 1 && next < row_tiles) {
+            __syncthreads();
+            stage(dy_tile, ROW, grad_y, next * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
+            stage(x_tile, X_ROW, x, next * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+            asm volatile("cp.async.commit_group;");
         }
     }
     __syncthreads();
@@ -136,10 +181,16 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
 """
 
 
-def shared_bytes(contraction: int) -> int:
-    """Dynamic shared memory of one block: the dY, W_q and x tiles (padded rows) and the per-warp bins."""
+def shared_bytes(contraction: int, stages: int) -> int:
+    """Dynamic shared memory of one block: the W_q columns, `stages` buffers of dY rows and x (padded rows),
+    the per-warp bins."""
     row = padded_contraction(contraction) + ROW_PAD
-    return ((BLOCK_M + BLOCK_K) * row + BLOCK_M * (BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * 256 * 4
+    return (BLOCK_K * row + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
+
+
+def default_stages(contraction: int) -> int:
+    """Double-buffer the loads where two buffers still leave room for three blocks an SM (N ≤ 128)."""
+    return 2 if padded_contraction(contraction) <= 128 else 1
 
 
 def padded_contraction(contraction: int) -> int:
@@ -159,23 +210,36 @@ def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, contraction: int, device_index: int):
-    """The kernel for one dtype and padded contraction, loaded on one device, its shared memory opted in."""
+def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, device_index: int):
+    """The kernel for one dtype, padded contraction and number of load buffers, loaded on one device, its
+    shared memory opted in."""
     header = element_math_header(dtype, torch.float32, THREADS) + defines(
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=MIN_BLOCKS, N_PAD=contraction,
-        ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, MMA_TYPE=mma_type(dtype))
+        ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages, MMA_TYPE=mma_type(dtype))
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + KERNEL, "ddq_backward_input_shared")
-        kernel.set_shared_memory_config(shared_bytes(contraction))
+        kernel.set_shared_memory_config(shared_bytes(contraction, stages))
         prefer_shared_memory(kernel)
     return kernel
 
 
+def resident_grid(M: int, K: int, block_bytes: int, device: torch.device) -> int:
+    """A persistent grid: as many blocks as fit on the card at once (registers allow MIN_BLOCKS an SM, shared
+    memory may allow fewer), rounded down to a multiple of the column tiles, at most one block a row tile."""
+    properties = torch.cuda.get_device_properties(device)
+    per_sm_bytes = getattr(properties, "shared_memory_per_multiprocessor", 0)
+    per_sm = min(MIN_BLOCKS, per_sm_bytes // (block_bytes + 1024)) if per_sm_bytes else MIN_BLOCKS
+    tiles_k = -(-K // BLOCK_K)
+    return max(1, min(-(-M // BLOCK_M), max(1, per_sm) * properties.multi_processor_count // tiles_k)) * tiles_k
+
+
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
-                                 hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 hi: torch.Tensor, stages: int | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §3 for the activation: (∂x = (dY·W_q)·in, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,)).
 
-    x (M, K), dY (M, N), W_q (N, K) on one CUDA device, within `supports`.
+    x (M, K), dY (M, N), W_q (N, K) on one CUDA device, within `supports`. `stages` (1 or 2 load buffers)
+    overrides `default_stages`, for the probes.
     """
     if not supports(grad_y, w_q, x):
         raise ValueError(f"linear_backward_input_shared: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
@@ -183,14 +247,16 @@ def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: tor
                          f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
     M, K = x.shape
     N = w_q.shape[0]
+    stages = default_stages(N) if stages is None else stages
+    if stages not in (1, 2):
+        raise ValueError(f"linear_backward_input_shared: stages must be 1 or 2, got {stages}")
     grad_x = torch.empty_like(x)
     histogram = torch.zeros(1, 256, device=x.device, dtype=torch.float32)
     sums = torch.zeros(1, 2, device=x.device, dtype=torch.float32)
     w_t = w_q.t().contiguous()
-    kernel = compiled_kernel(x.dtype, padded_contraction(N), x.device.index)
-    tiles = -(-M // BLOCK_M) * -(-K // BLOCK_K)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    kernel = compiled_kernel(x.dtype, padded_contraction(N), stages, x.device.index)
+    block_bytes = shared_bytes(N, stages)
     with torch.cuda.device(x.device):
-        kernel(grid=(min(tiles, MIN_BLOCKS * sms), 1, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(N),
+        kernel(grid=(resident_grid(M, K, block_bytes, x.device), 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
                args=[grad_y, w_t, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, M, N, K])
     return grad_x, histogram, sums[:, 0], sums[:, 1]

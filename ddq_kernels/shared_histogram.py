@@ -4,11 +4,22 @@ The same pass as `quantize_backward.quantize_backward_kernel` (reference: `ddq.f
 one read of v and x, one write of ∂x = v·in, and per group the histogram of v over the 256 fine cells,
 Σ v·u over in-range elements and Σ v over clipped ones. Triton has no shared-memory atomics, so its
 histograms cost ~32 compare/selects and operand shuffles per element (docs/kernels.md); here each element
-is one `red.shared.add.f32` into its warp's private copy of the 256 bins (per-warp copies keep warps from
+is one shared-memory atomic into its warp's private copy of the 256 bins (per-warp copies keep warps from
 contending), and each block adds its bins to the global histogram once. The cell of x = 0, which holds
 most of a ReLU activation's elements, is accumulated in a register instead, so that a warp's lanes do not
 serialise on one shared address. The element math is fine_grid's: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255),
 NaN in cell 0, v rounded to x's dtype first.
+
+Integer bins (16-bit x): sm_90 adds a float into shared memory with a compare-and-swap loop (LDS, FADD,
+ATOMS.CAST.SPIN and a branch, inside a convergence region) but an integer with one ATOMS.ADD. So a warp
+takes its elements in chunks of 16 a lane; each chunk's largest |v| sets a power-of-two scale that puts
+it below 2^21, every v of the chunk is added to an integer bin as round(v·scale), and after the chunk the
+integer bins are added to float totals (2^30 bounds a bin of 512 elements: no overflow). Each v thus
+enters the histogram within 2^-21 of its chunk's largest |v| (rounding that v to bf16 or fp16 alone moves
+it by up to 2^-9 or 2^-12 of itself), and the tests bound the histogram by that. Float32 x, the elements after the last 16-byte vector, and a chunk that
+holds ±inf or NaN go through the float totals directly (a non-finite v still reaches its bin). Measured
+on an H100 (401408×576 bf16): 0.61 → 0.51 ms on a ReLU x, 0.70 → 0.51 ms on a spread-out one; the
+pass now runs at ~2.7 TB/s, near the card's bandwidth.
 
 Compiled with `torch.cuda._compile_kernel` (NVRTC, which ships with PyTorch's CUDA wheels) once per
 (x dtype, v dtype); `available()` says whether this process can. CUDA only: the Triton strategies serve
@@ -25,11 +36,13 @@ import torch
 THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
 BLOCKS_PER_SM = 4  # with __launch_bounds__(THREADS, 4): 1024 resident threads, each with 4 loads in flight
+WARP_BINS_BYTES = 2048  # a warp's WarpBins: 256 integer bins and 256 float totals
 
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f16"), torch.bfloat16: ("unsigned short", "bf16")}
 
 ELEMENT_MATH = r"""
 #define WARPS (THREADS / 32)
+#define CHUNK 16  // elements per lane between two flushes of the integer bins: 512 a warp, so |bin| < 2^30
 
 __device__ __forceinline__ float widen_f32(float f) { return f; }
 __device__ __forceinline__ float widen_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
@@ -42,32 +55,93 @@ __device__ __forceinline__ unsigned short narrow_bf16(float f) { unsigned short 
 // and saturates ±inf and |u| ≥ 2^31, so every u lands where the float clamp would put it.
 __device__ __forceinline__ int fine_cell(float u) { return min(max(__float2int_rd(u + 0.5f), 0), 255); }
 
+// v as the reference sees it: the gradient of x_q, which has x's dtype.
+__device__ __forceinline__ float x_gradient(float v) {
+#if V_IS_X
+    return v;
+#else
+    return X_WIDEN(X_NARROW(v));
+#endif
+}
+
+__device__ __forceinline__ float max_keeping_nan(float a, float b) { float m; asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b)); return m; }
+// A lane's running bound over its chunk: the largest |v|, or NaN once any v is NaN.
+__device__ __forceinline__ float chunk_bound(float bound, float v) { return max_keeping_nan(bound, fabsf(v)); }
+
+// A warp's 256 histogram bins: integers in fixed point within a chunk (sm_90 adds integers into shared memory
+// in one instruction, floats in a compare-and-swap loop), float totals across chunks.
+struct WarpBins {
+    unsigned int counts[256];
+    float totals[256];
+};
+
 struct Accumulators {
-    float* warp_bins;
+    unsigned int bins;  // shared-window address of the warp's WarpBins
     int hot_cell;
+    bool fixed;         // this chunk goes through the integer bins (warp-uniform)
+    float scale, inv_scale;
     float hot_sum, sum_vu, sum_clipped;
 };
 
-__device__ __forceinline__ void start(Accumulators& acc, float* warp_bins, float lo, float inv_delta) {
-    acc.warp_bins = warp_bins;
+__device__ __forceinline__ void start(Accumulators& acc, WarpBins* warp_bins, float lo, float inv_delta) {
+    acc.bins = (unsigned int)__cvta_generic_to_shared(warp_bins);
     acc.hot_cell = fine_cell((0.0f - lo) * inv_delta);
     acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
 }
 
-__device__ __forceinline__ X_T element(X_T x_raw, V_T v_raw, float lo, float inv_delta, Accumulators& acc) {
-    // v as the reference sees it: the gradient of x_q, which has x's dtype.
-    const float v = X_WIDEN(X_NARROW(V_WIDEN(v_raw)));
+// Called by all 32 lanes with their chunk_bound. The chunk's scale 2^s puts its largest |v| below 2^21, so
+// each v enters its bin rounded to a multiple of at most 2^-20 of that |v| and 512 of them cannot overflow.
+// Float x, and a chunk holding ±inf or NaN, go through the float totals instead.
+__device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound) {
+    for (int offset = 16; offset > 0; offset /= 2) bound = max_keeping_nan(bound, __shfl_xor_sync(0xffffffffu, bound, offset));
+    acc.fixed = sizeof(X_T) == 2 && bound <= 3.402823466e38f;
+    const int s = min(147 - (int)(__float_as_uint(bound) >> 23), 126);
+    acc.scale = __int_as_float((127 + s) << 23);
+    acc.inv_scale = __int_as_float((127 - s) << 23);
+}
+
+template <bool FIXED>
+__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc) {
     const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
     const bool inside = (u >= 0.0f) && (u <= 255.0f);
     const int cell = fine_cell(u);
-    if (cell == acc.hot_cell) acc.hot_sum += v; else atomicAdd(acc.warp_bins + cell, v);
-    acc.sum_vu += inside ? v * u : 0.0f;
-    acc.sum_clipped += inside ? 0.0f : v;
+    // The cell of x = 0, which holds most of a ReLU activation's elements, sums in a register, so that a
+    // warp's lanes do not serialise on one shared address.
+    const unsigned int cold = cell != acc.hot_cell;
+    if (!cold) acc.hot_sum += v;
+    if (FIXED) {
+        asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.u32 [%0], %1; }"
+                     :: "r"(acc.bins + 4 * cell), "r"(__float2int_rn(v * acc.scale)), "r"(cold) : "memory");
+    } else {
+        asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.f32 [%0], %1; }"
+                     :: "r"(acc.bins + 1024 + 4 * cell), "f"(v), "r"(cold) : "memory");
+    }
+    if (inside) acc.sum_vu = fmaf(v, u, acc.sum_vu); else acc.sum_clipped += v;
     return X_NARROW(inside ? v : 0.0f);
 }
 
-// The block's per-warp bins and register sums into the group's global histogram and sums (one atomic each).
-__device__ __forceinline__ void flush(Accumulators& acc, float (*bins)[256], float (*partial)[3], float* histogram, float* sums) {
+// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them.
+__device__ __forceinline__ void end_chunk(Accumulators& acc) {
+    if (!acc.fixed) return;
+    __syncwarp();
+    const unsigned int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const unsigned int counts = acc.bins + 32 * lane + 16 * half, totals = counts + 1024;
+        unsigned int c[4];
+        float t[4];
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3]) : "r"(counts) : "memory");
+        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(t[0]), "=f"(t[1]), "=f"(t[2]), "=f"(t[3]) : "r"(totals) : "memory");
+#pragma unroll
+        for (int k = 0; k < 4; ++k) t[k] = fmaf((float)(int)c[k], acc.inv_scale, t[k]);
+        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" :: "r"(totals), "f"(t[0]), "f"(t[1]), "f"(t[2]), "f"(t[3]) : "memory");
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" :: "r"(counts), "r"(0u) : "memory");
+    }
+    __syncwarp();
+}
+
+// The block's per-warp totals and register sums into the group's global histogram and sums (one atomic each).
+__device__ __forceinline__ void flush(Accumulators& acc, WarpBins* bins, float (*partial)[3], float* histogram, float* sums) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int offset = 16; offset > 0; offset /= 2) {
         acc.hot_sum += __shfl_xor_sync(0xffffffffu, acc.hot_sum, offset);
@@ -78,7 +152,7 @@ __device__ __forceinline__ void flush(Accumulators& acc, float (*bins)[256], flo
     __syncthreads();
     for (int cell = threadIdx.x; cell < 256; cell += THREADS) {
         float total = 0.0f;
-        for (int w = 0; w < WARPS; ++w) total += bins[w][cell];
+        for (int w = 0; w < WARPS; ++w) total += bins[w].totals[cell];
         if (cell == acc.hot_cell) for (int w = 0; w < WARPS; ++w) total += partial[w][0];
         if (total != 0.0f) atomicAdd(histogram + cell, total);
     }
@@ -105,6 +179,25 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
     for (int j = 0; j < (int)(VECTOR * sizeof(T) / 16); ++j) to[j] = from[j];
 }
 
+template <bool FIXED>
+__device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta,
+                                               Accumulators& acc) {
+#pragma unroll
+    for (int e = 0; e < CHUNK; ++e) x[e] = element<FIXED>(x[e], x_gradient(V_WIDEN(v[e])), lo, inv_delta, acc);
+}
+
+// One chunk of a lane's elements, every lane of the warp: x in, ∂x out. Elements a lane lacks are v = 0,
+// x = 0: they add nothing. v is widened twice rather than held as floats: registers are what limits the
+// resident warps.
+__device__ __forceinline__ void chunk(X_T (&x)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta, Accumulators& acc) {
+    float bound = 0.0f;
+#pragma unroll
+    for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, x_gradient(V_WIDEN(v[e])));
+    begin_chunk(acc, bound);
+    if (acc.fixed) chunk_elements<true>(x, v, lo, inv_delta, acc); else chunk_elements<false>(x, v, lo, inv_delta, acc);
+    end_chunk(acc);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X_T* __restrict__ grad_x,
                       const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
@@ -112,15 +205,15 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     // The launcher passes Python ints as 32-bit C ints: the element count comes in two 31-bit halves.
     const long long group_numel = ((long long)numel_high << 31) | numel_low;
     const int group = blockIdx.y;
-    __shared__ float bins[WARPS][256];
+    __shared__ __align__(16) WarpBins bins[WARPS];
     __shared__ float partial[WARPS][3];
-    const int warp = threadIdx.x / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float lo = lo_ptr[group];
     const float inv_delta = 1.0f / ((hi_ptr[group] - lo) / 255.0f);
-    for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) (&bins[0][0])[i] = 0.0f;
+    for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
     __syncthreads();
     Accumulators acc;
-    start(acc, bins[warp], lo, inv_delta);
+    start(acc, bins + warp, lo, inv_delta);
     const long long base = (long long)group * group_numel;
     const V_T* g = grad + base;
     const X_T* xs = x + base;
@@ -128,27 +221,41 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     const long long first = (long long)blockIdx.x * THREADS + threadIdx.x;
     const long long stride = (long long)gridDim.x * THREADS;
     const long long vectors = vectorized ? group_numel / VECTOR : 0;
-    // Two vectors per thread and step: their four loads are in flight together.
-    for (long long j = first; j < vectors; j += 2 * stride) {
-        const bool second = j + stride < vectors;
-        X_T x_values[2][VECTOR], dx[VECTOR];
-        V_T v_values[2][VECTOR];
-        load_vector(xs + j * VECTOR, x_values[0]);
-        load_vector(g + j * VECTOR, v_values[0]);
-        if (second) {
-            load_vector(xs + (j + stride) * VECTOR, x_values[1]);
-            load_vector(g + (j + stride) * VECTOR, v_values[1]);
-        }
+    constexpr int PER_CHUNK = CHUNK / VECTOR;
+    // A chunk is PER_CHUNK vectors a lane, `stride` apart; the warp runs while its first lane has one, so
+    // the chunk's collective steps see all 32 lanes. The vectors' loads are in flight together.
+    for (long long j = first; j - lane < vectors; j += PER_CHUNK * stride) {
+        X_T x_values[CHUNK];
+        V_T v_values[CHUNK];
 #pragma unroll
-        for (int e = 0; e < VECTOR; ++e) dx[e] = element(x_values[0][e], v_values[0][e], lo, inv_delta, acc);
-        store_vector(out + j * VECTOR, dx);
-        if (second) {
+        for (int k = 0; k < PER_CHUNK; ++k) {
+            X_T x_vector[VECTOR];
+            V_T v_vector[VECTOR];
+            if (j + k * stride < vectors) {
+                load_vector(xs + (j + k * stride) * VECTOR, x_vector);
+                load_vector(g + (j + k * stride) * VECTOR, v_vector);
+            } else {
 #pragma unroll
-            for (int e = 0; e < VECTOR; ++e) dx[e] = element(x_values[1][e], v_values[1][e], lo, inv_delta, acc);
-            store_vector(out + (j + stride) * VECTOR, dx);
+                for (int e = 0; e < VECTOR; ++e) { x_vector[e] = (X_T)0; v_vector[e] = (V_T)0; }
+            }
+#pragma unroll
+            for (int e = 0; e < VECTOR; ++e) { x_values[k * VECTOR + e] = x_vector[e]; v_values[k * VECTOR + e] = v_vector[e]; }
         }
+        chunk(x_values, v_values, lo, inv_delta, acc);
+#pragma unroll
+        for (int k = 0; k < PER_CHUNK; ++k)
+            if (j + k * stride < vectors) {
+                X_T dx[VECTOR];
+#pragma unroll
+                for (int e = 0; e < VECTOR; ++e) dx[e] = x_values[k * VECTOR + e];
+                store_vector(out + (j + k * stride) * VECTOR, dx);
+            }
     }
-    for (long long i = vectors * VECTOR + first; i < group_numel; i += stride) out[i] = element(xs[i], g[i], lo, inv_delta, acc);
+    // The elements after the last whole vector (all of them where rows are not 16-byte aligned) go one at a
+    // time through the float totals: no chunk, so no collective steps.
+    for (long long i = vectors * VECTOR + first; i < group_numel; i += stride)
+        out[i] = element<false>(xs[i], x_gradient(V_WIDEN(g[i])), lo, inv_delta, acc);
+    __syncthreads();
     flush(acc, bins, partial, histogram + group * 256, sums + group * 2);
 }
 """
@@ -172,7 +279,7 @@ def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int
     """The #defines that ELEMENT_MATH needs: x's and v's storage types and conversions, the block size."""
     x_type, x_kind = _TYPES[x_dtype]
     v_type, v_kind = _TYPES[v_dtype]
-    return (f"#define THREADS {threads}\n#define X_T {x_type}\n#define V_T {v_type}\n"
+    return (f"#define THREADS {threads}\n#define X_T {x_type}\n#define V_T {v_type}\n#define V_IS_X {int(x_dtype == v_dtype)}\n"
             f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define V_WIDEN widen_{v_kind}\n")
 
 

@@ -297,8 +297,9 @@ def test_layers_under_autocast_on_gpu():
 @pytest.mark.parametrize("M,K,N", [(1031, 200, 40), (259, 72, 256), (4099, 16, 8), (130, 1032, 64), (7, 8, 24)])
 def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
     """The CUDA C backward-input GEMM with the histogram in its epilogue (odd M, partial tiles in M and K,
-    contractions not multiples of 16) against float64 v = dY·W_q rounded to x's dtype and the reference
-    reductions. Its v differs from that only by float32 summation order: each element of ∂x by at most one
+    contractions not multiples of 16; one and two load buffers) against float64 v = dY·W_q rounded to x's
+    dtype and the reference reductions. Its v differs from that only by float32 summation order, and its
+    integer bins round each v by at most 2^-21 of its chunk's largest |v|: each element of ∂x by at most one
     unit in the last place of x's dtype, the histogram by the 16-bit tolerance in norm, each sum by at most
     that unit on every term (scale Σ|v|, times 255 for Σv·u). x is cleared of cell boundaries so that the
     cells agree."""
@@ -314,7 +315,8 @@ def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
     want = reductions_reference(v, x, lo, hi)
     unit = torch.finfo(dtype).eps
     magnitude = v.double().abs()
-    runs = [linear_backward_input_shared(grad_y, weight, x, lo, hi),
+    runs = [linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=1),
+            linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=2),
             linear_backward_input(grad_y, weight, x, lo, hi, SHARED_EPILOGUE)]
     for got in runs:
         for g, w in zip(got, want):
@@ -325,8 +327,8 @@ def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
         assert abs(got[3] - want[3]).item() <= unit * magnitude.sum().item()
         outside = (x.float() < lo) | (x.float() > hi)
         assert (got[0][outside] == 0).all()
-    # ∂x does not depend on the order of the float atomics.
-    assert torch.equal(runs[0][0], runs[1][0])
+    # ∂x does not depend on the order of the atomics or on the load buffers.
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][0], runs[2][0])
 
 
 def test_shared_epilogue_rejects_what_it_cannot_run():
@@ -341,6 +343,11 @@ def test_shared_epilogue_rejects_what_it_cannot_run():
         assert not supports(grad_y, weight, x)
         with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
             linear_backward_input_shared(grad_y, weight, x, lo, hi)
+    if torch.cuda.is_available():
+        x, weight, grad_y = (torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for shape in ((33, 64), (64, 64), (33, 64)))
+        if supports(grad_y, weight, x):
+            with pytest.raises(ValueError, match="stages must be 1 or 2, got 3"):
+                linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=3)
 
 
 CUDA_TILE_SHAPES = [(1031, 200, 40), (259, 72, 256), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (300, 32, 192)]

@@ -153,6 +153,47 @@ def test_quantize_op_on_gpu_matches_cpu(per_channel, shape):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_shared_pass_integer_bins_stay_within_their_bound(dtype):
+    """The SHARED pass adds each chunk's v (16 a lane, 512 a warp) to integer bins at a power of two that puts
+    the chunk's largest |v| below 2^21, so each v is off by at most 2^-21 of that |v|: checked against float64
+    sums on v whose magnitudes span seven decades. A chunk with ±inf or NaN in it takes the float path: the
+    non-finite v reaches its own bin, the other bins stay within the bound."""
+    from ddq_kernels.shared_histogram import available, reductions_shared
+
+    if not available():
+        pytest.skip("the CUDA C pass needs NVRTC")
+    torch.manual_seed(0)
+    lo, hi = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    x = (torch.rand(96, 4104, device="cuda") * 3.0).to(dtype)
+    decades = (-4.0, 3.0) if dtype == torch.float16 else (-6.0, 1.0)
+    v = (torch.randn(x.shape, device="cuda") * 10 ** torch.empty(x.shape, device="cuda").uniform_(*decades)).to(dtype)
+    step = 3.0 / 255
+    x.view(-1)[:2] = torch.tensor([10 * step, 20 * step], dtype=dtype)  # cells 10 and 20
+    v = torch.where(ambiguous(x, lo, hi).to(x.device), torch.zeros_like(v), v)
+    cell = qm.fine_index(x.float().reshape(1, -1), lo, hi)[1].reshape(-1).long()
+    for non_finite in (None, (float("inf"), float("nan"))):
+        if non_finite:
+            v.view(-1)[:2] = torch.tensor(non_finite, dtype=dtype)
+        grad_x = torch.empty_like(x)
+        histogram, sums = torch.zeros(1, 256, device="cuda"), torch.zeros(1, 2, device="cuda")
+        reductions_shared(v, x, lo, hi, grad_x, histogram, sums)
+        v64 = v.double().reshape(-1)
+        finite = torch.isfinite(v64)
+        want = torch.zeros(256, device="cuda", dtype=torch.float64).index_add_(0, cell[finite], v64[finite])
+        count = torch.bincount(cell[finite], minlength=256).double()
+        magnitude = torch.zeros_like(want).index_add_(0, cell[finite], v64[finite].abs())
+        bound = count * 2.0**-21 * v64[finite].abs().max() + SUM_TOLERANCE * magnitude
+        got = histogram[0].double()
+        checked = torch.ones(256, dtype=torch.bool, device="cuda")
+        if non_finite:
+            assert got[10].item() == float("inf") and got[20].isnan()
+            checked[[10, 20]] = False
+        assert ((got - want).abs() <= bound)[checked].all()
+        torch.testing.assert_close(grad_x, v, rtol=0, atol=0, equal_nan=True)  # every x is inside [lo, hi]
+
+
 def test_more_groups_than_a_cuda_grid_holds_is_a_clear_error():
     """The element kernels put per-channel groups on the grid's y axis (at most 65535 on CUDA)."""
     import ddq_kernels.registration as cuda_bodies

@@ -1,0 +1,81 @@
+"""GPU time of the activation's backward element pass (docs/kernels.md, run 9): the SHARED pass
+(`shared_histogram.reductions_shared`) on a ReLU and a spread-out bf16 x of 401408×576, per channel on a
+4096×4096 weight and on a float32 x (which keeps the float bins), and the CUDA C backward-input GEMM with the
+reductions in its epilogue (`linear_backward_input_cuda`) on the four CNN shapes, with one and two load
+buffers where the checkout has them.
+
+Usage on a CUDA machine: python benchmarks/probe_backward_input.py [--root DIR]. `--root` imports
+`ddq_kernels` from another checkout (e.g. `git worktree add /tmp/before 8e5e9f5` for the kernels before the
+integer bins), so that two versions are timed on one card; it prints one JSON line of medians in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CNN_SHAPES = [(401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
+
+
+def shared_pass_cases(reductions_shared, median_ms) -> dict[str, float]:
+    def run(x, v, lo, hi):
+        grad_x = torch.empty_like(x)
+        histogram = torch.zeros(lo.shape[0], 256, device="cuda")
+        sums = torch.zeros(lo.shape[0], 2, device="cuda")
+        reductions_shared(v, x, lo, hi, grad_x, histogram, sums)
+
+    torch.manual_seed(0)
+    relu = torch.randn(401408, 576, device="cuda", dtype=torch.bfloat16).relu()
+    spread = torch.randn_like(relu)
+    v = torch.randn_like(relu)
+    zero, three, minus_three = (torch.full((1,), value, device="cuda") for value in (0.0, 3.0, -3.0))
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    alpha = weight.float().abs().amax(1)
+    x32 = torch.randn(8192, 4096, device="cuda")
+    return {
+        "shared_relu_401408x576": median_ms(lambda: run(relu, v, zero, three)),
+        "shared_spread_401408x576": median_ms(lambda: run(spread, v, minus_three, three)),
+        "shared_per_channel_4096x4096": median_ms(lambda: run(weight, torch.randn_like(weight), -alpha, alpha)),
+        "shared_float32_8192x4096": median_ms(lambda: run(x32, torch.randn_like(x32), minus_three, three)),
+    }
+
+
+def fused_cases(linear_backward_input_shared, median_ms) -> dict[str, float]:
+    has_stages = "stages" in inspect.signature(linear_backward_input_shared).parameters
+    zero, three = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    times = {}
+    for M, K, N in CNN_SHAPES:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
+        w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        for stages in (1, 2) if has_stages else (None,):
+            extra = {} if stages is None else {"stages": stages}
+            name = f"fused_{M}x{K}x{N}" + ("" if stages is None else f"_stages{stages}")
+            times[name] = median_ms(lambda: linear_backward_input_shared(grad_y, w_q, x, zero, three, **extra), rep_ms=1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None, help="a checkout whose ddq_kernels to time")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.root is not None:
+        sys.path.insert(0, str(args.root.resolve()))
+    from cuda_timing import cuda_median_ms
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared
+    from ddq_kernels.shared_histogram import reductions_shared
+
+    times = {"kernels_from": str(Path(inspect.getfile(reductions_shared)).parent)}
+    times.update(shared_pass_cases(reductions_shared, cuda_median_ms))
+    times.update(fused_cases(linear_backward_input_shared, cuda_median_ms))
+    print(json.dumps({k: round(t, 4) if isinstance(t, float) else t for k, t in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
