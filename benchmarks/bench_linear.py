@@ -44,8 +44,7 @@ def layer_step(layer, x, grad_y, backward: bool):
 def kernel_steps(layer, x, grad_y, fused: bool):
     """The DDQ kernels called directly, fused (Triton GEMMs) or around cuBLAS (quantize passes)."""
     from ddq_kernels.level_table import level_table
-    from ddq_kernels.linear_backward_input import linear_backward_input
-    from ddq_kernels.linear_backward_weight import linear_backward_weight
+    from ddq_kernels.linear_backward import linear_backward_activation
     from ddq_kernels.linear_forward import linear_forward
     from ddq_kernels.quantize import quantize
     from ddq_kernels.quantize_backward import quantize_reductions
@@ -69,9 +68,8 @@ def kernel_steps(layer, x, grad_y, fused: bool):
     def forward_backward():
         _, w_q = forward()
         if fused:
-            linear_backward_input(grad_y, w_q, x, a_lo, a_hi)
             table = level_table(a_lo, a_hi, a_res, a_log, aq.min_bits)
-            grad_w_q = linear_backward_weight(grad_y, x, a_lo, a_hi, table, a_log, aq.min_bits)
+            _, grad_w_q = linear_backward_activation(grad_y, w_q, x, a_lo, a_hi, table, a_log, aq.min_bits)
         else:
             quantize_reductions(grad_y @ w_q, x, a_lo, a_hi)
             grad_w_q = grad_y.t() @ quantize(x, a_lo, a_hi, a_res, a_log, aq.min_bits)

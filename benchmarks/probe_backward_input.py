@@ -2,7 +2,8 @@
 (`shared_histogram.reductions_shared`) on a ReLU and a spread-out bf16 x of 401408×576, per channel on a
 4096×4096 weight and on a float32 x (which keeps the float bins), and the CUDA C backward-input GEMM with the
 reductions in its epilogue (`linear_backward_input_cuda`) on the four CNN shapes, with one and two load
-buffers where the checkout has them.
+buffers where the checkout has them, and where it has the pass with ∂W_q fused in (N ≤ 64), that pass
+against the backward-input and backward-weight CUDA C GEMMs one after the other.
 
 Usage on a CUDA machine: python benchmarks/probe_backward_input.py [--root DIR]. `--root` imports
 `ddq_kernels` from another checkout (e.g. `git worktree add /tmp/before 8e5e9f5` for the kernels before the
@@ -35,13 +36,16 @@ def shared_pass_cases(reductions_shared, median_ms) -> dict[str, float]:
     v = torch.randn_like(relu)
     zero, three, minus_three = (torch.full((1,), value, device="cuda") for value in (0.0, 3.0, -3.0))
     weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    weight_v = torch.randn_like(weight)
     alpha = weight.float().abs().amax(1)
+    minus_alpha = -alpha
     x32 = torch.randn(8192, 4096, device="cuda")
+    v32 = torch.randn_like(x32)
     return {
         "shared_relu_401408x576": median_ms(lambda: run(relu, v, zero, three)),
         "shared_spread_401408x576": median_ms(lambda: run(spread, v, minus_three, three)),
-        "shared_per_channel_4096x4096": median_ms(lambda: run(weight, torch.randn_like(weight), -alpha, alpha)),
-        "shared_float32_8192x4096": median_ms(lambda: run(x32, torch.randn_like(x32), minus_three, three)),
+        "shared_per_channel_4096x4096": median_ms(lambda: run(weight, weight_v, minus_alpha, alpha)),
+        "shared_float32_8192x4096": median_ms(lambda: run(x32, v32, minus_three, three)),
     }
 
 
@@ -60,13 +64,42 @@ def fused_cases(linear_backward_input_shared, median_ms) -> dict[str, float]:
     return times
 
 
+def fused_weight_gradient_cases(median_ms) -> dict[str, float]:
+    """The backward pass with ∂W_q fused in, against the two CUDA C GEMMs run one after the other."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
+    from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
+    from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda
+
+    zero, three = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
+    residuals = torch.zeros(1, 256, device="cuda")
+    logits = torch.tensor([1.0] * 4 + [-1.0] * 4, device="cuda")
+    table = level_table(zero, three, residuals, logits, 2)
+    times = {}
+    for M, K, N in CNN_SHAPES:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
+        w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        if not supports_weight_gradient(grad_y, w_q, x):
+            continue
+
+        def separate():
+            linear_backward_input_shared(grad_y, w_q, x, zero, three)
+            linear_backward_weight_cuda(grad_y, x, zero, three, table, logits, 2)
+
+        times[f"separate_{M}x{K}x{N}"] = median_ms(separate, rep_ms=1000)
+        times[f"fused_weight_{M}x{K}x{N}"] = median_ms(
+            lambda: linear_backward_shared(grad_y, w_q, x, zero, three, table, logits, 2), rep_ms=1000)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="a checkout whose ddq_kernels to time")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    if args.root is not None:
-        sys.path.insert(0, str(args.root.resolve()))
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    sys.path.insert(0, str((args.root or here.parent).resolve()))
     from cuda_timing import cuda_median_ms
     from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared
     from ddq_kernels.shared_histogram import reductions_shared
@@ -74,6 +107,8 @@ def main() -> None:
     times = {"kernels_from": str(Path(inspect.getfile(reductions_shared)).parent)}
     times.update(shared_pass_cases(reductions_shared, cuda_median_ms))
     times.update(fused_cases(linear_backward_input_shared, cuda_median_ms))
+    if hasattr(sys.modules[linear_backward_input_shared.__module__], "linear_backward_shared"):
+        times.update(fused_weight_gradient_cases(cuda_median_ms))
     print(json.dumps({k: round(t, 4) if isinstance(t, float) else t for k, t in times.items()}))
 
 

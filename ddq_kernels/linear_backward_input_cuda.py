@@ -1,4 +1,5 @@
-"""DDQLinear backward-input GEMM with the activation reductions in its epilogue, in CUDA C (NVRTC).
+"""DDQLinear backward-input GEMM with the activation reductions in its epilogue, optionally with the
+backward-weight GEMM in the same pass, in CUDA C (NVRTC).
 
 The same op as `linear_backward_input` (reference: `ddq.functional.reductions_reference` of dY·W_q and x,
 DDQ_SPEC.md §3): v = dY·W_q is computed on the tensor cores (mma.sync m16n8k16, float32 accumulation) and
@@ -6,6 +7,14 @@ never stored. The epilogue rounds v to x's dtype, reads x, writes ∂x = v·in a
 shared-memory histogram with `shared_histogram`'s element math. Against cuBLAS followed by the SHARED pass
 it saves a write and a read of v (M×K elements each); the Triton epilogue cannot do this because Triton
 has no shared-memory atomics.
+
+With the weight gradient (`linear_backward_shared`, N ≤ MAX_WEIGHT_GRADIENT_N = 64), the same pass also
+computes ∂W_q = dYᵀ·Q_x(x): the epilogue writes x_q of each element (the level of the fine cell its
+reductions found, plus x·0, as `cuda_tiles.quantize_tile` computes it) into a shared-memory tile, and the
+block adds dYᵀ·x_q for the tile's rows to its N × 64 float32 accumulators (ldmatrix.trans for both
+operands). Each block writes its share to a (row groups, N, K) buffer that one sum reduces in a fixed
+order. x and dY cross global memory once for both GEMMs. `linear_backward.linear_backward_activation`
+chooses it or the two separate GEMMs per shape class.
 
 Scope: 16-bit x (bfloat16 or float16) with dY and W_q of the same dtype, the contraction N a multiple of 8
 and at most MAX_CONTRACTION (the whole of a block's dY rows and W_q columns sit in shared memory: the CNN
@@ -22,14 +31,15 @@ Shared-memory rows are padded by 16 bytes, so that the fragment loads of 8 rows 
 banks. Each tile gives every lane 16 values of v, one chunk of the element math's integer bins; the
 histogram is flushed to global memory once per block, not once per tile.
 
-Speed (H100, bf16, CUDA-event medians, `benchmarks/probe_backward_input.py`; docs/kernels.md, run 9): on
+Speed (H100, bf16, CUDA-event medians, `benchmarks/probe_backward_input.py`; docs/kernels.md, run 9): with
+∂W_q, 0.85 ms on 401408×576×64 against 1.03 ms for this kernel then the CUDA C dW GEMM. Without it, on
 401408×576×64 0.90 ms with float bins and column-fastest tiles, 0.73 ms with the integer bins, 0.69 ms with
 one column tile a block (one buffer, four blocks an SM) and 0.68 ms with two buffers (three blocks); cuBLAS
-plus the SHARED pass take 0.19 + 0.50 ms. 25088×1024×256: 0.23 → 0.16 ms. Nsight Compute (run 9): 57
-instructions an element, issued on 65 % of cycles, at 44 % of DRAM bandwidth; about half of them are
-outside the element math (staging, bounds checks, fragments, write-back: SASS of the kernel). Run 7 measured 128-row tiles (16 warps an
-SM) at 1.27 ms. `fastest_config` keeps whichever candidate is faster per shape class; where this one wins it
-also saves the M×K buffer of v.
+plus the SHARED pass take 0.19 + 0.50 ms. 25088×1024×256: 0.23 → 0.16–0.22 ms (host-bound). Nsight
+Compute (run 9): 57 instructions an element, issued on 65 % of cycles, at 44 % of DRAM bandwidth; about
+half of them are outside the element math (staging, bounds checks, fragments, write-back: SASS of the
+kernel). Run 7 measured 128-row tiles (16 warps an SM) at 1.27 ms. `fastest_config` keeps whichever
+candidate is faster per shape class; where this one wins it also saves the M×K buffer of v.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import functools
 
 import torch
 
-from ddq_kernels.cuda_tiles import TILE_HELPERS, defines, mma_type, prefer_shared_memory
+from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_type, prefer_shared_memory
 from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, available as nvrtc_available, element_math_header
 
 THREADS = 256
@@ -46,12 +56,16 @@ BLOCK_M = 64
 MIN_BLOCKS = 4  # per SM: 32 warps, registers capped at 64 a thread
 BLOCK_K = 64
 MAX_CONTRACTION = 256
+MAX_WEIGHT_GRADIENT_N = 64
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
+// ∂x and the reductions of one tile's chunk; with WEIGHT_GRADIENT also x_q (from the same fine cells) into xq_tile,
+// 0 where the tile is past M or K.
 template <bool FIXED>
-__device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, int row0, int col0, int warp_m,
-                                              int warp_k, int M, int K, float lo, float inv_delta, Accumulators& acc) {
+__device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, const float* levels,
+                                              int row0, int col0, int warp_m, int warp_k, int M, int K, float lo,
+                                              float inv_delta, Accumulators& acc) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
 #pragma unroll
@@ -59,42 +73,77 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int row = row0 + warp_m + i * 16 + g + 8 * half;
-            if (row >= M) continue;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int col = col0 + warp_k + j * 8 + 2 * t;
-                if (col >= K) continue;
+                const int offset = (row - row0) * X_ROW + col - col0;
+                if (row >= M || col >= K) {
+                    if (WEIGHT_GRADIENT) *reinterpret_cast<unsigned int*>(xq_tile + offset) = 0u;
+                    continue;
+                }
                 const int e = (i * 4 + j) * 4 + 2 * half;
-                unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + (row - row0) * X_ROW + col - col0);
+                unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
                 const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
-                const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc);
-                const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc);
+                int cell0, cell1;
+                const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
+                const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
                 *pair = d0 | (d1 << 16);
+                if (WEIGHT_GRADIENT)  // quantize_tile's x_q: the level of the cell, x·0 keeping a non-finite x
+                    *reinterpret_cast<unsigned int*>(xq_tile + offset) =
+                        narrow_pair(levels[cell0] + X_WIDEN(x0) * 0.0f, levels[cell1] + X_WIDEN(x1) * 0.0f);
             }
         }
+}
+
+// dW[:, this column tile] += dYᵀ · x_q over the tile's rows; warps split N (16 rows each) × the columns.
+__device__ __forceinline__ void add_weight_gradient(float (&dw)[C_TILES][4], const X_T* dy_tile, const X_T* xq_tile) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int block = lane / 8, block_row = lane % 8;
+    const int warp_n = (warp % WARPS_N) * 16, warp_c = (warp / WARPS_N) * (8 * C_TILES);
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_M; kk += 16) {
+        unsigned int a[4];  // A = dYᵀ: blocks (rows kk, n), (kk, n + 8), (kk + 8, n), (kk + 8, n + 8)
+        ldmatrix_transposed(a, dy_tile + (kk + block_row + 8 * (block >> 1)) * ROW + warp_n + 8 * (block & 1));
+#pragma unroll
+        for (int j = 0; j < C_TILES; j += 2) {
+            unsigned int b[4];  // B = x_q, two 8-column slices a load
+            ldmatrix_transposed(b, xq_tile + (kk + block_row + 8 * (block & 1)) * X_ROW + warp_c + 8 * j + 8 * (block >> 1));
+            mma_16816(dw[j], a, b[0], b[1]);
+            mma_16816(dw[j + 1], a, b[2], b[3]);
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict__ w_t, const X_T* __restrict__ x,
                           X_T* __restrict__ grad_x, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
-                          float* __restrict__ histogram, float* __restrict__ sums, int M, int N, int K) {
+                          float* __restrict__ histogram, float* __restrict__ sums, const float* __restrict__ table,
+                          const float* __restrict__ logits, float* __restrict__ partial, int M, int N, int K, int min_bits) {
     static_assert(M_TILES * 16 == CHUNK, "a tile gives each lane one chunk of v");
     extern __shared__ __align__(16) unsigned char shared_bytes[];
-    // The block's W_q columns, then STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as
-    // whole 16-byte vectors), then the per-warp bins.
+    // The block's W_q columns, STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as whole
+    // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the 256 fine cells' levels.
     X_T* w_tile = reinterpret_cast<X_T*>(shared_bytes);
     X_T* buffers = w_tile + BLOCK_K * ROW;
     constexpr int BUFFER = BLOCK_M * ROW + BLOCK_M * X_ROW;
     WarpBins* bins = reinterpret_cast<WarpBins*>(buffers + STAGES * BUFFER);
-    __shared__ float partial[WARPS][3];
+    X_T* xq_tile = reinterpret_cast<X_T*>(bins + WARPS);
+    float* levels = reinterpret_cast<float*>(xq_tile + BLOCK_M * X_ROW);
+    __shared__ float partial_sums[WARPS][3];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * 32;
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
+    if (WEIGHT_GRADIENT) fine_levels(levels, table, logits, min_bits);
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
+    float dw[C_TILES][4];
+#pragma unroll
+    for (int j = 0; j < C_TILES; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dw[j][e] = 0.0f;
     // The launcher makes the grid a multiple of the column tiles: a block keeps one column tile, so it stages
     // its W_q columns once, and walks the row tiles; neighbouring blocks share dY rows in L2.
     const int tiles_k = (K + BLOCK_K - 1) / BLOCK_K;
@@ -112,7 +161,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         X_T* dy_tile = buffers + slot * BUFFER;
         X_T* x_tile = dy_tile + BLOCK_M * ROW;
         asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();  // this tile has landed, and every thread is done writing back from the other buffer
+        __syncthreads();  // this tile has landed; every thread is done with the other buffer and with xq_tile
         const long long next = row_tile + row_step;
         if (STAGES == 2 && next < row_tiles) {
             X_T* next_dy = buffers + (1 - slot) * BUFFER;
@@ -158,8 +207,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
             bound = chunk_bound(bound, v[e]);
         }
         begin_chunk(acc, bound);
-        if (acc.fixed) tile_elements<true>(v, x_tile, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
-        else tile_elements<false>(v, x_tile, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, levels, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        else tile_elements<false>(v, x_tile, xq_tile, levels, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
         end_chunk(acc);
         __syncthreads();
         for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {
@@ -168,6 +217,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                 *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) =
                     *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
         }
+        if (WEIGHT_GRADIENT) add_weight_gradient(dw, dy_tile, xq_tile);
         if (STAGES == 1 && next < row_tiles) {
             __syncthreads();
             stage(dy_tile, ROW, grad_y, next * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
@@ -176,16 +226,33 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         }
     }
     __syncthreads();
-    flush(acc, bins, partial, histogram, sums);
+    flush(acc, bins, partial_sums, histogram, sums);
+    if (WEIGHT_GRADIENT) {
+        // This block's rows' share of dW[:, column tile] into its slice of the (row groups, N, K) partials.
+        // Accumulator j: rows g and g + 8 of the warp's 16 rows of N, columns 2t, 2t + 1 of its 8-column slice j.
+        float* out = partial + (long long)(blockIdx.x / tiles_k) * N * K;
+        const int warp_n = (warp % WARPS_N) * 16, warp_c = (warp / WARPS_N) * (8 * C_TILES);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int n = warp_n + g + 8 * half;
+            if (n >= N) continue;
+#pragma unroll
+            for (int j = 0; j < C_TILES; ++j) {
+                const int k = col0 + warp_c + 8 * j + 2 * t;
+                if (k < K) *reinterpret_cast<float2*>(out + (long long)n * K + k) = make_float2(dw[j][2 * half], dw[j][2 * half + 1]);
+            }
+        }
+    }
 }
 """
 
 
-def shared_bytes(contraction: int, stages: int) -> int:
+def shared_bytes(contraction: int, stages: int, weight_gradient: bool = False) -> int:
     """Dynamic shared memory of one block: the W_q columns, `stages` buffers of dY rows and x (padded rows),
-    the per-warp bins."""
-    row = padded_contraction(contraction) + ROW_PAD
-    return (BLOCK_K * row + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
+    the per-warp bins; with the weight gradient the x_q tile and the fine cells' levels."""
+    row = padded_contraction(contraction, weight_gradient) + ROW_PAD
+    tiles = (BLOCK_K * row + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
+    return tiles + (BLOCK_M * (BLOCK_K + ROW_PAD) * 2 + 256 * 4 if weight_gradient else 0)
 
 
 def default_stages(contraction: int) -> int:
@@ -193,8 +260,10 @@ def default_stages(contraction: int) -> int:
     return 2 if padded_contraction(contraction) <= 128 else 1
 
 
-def padded_contraction(contraction: int) -> int:
-    return -(-contraction // 16) * 16
+def padded_contraction(contraction: int, weight_gradient: bool = False) -> int:
+    """N rounded up to the v product's 16-deep steps, or to the weight gradient's 32-row pairs of warps."""
+    multiple = 32 if weight_gradient else 16
+    return -(-contraction // multiple) * multiple
 
 
 def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
@@ -209,28 +278,79 @@ def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
             and nvrtc_available())
 
 
+def supports_weight_gradient(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `linear_backward_shared` can run the call: `supports`, and N ≤ MAX_WEIGHT_GRADIENT_N (the
+    block's share of ∂W_q, N × 64 float32, stays in registers)."""
+    return supports(grad_y, w_q, x) and w_q.shape[0] <= MAX_WEIGHT_GRADIENT_N
+
+
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, device_index: int):
-    """The kernel for one dtype, padded contraction and number of load buffers, loaded on one device, its
-    shared memory opted in."""
+def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int):
+    """The kernel for one dtype, padded contraction, number of load buffers and with or without the weight
+    gradient, loaded on one device, its shared memory opted in."""
+    warps_n = contraction // 16 if weight_gradient else 4
     header = element_math_header(dtype, torch.float32, THREADS) + defines(
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=MIN_BLOCKS, N_PAD=contraction,
-        ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages, MMA_TYPE=mma_type(dtype))
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=3 if weight_gradient else MIN_BLOCKS,
+        N_PAD=contraction, ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages,
+        WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n, C_TILES=BLOCK_K // 8 // (THREADS // 32 // warps_n),
+        MMA_TYPE=mma_type(dtype))
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + KERNEL, "ddq_backward_input_shared")
-        kernel.set_shared_memory_config(shared_bytes(contraction, stages))
+        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
+                                            "ddq_backward_input_shared")
+        kernel.set_shared_memory_config(shared_bytes(contraction, stages, weight_gradient))
         prefer_shared_memory(kernel)
     return kernel
 
 
-def resident_grid(M: int, K: int, block_bytes: int, device: torch.device) -> int:
-    """A persistent grid: as many blocks as fit on the card at once (registers allow MIN_BLOCKS an SM, shared
+def resident_grid(M: int, K: int, block_bytes: int, blocks_per_sm: int, device: torch.device) -> int:
+    """A persistent grid: as many blocks as fit on the card at once (registers allow `blocks_per_sm`, shared
     memory may allow fewer), rounded down to a multiple of the column tiles, at most one block a row tile."""
     properties = torch.cuda.get_device_properties(device)
     per_sm_bytes = getattr(properties, "shared_memory_per_multiprocessor", 0)
-    per_sm = min(MIN_BLOCKS, per_sm_bytes // (block_bytes + 1024)) if per_sm_bytes else MIN_BLOCKS
+    per_sm = min(blocks_per_sm, per_sm_bytes // (block_bytes + 1024)) if per_sm_bytes else blocks_per_sm
     tiles_k = -(-K // BLOCK_K)
     return max(1, min(-(-M // BLOCK_M), max(1, per_sm) * properties.multi_processor_count // tiles_k)) * tiles_k
+
+
+def check_call(name: str, grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, stages: int | None,
+               weight_gradient: bool) -> int:
+    """A clear error for a call outside the kernel's scope; the number of load buffers to use."""
+    supported = supports_weight_gradient if weight_gradient else supports
+    if not supported(grad_y, w_q, x):
+        largest = MAX_WEIGHT_GRADIENT_N if weight_gradient else MAX_CONTRACTION
+        raise ValueError(f"{name}: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
+                         f"x {tuple(x.shape)}, W_q {tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, "
+                         f"N ≤ {largest} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
+    stages = default_stages(w_q.shape[0]) if stages is None else stages
+    if stages not in (1, 2):
+        raise ValueError(f"{name}: stages must be 1 or 2, got {stages}")
+    return stages
+
+
+def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, stages: int,
+           weight_gradient: tuple | None) -> tuple[torch.Tensor, ...]:
+    M, K = x.shape
+    N = w_q.shape[0]
+    grad_x = torch.empty_like(x)
+    histogram = torch.zeros(1, 256, device=x.device, dtype=torch.float32)
+    sums = torch.zeros(1, 2, device=x.device, dtype=torch.float32)
+    w_t = w_q.t().contiguous()
+    contraction = padded_contraction(N, weight_gradient is not None)
+    kernel = compiled_kernel(x.dtype, contraction, stages, weight_gradient is not None, x.device.index)
+    block_bytes = shared_bytes(N, stages, weight_gradient is not None)
+    grid = resident_grid(M, K, block_bytes, 3 if weight_gradient is not None else MIN_BLOCKS, x.device)
+    if weight_gradient is None:
+        table, logits, min_bits, partial = histogram, histogram, 0, histogram  # not read by this variant
+    else:
+        table, logits, min_bits = weight_gradient
+        table, logits = table.contiguous(), logits.contiguous()
+        partial = torch.empty(grid // -(-K // BLOCK_K), N, K, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device):
+        kernel(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
+               args=[grad_y, w_t, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
+                     M, N, K, min_bits])
+    grads = (grad_x, histogram, sums[:, 0], sums[:, 1])
+    return grads if weight_gradient is None else grads + (partial.sum(0),)
 
 
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
@@ -241,22 +361,17 @@ def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: tor
     x (M, K), dY (M, N), W_q (N, K) on one CUDA device, within `supports`. `stages` (1 or 2 load buffers)
     overrides `default_stages`, for the probes.
     """
-    if not supports(grad_y, w_q, x):
-        raise ValueError(f"linear_backward_input_shared: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
-                         f"x {tuple(x.shape)}, W_q {tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, "
-                         f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
-    M, K = x.shape
-    N = w_q.shape[0]
-    stages = default_stages(N) if stages is None else stages
-    if stages not in (1, 2):
-        raise ValueError(f"linear_backward_input_shared: stages must be 1 or 2, got {stages}")
-    grad_x = torch.empty_like(x)
-    histogram = torch.zeros(1, 256, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(1, 2, device=x.device, dtype=torch.float32)
-    w_t = w_q.t().contiguous()
-    kernel = compiled_kernel(x.dtype, padded_contraction(N), stages, x.device.index)
-    block_bytes = shared_bytes(N, stages)
-    with torch.cuda.device(x.device):
-        kernel(grid=(resident_grid(M, K, block_bytes, x.device), 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
-               args=[grad_y, w_t, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, M, N, K])
-    return grad_x, histogram, sums[:, 0], sums[:, 1]
+    stages = check_call("linear_backward_input_shared", grad_y, w_q, x, stages, False)
+    return launch(grad_y, w_q, x, lo, hi, stages, None)
+
+
+def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int, stages: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear_backward_input_shared`'s four results and ∂W_q = dYᵀ·Q_x(x) (N, K) float32 from the same pass
+    over x (spec §2 for Q_x, with `level_table`'s table; the x_q of `linear_backward_weight_cuda`).
+
+    Within `supports_weight_gradient`. ∂W_q is summed over the grid's row groups in a fixed order.
+    """
+    stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, True)
+    return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits))

@@ -6,8 +6,8 @@
 - ddq::quantized_linear → W_q by `quantize` (once per step), y by the GEMM with the activation
   quantizer in its A-operand load.
 - ddq::quantized_linear_backward → ∂x and the activation reductions from the backward-input GEMM's
-  epilogue, ∂W_q from the backward-weight GEMM that re-quantizes x on load, then the weight
-  quantizer's reductions over ∂W_q.
+  epilogue, ∂W_q from the backward-weight GEMM that re-quantizes x on load, or both from one CUDA C pass
+  (`linear_backward`), then the weight quantizer's reductions over ∂W_q.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -23,8 +23,7 @@ import torch
 from ddq.functional import check_parameter_values, restored, storage_order
 from ddq_kernels.linear_op import bias_grad  # also defines ddq::quantized_linear before its CUDA body is registered
 from ddq_kernels.level_table import level_table
-from ddq_kernels.linear_backward_input import linear_backward_input
-from ddq_kernels.linear_backward_weight import linear_backward_weight
+from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads
 from ddq_kernels.quantize import quantize
@@ -86,10 +85,10 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_lo, act_hi, act_r
                                    act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, has_bias):
     grad_y = grad_y.contiguous()
     act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
-    act = reduce_to_parameter_grads(linear_backward_input(grad_y, w_q, x, act_lo, act_hi), x, act_lo, act_hi,
-                                    act_residuals, act_logits, act_min_bits, act_grad_scale)
     table = level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
-    grad_w_q = linear_backward_weight(grad_y, x, act_lo, act_hi, table, act_logits, act_min_bits)
+    reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, table, act_logits, act_min_bits)
+    act = reduce_to_parameter_grads(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits,
+                                    act_grad_scale)
     wgt = reduce_to_parameter_grads(quantize_reductions(grad_w_q, weight, weight_lo, weight_hi), weight, weight_lo,
                                     weight_hi, weight_residuals, weight_logits, weight_min_bits, weight_grad_scale)
     return act[0], wgt[0], bias_grad(grad_y, has_bias), *act[1:], *wgt[1:]

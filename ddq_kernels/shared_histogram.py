@@ -10,20 +10,21 @@ most of a ReLU activation's elements, is accumulated in a register instead, so t
 serialise on one shared address. The element math is fine_grid's: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255),
 NaN in cell 0, v rounded to x's dtype first.
 
-Integer bins (16-bit x): sm_90 adds a float into shared memory with a compare-and-swap loop (LDS, FADD,
-ATOMS.CAST.SPIN and a branch, inside a convergence region) but an integer with one ATOMS.ADD. So a warp
-takes its elements in chunks of 16 a lane; each chunk's largest |v| sets a power-of-two scale that puts
-it below 2^21, every v of the chunk is added to an integer bin as round(v·scale), and after the chunk the
-integer bins are added to float totals (2^30 bounds a bin of 512 elements: no overflow). Each v thus
-enters the histogram within 2^-21 of its chunk's largest |v| (rounding that v to bf16 or fp16 alone moves
-it by up to 2^-9 or 2^-12 of itself), and the tests bound the histogram by that. Float32 x, the elements after the last 16-byte vector, and a chunk that
-holds ±inf or NaN go through the float totals directly (a non-finite v still reaches its bin). Measured
-on an H100 (401408×576 bf16): 0.61 → 0.51 ms on a ReLU x, 0.70 → 0.51 ms on a spread-out one; the
-pass now runs at ~2.7 TB/s, near the card's bandwidth.
+Integer bins (16-bit x, per tensor): sm_90 adds a float into shared memory with a compare-and-swap loop
+(LDS, FADD, ATOMS.CAST.SPIN and a branch, inside a convergence region) but an integer with one ATOMS.ADD.
+So a warp takes its elements in chunks of 16 a lane; each chunk's largest |v| sets a power-of-two scale
+that puts it below 2^21, every v of the chunk is added to an integer bin as round(v·scale), and after the
+chunk the integer bins are added to float totals (2^30 bounds a bin of 512 elements: no overflow). Each v
+thus enters the histogram within 2^-21 of its chunk's largest |v| (rounding that v to bf16 or fp16 alone
+moves it by up to 2^-9 or 2^-12 of itself), and the tests bound the histogram by that. Float32 x,
+per-channel groups, the elements after the last 16-byte vector, and a chunk that holds ±inf or NaN go
+through the float totals directly (a non-finite v still reaches its bin). Measured on an H100 (401408×576
+bf16, run 9): 0.61 → 0.50 ms on a ReLU x, 0.70 → 0.50 ms on a spread-out one, ~2.8 TB/s, near the card's
+bandwidth; per channel (float bins, five blocks an SM) as before.
 
 Compiled with `torch.cuda._compile_kernel` (NVRTC, which ships with PyTorch's CUDA wheels) once per
-(x dtype, v dtype); `available()` says whether this process can. CUDA only: the Triton strategies serve
-the interpreter, and the tests compare all of them with the reference on the GPU.
+(x dtype, v dtype, integer bins or not); `available()` says whether this process can. CUDA only: the
+Triton strategies serve the interpreter, and the tests compare all of them with the reference on the GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
 BLOCKS_PER_SM = 4  # with __launch_bounds__(THREADS, 4): 1024 resident threads, each with 4 loads in flight
+FLOAT_BINS_BLOCKS_PER_SM = 5  # a 16-bit x without the integer bins fits 48 registers: 1280 resident threads
 WARP_BINS_BYTES = 2048  # a warp's WarpBins: 256 integer bins and 256 float totals
 
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f16"), torch.bfloat16: ("unsigned short", "bf16")}
@@ -100,27 +102,36 @@ __device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound) {
     acc.inv_scale = __int_as_float((127 - s) << 23);
 }
 
+// ∂x of one element, its v added to the reductions; `cell` receives x's fine cell.
 template <bool FIXED>
-__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc) {
+__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc, int& cell) {
     const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
     const bool inside = (u >= 0.0f) && (u <= 255.0f);
-    const int cell = fine_cell(u);
+    cell = fine_cell(u);
     // The cell of x = 0, which holds most of a ReLU activation's elements, sums in a register, so that a
     // warp's lanes do not serialise on one shared address.
     const unsigned int cold = cell != acc.hot_cell;
     if (!cold) acc.hot_sum += v;
     if (FIXED) {
         asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.u32 [%0], %1; }"
-                     :: "r"(acc.bins + 4 * cell), "r"(__float2int_rn(v * acc.scale)), "r"(cold) : "memory");
+                     :: "r"(acc.bins + 4 * cell), "r"(__float2int_rn(v * acc.scale)), "r"(cold));
     } else {
         asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.f32 [%0], %1; }"
-                     :: "r"(acc.bins + 1024 + 4 * cell), "f"(v), "r"(cold) : "memory");
+                     :: "r"(acc.bins + 1024 + 4 * cell), "f"(v), "r"(cold));
     }
     if (inside) acc.sum_vu = fmaf(v, u, acc.sum_vu); else acc.sum_clipped += v;
     return X_NARROW(inside ? v : 0.0f);
 }
 
-// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them.
+template <bool FIXED>
+__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc) {
+    int cell;
+    return element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
+}
+
+// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them. The
+// additions above are volatile asm without a memory clobber, so that the compiler may interleave the chunk's
+// elements; __syncwarp orders them before these loads.
 __device__ __forceinline__ void end_chunk(Accumulators& acc) {
     if (!acc.fixed) return;
     __syncwarp();
@@ -210,7 +221,10 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float lo = lo_ptr[group];
     const float inv_delta = 1.0f / ((hi_ptr[group] - lo) / 255.0f);
-    for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
+    for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) {
+        bins[i / 256].totals[i % 256] = 0.0f;
+        if (INTEGER_BINS) bins[i / 256].counts[i % 256] = 0u;
+    }
     __syncthreads();
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
@@ -241,7 +255,13 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
 #pragma unroll
             for (int e = 0; e < VECTOR; ++e) { x_values[k * VECTOR + e] = x_vector[e]; v_values[k * VECTOR + e] = v_vector[e]; }
         }
-        chunk(x_values, v_values, lo, inv_delta, acc);
+        if (INTEGER_BINS) {
+            chunk(x_values, v_values, lo, inv_delta, acc);
+        } else {
+#pragma unroll
+            for (int e = 0; e < CHUNK; ++e)
+                x_values[e] = element<false>(x_values[e], x_gradient(V_WIDEN(v_values[e])), lo, inv_delta, acc);
+        }
 #pragma unroll
         for (int k = 0; k < PER_CHUNK; ++k)
             if (j + k * stride < vectors) {
@@ -268,7 +288,7 @@ def available() -> bool:
     if not (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")):
         return False
     try:
-        compiled_kernel(torch.bfloat16, torch.bfloat16, torch.cuda.current_device())
+        compiled_kernel(torch.bfloat16, torch.bfloat16, True, torch.cuda.current_device())
     except Exception as error:  # NVRTC missing or refusing: any failure means "use Triton instead"
         warnings.warn(f"ddq_kernels.shared_histogram: NVRTC kernel unavailable ({error}); using the Triton histograms")
         return False
@@ -284,11 +304,20 @@ def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, device_index: int):
-    """The kernel for (x dtype, v dtype), loaded on one device (a CUDA module belongs to one context)."""
-    header = element_math_header(x_dtype, v_dtype, THREADS) + f"#define BLOCKS_PER_SM {BLOCKS_PER_SM}\n#define VECTOR {VECTOR}\n"
+def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, device_index: int):
+    """The kernel for (x dtype, v dtype), with or without the integer bins, loaded on one device (a CUDA
+    module belongs to one context)."""
+    header = element_math_header(x_dtype, v_dtype, THREADS) + (
+        f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n#define INTEGER_BINS {int(integer_bins)}\n")
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
+
+
+def blocks_per_sm(integer_bins: bool, x_dtype: torch.dtype) -> int:
+    """Resident blocks the launch bounds ask for. Measured per channel on an H100 (run 9): 4096 groups of 4096
+    bf16 elements 0.076 ms at 4 blocks, 0.068 at 5; 512 groups of 4608 0.051 and 0.025 ms. A float32 x keeps
+    4 (at 5 it spills, and 8192×4096 took 0.161 against 0.157 ms)."""
+    return FLOAT_BINS_BLOCKS_PER_SM if not integer_bins and x_dtype != torch.float32 else BLOCKS_PER_SM
 
 
 def reductions_shared(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grad_x: torch.Tensor,
@@ -301,11 +330,14 @@ def reductions_shared(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi:
     group_numel = x.numel() // groups
     if group_numel == 0:
         return
+    # Integer bins for a 16-bit x per tensor only: a per-channel group gets a block or two, which make one pass
+    # each, so resident blocks count more there than instructions (the float bins fit 48 registers).
+    integer_bins = groups == 1 and x.element_size() == 2
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    per_group = max(1, min(-(-group_numel // (THREADS * VECTOR)), -(-BLOCKS_PER_SM * sms // groups)))
+    per_group = max(1, min(-(-group_numel // (THREADS * VECTOR)), -(-blocks_per_sm(integer_bins, x.dtype) * sms // groups)))
     # Whole 16-byte vectors only where every group starts on one.
     vectorized = all(t.data_ptr() % 16 == 0 for t in (grad, x, grad_x)) and (groups == 1 or group_numel % VECTOR == 0)
-    kernel = compiled_kernel(x.dtype, grad.dtype, x.device.index)
+    kernel = compiled_kernel(x.dtype, grad.dtype, integer_bins, x.device.index)
     with torch.cuda.device(x.device):  # the launcher uses the current device's current stream
         kernel(grid=(per_group, groups, 1), block=(THREADS, 1, 1),
                args=[grad, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, group_numel & (2**31 - 1),

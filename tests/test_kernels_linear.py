@@ -350,6 +350,97 @@ def test_shared_epilogue_rejects_what_it_cannot_run():
                 linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=3)
 
 
+FUSED_BACKWARD_SHAPES = [(1031, 200, 40), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (515, 136, 32)]
+
+
+def check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, min_bits, dtype):
+    """One fused backward against float64: the four reductions as in the backward-input test, ∂W_q within
+    2e-5 of the sum of its terms' magnitudes (float32 order and the row groups' partial sums), plus a unit in
+    the last place of x's dtype where a separate path returned it in that dtype (cuBLAS)."""
+    from ddq.functional import reductions_reference
+
+    (grad_x, histogram, sum_vu, sum_clipped), grad_w_q = got
+    v = (grad_y.double() @ weight.double()).to(dtype)
+    want = reductions_reference(v, x, lo, hi)
+    unit = torch.finfo(dtype).eps
+    magnitude = v.double().abs()
+    assert torch.allclose(grad_x.double(), want[0].double(), rtol=unit, atol=1e-5 * magnitude.max().item())
+    assert relative_error(histogram, want[1]) <= TOLERANCE[dtype]
+    assert abs(sum_vu - want[2]).item() <= unit * 255 * magnitude.sum().item()
+    assert abs(sum_clipped - want[3]).item() <= unit * magnitude.sum().item()
+    x_q = quantize_reference(x, lo, hi, residuals, logits, min_bits).double()
+    assert grad_w_q.shape == weight.shape and grad_w_q.dtype in (torch.float32, dtype)
+    want_w = grad_y.double().t() @ x_q
+    rounding = torch.finfo(grad_w_q.dtype).eps * want_w.abs() if grad_w_q.dtype == dtype else 0.0
+    bound = grad_y.double().abs().t() @ x_q.abs()
+    assert ((grad_w_q.double() - want_w).abs() <= 2e-5 * bound + rounding + 1e-30).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("act_mode", ("unsigned", "affine"))
+@pytest.mark.parametrize("M,K,N", FUSED_BACKWARD_SHAPES)
+def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
+    """The CUDA C backward pass that computes ∂x, the activation reductions and ∂W_q from one staging of dY and
+    x (x_q from the reductions' own fine cells), with one and two load buffers and through
+    `linear_backward_activation` (both candidates); odd M, partial tiles, N not a multiple of 32. Its ∂x is
+    the backward-input kernel's, bit for bit. x is cleared of cell boundaries so that the cells agree."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
+    from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
+
+    x, weight, _, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
+    x = clear_of_boundaries(x, lo, hi)
+    grad_y = torch.randn(M, N, device=DEVICE).to(dtype)
+    assert supports_weight_gradient(grad_y, weight, x)
+    table = level_table(lo, hi, residuals, logits, 1)
+    for stages in (1, 2):
+        *reductions, grad_w_q = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1, stages=stages)
+        assert grad_w_q.dtype == torch.float32
+        check_fused_backward((reductions, grad_w_q), x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+        assert torch.equal(reductions[0], linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=stages)[0])
+    for config in (FUSED, SEPARATE, None):
+        got = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, config)
+        check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+
+
+@pytest.mark.gpu
+def test_fused_backward_every_bitwidth_and_non_finite_x_on_gpu():
+    """The fused pass reads the bitwidth from the gate logits on the device (b = 1..8); a NaN or ±inf
+    activation quantizes to NaN, so its column of ∂W_q is NaN, while its ∂x is 0 (clipped)."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared
+
+    for bits in range(1, 9):
+        x, weight, _, lo, hi, residuals, logits, *_ = linear_case(515, 136, 64, torch.bfloat16, "unsigned", bits, 4)
+        min_bits = min(bits, 1)
+        x = clear_of_boundaries(x, lo, hi)
+        grad_y = torch.randn(515, 64, device=DEVICE).to(torch.bfloat16)
+        table = level_table(lo, hi, residuals, logits, min_bits)
+        *reductions, grad_w_q = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, min_bits)
+        check_fused_backward((reductions, grad_w_q), x, weight, grad_y, lo, hi, residuals, logits, min_bits,
+                             torch.bfloat16)
+    x[3, 5], x[40, 0], x[514, 135] = float("nan"), float("inf"), -float("inf")
+    grad_x, *_, grad_w_q = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, min_bits)
+    bad = torch.zeros(136, dtype=torch.bool, device=DEVICE)
+    bad[[5, 0, 135]] = True
+    assert grad_w_q[:, bad].isnan().all() and torch.isfinite(grad_w_q[:, ~bad]).all()
+    assert grad_x[3, 5] == 0 and grad_x[40, 0] == 0 and grad_x[514, 135] == 0
+
+
+def test_fused_backward_rejects_what_it_cannot_run():
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports_weight_gradient
+
+    lo, hi = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
+    table, logits = torch.zeros(256, device=DEVICE), torch.ones(8, device=DEVICE)
+    for dtype, N, K in [(torch.float32, 64, 64), (torch.bfloat16, 72, 64), (torch.bfloat16, 60, 64), (torch.bfloat16, 64, 60)]:
+        x, weight, grad_y = (torch.randn(shape, device=DEVICE).to(dtype) for shape in ((33, K), (N, K), (33, N)))
+        assert not supports_weight_gradient(grad_y, weight, x)
+        with pytest.raises(ValueError, match="N ≤ 64 and N, K multiples of 8"):
+            linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1)
+
+
 CUDA_TILE_SHAPES = [(1031, 200, 40), (259, 72, 256), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (300, 32, 192)]
 
 
