@@ -54,6 +54,7 @@ from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, availabl
 THREADS = 256
 BLOCK_M = 64
 MIN_BLOCKS = 4  # per SM: 32 warps, registers capped at 64 a thread
+WEIGHT_GRADIENT_MIN_BLOCKS = 3  # with ∂W_q's accumulators: 80 registers a thread
 BLOCK_K = 64
 MAX_CONTRACTION = 256
 MAX_WEIGHT_GRADIENT_N = 64
@@ -284,13 +285,18 @@ def supports_weight_gradient(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.T
     return supports(grad_y, w_q, x) and w_q.shape[0] <= MAX_WEIGHT_GRADIENT_N
 
 
+def min_blocks(weight_gradient: bool) -> int:
+    """Resident blocks an SM the launch bounds ask for, which the persistent grid is sized by."""
+    return WEIGHT_GRADIENT_MIN_BLOCKS if weight_gradient else MIN_BLOCKS
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int):
     """The kernel for one dtype, padded contraction, number of load buffers and with or without the weight
     gradient, loaded on one device, its shared memory opted in."""
     warps_n = contraction // 16 if weight_gradient else 4
     header = element_math_header(dtype, torch.float32, THREADS) + defines(
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=3 if weight_gradient else MIN_BLOCKS,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=min_blocks(weight_gradient),
         N_PAD=contraction, ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages,
         WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n, C_TILES=BLOCK_K // 8 // (THREADS // 32 // warps_n),
         MMA_TYPE=mma_type(dtype))
@@ -338,7 +344,7 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
     contraction = padded_contraction(N, weight_gradient is not None)
     kernel = compiled_kernel(x.dtype, contraction, stages, weight_gradient is not None, x.device.index)
     block_bytes = shared_bytes(N, stages, weight_gradient is not None)
-    grid = resident_grid(M, K, block_bytes, 3 if weight_gradient is not None else MIN_BLOCKS, x.device)
+    grid = resident_grid(M, K, block_bytes, min_blocks(weight_gradient is not None), x.device)
     if weight_gradient is None:
         table, logits, min_bits, partial = histogram, histogram, 0, histogram  # not read by this variant
     else:
