@@ -20,6 +20,8 @@ import time
 import pytest
 import torch
 
+from cuda_timing import captured
+
 GEMV_N = GEMV_K = 16384
 GEMM_M, GEMM_N, GEMM_K = 8192, 4096, 4096
 
@@ -36,23 +38,14 @@ def bench_graph(fn, repeats: int = 40) -> float:
     """Median seconds of one replay of fn captured as a CUDA graph, L2 flushed before each replay (outside the
     timed events): the GPU time of the call without Python launch overhead (each Triton launch costs the
     host tens of µs, more than the GEMV's kernels take on the GPU)."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    replay = captured(fn)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     times = []
     for _ in range(repeats):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)

@@ -6,7 +6,10 @@ Variants beyond the issue's four, for the evidence in docs/kernels.md:
 - ddq_kernels: the Triton kernels alone (no quantizer-parameter table math, no autograd);
 - ddq_unfused: quantize kernels around cuBLAS (x_q materialised, separate reduction pass);
 - ddq_cudagraphs: the DDQ layer under torch.compile(mode="reduce-overhead"), replayed as CUDA graphs
-  (the mode that brought whole networks to FP speed, docs/kernels.md).
+  (the mode that brought whole networks to FP speed, docs/kernels.md);
+- cublas_graph, ddq_graph: the whole eager step (forward, or forward and backward) captured in one CUDA
+  graph and replayed: GPU time alone, with no launch cost, as in a network captured whole. On the small
+  shapes every eager variant, cuBLAS included, waits on the host; these two compare the GPU work.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_timing import record
+from cuda_timing import captured, record
 
 SHAPES = [(8192, 4096, 4096), (401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
-VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused", "ddq_cudagraphs")
+VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused", "ddq_cudagraphs",
+            "cublas_graph", "ddq_graph")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -79,6 +83,8 @@ def kernel_steps(layer, x, grad_y, fused: bool):
 
 
 def build_step(variant: str, M: int, K: int, N: int, backward: bool):
+    if variant.endswith("_graph"):
+        return captured(build_step(variant.removesuffix("_graph"), M, K, N, backward))
     torch.manual_seed(0)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5

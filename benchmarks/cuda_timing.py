@@ -15,6 +15,21 @@ def cuda_median_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def captured(fn: Callable[[], object]) -> Callable[[], None]:
+    """The replay of fn captured in one CUDA graph (warmed up on a side stream first, as torch.cuda.graph
+    asks): fn's GPU work without its host launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def device_info() -> dict:
     import triton
 

@@ -1,0 +1,79 @@
+"""Every candidate that `fastest_config` weighs for the DDQLinear GEMMs, timed two ways on one card
+(docs/kernels.md, run 10): by launches, as `fastest_config` timed them before run 10 (do_bench, L2 flushed,
+one launch per event pair, so host launch cost shows on small shapes), and by GPU time, as it times them
+now (`launch.graph_times`: CUDA-graph replays, as a network under CUDA graphs runs them). Prints one JSON
+line per (shape, op, candidate) and the pick.
+
+Usage on a CUDA machine: python benchmarks/probe_candidates.py [M K N ...]  (default: the issue's shapes)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from bench_linear import SHAPES, gemm_operands
+from ddq_kernels.launch import graph_times
+
+
+def operations(M: int, K: int, N: int):
+    """(op name, candidates, run(config), the cache key `fastest_config` files the pick under)."""
+    from ddq_kernels.launch import _FASTEST
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
+    from ddq_kernels.linear_backward_input import backward_input_configs, linear_backward_input
+    from ddq_kernels.linear_backward_input_cuda import supports, supports_weight_gradient
+    from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight
+    from ddq_kernels.linear_backward_weight_cuda import supports as weight_supports
+    from ddq_kernels.linear_forward import forward_configs, linear_forward
+    from ddq_kernels.linear_forward_cuda import supports as forward_supports
+
+    x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
+    logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
+    table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
+    fused = supports_weight_gradient(grad_y, w_q, x)
+    ops = [
+        ("forward", forward_configs(M, N, K, forward_supports(x, w_q)),
+         lambda c: linear_forward(x, w_q, None, lo, hi, table, logits, 2, c)),
+        ("backward_input", backward_input_configs(M, N, K, supports(grad_y, w_q, x)),
+         lambda c: linear_backward_input(grad_y, w_q, x, lo, hi, c)),
+        ("backward_weight", backward_weight_configs(M, N, K, weight_supports(grad_y, x)),
+         lambda c: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2, config=c)),
+        ("backward_activation", [FUSED, SEPARATE] if fused else [SEPARATE],
+         lambda c: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2, c)),
+    ]
+    picks = {
+        "forward": lambda: linear_forward(x, w_q, None, lo, hi, table, logits, 2),
+        "backward_input": lambda: linear_backward_input(grad_y, w_q, x, lo, hi),
+        "backward_weight": lambda: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2),
+        "backward_activation": lambda: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2),
+    }
+    return ops, picks, _FASTEST
+
+
+def main(shapes) -> None:
+    print(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__}))
+    for M, K, N in shapes:
+        ops, picks, cache = operations(M, K, N)
+        for name, candidates, run in ops:
+            for config in candidates:
+                try:
+                    run(config)
+                    row = {"bench_ms": do_bench(lambda: run(config), warmup=5, rep=50, return_mode="median"),
+                           "graph_ms": graph_times([config], run)[0]}
+                except Exception as error:  # a tile too large for the card: report it and go on
+                    row = {"error": type(error).__name__}
+                print(json.dumps({"shape": [M, K, N], "op": name, "config": config, **row}), flush=True)
+            before = set(cache)
+            picks[name]()
+            chosen = {repr(key): value for key, value in cache.items() if key not in before}
+            print(json.dumps({"shape": [M, K, N], "op": name, "picked": chosen}, default=str), flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    numbers = [int(a) for a in sys.argv[1:]]
+    main([tuple(numbers[i:i + 3]) for i in range(0, len(numbers), 3)] if numbers else SHAPES)
