@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 
 timeout -s INT "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -W ignore ${TEST_FILTER:+-k "$TEST_FILTER"} \
-  tests/test_kernels_quantize.py tests/test_kernels_linear.py tests/test_kernels_parameter_grads.py tests/test_stem_padding.py tests/test_quantized_conv.py 2>&1 | tee "$OUT/tests.log" | tail -40
+  tests/test_kernels_launch.py tests/test_kernels_quantize.py tests/test_kernels_linear.py tests/test_kernels_parameter_grads.py \
+  tests/test_stem_padding.py tests/test_quantized_conv.py 2>&1 | tee "$OUT/tests.log" | tail -40
 
 timeout -s INT "${BENCH_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider -W ignore ${BENCH_FILTER:+-k "$BENCH_FILTER"} \
   benchmarks/bench_quantize.py benchmarks/bench_linear.py --benchmark-only \
