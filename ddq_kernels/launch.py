@@ -65,7 +65,8 @@ def candidate_times(candidates: Sequence[dict], run: Callable[[dict], object]) -
 
 def syncs_with_host(config: dict, run: Callable[[dict], object]) -> bool:
     """Whether `run(config)` waits for the device (an .item(), a copy to the host): a run with
-    torch.cuda's sync debug mode at "error"."""
+    torch.cuda's sync debug mode at "error". The mode is process-wide, so another thread's sync during
+    this one run raises too; it runs once per candidate and shape class, in the first steps."""
     import torch
 
     previous = torch.cuda.get_sync_debug_mode()
