@@ -20,7 +20,8 @@ from ddq_kernels.launch import graph_times
 
 
 def operations(M: int, K: int, N: int):
-    """(op name, candidates, run(config), the cache key `fastest_config` files the pick under)."""
+    """The four ops of one shape: ([(op name, candidates, run(config))], {op name: a call that lets
+    `fastest_config` pick}, the cache its picks go into)."""
     from ddq_kernels.launch import _FASTEST
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
