@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bench_linear import gemm_operands
+
 CNN_SHAPES = [(401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
 
 
@@ -51,12 +53,9 @@ def shared_pass_cases(reductions_shared, median_ms) -> dict[str, float]:
 
 def fused_cases(linear_backward_input_shared, median_ms) -> dict[str, float]:
     has_stages = "stages" in inspect.signature(linear_backward_input_shared).parameters
-    zero, three = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
     times = {}
     for M, K, N in CNN_SHAPES:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
-        w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x, w_q, grad_y, zero, three = gemm_operands(M, K, N)
         for stages in (1, 2) if has_stages else (None,):
             extra = {} if stages is None else {"stages": stages}
             name = f"fused_{M}x{K}x{N}" + ("" if stages is None else f"_stages{stages}")
@@ -71,15 +70,11 @@ def fused_weight_gradient_cases(median_ms) -> dict[str, float]:
     from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
     from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda
 
-    zero, three = torch.zeros(1, device="cuda"), torch.full((1,), 3.0, device="cuda")
-    residuals = torch.zeros(1, 256, device="cuda")
     logits = torch.tensor([1.0] * 4 + [-1.0] * 4, device="cuda")
-    table = level_table(zero, three, residuals, logits, 2)
     times = {}
     for M, K, N in CNN_SHAPES:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).relu()
-        w_q = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x, w_q, grad_y, zero, three = gemm_operands(M, K, N)
+        table = level_table(zero, three, torch.zeros(1, 256, device="cuda"), logits, 2)
         if not supports_weight_gradient(grad_y, w_q, x):
             continue
 

@@ -20,8 +20,8 @@ from ddq_kernels.launch import graph_times
 
 
 def operations(M: int, K: int, N: int):
-    """The four ops of one shape: ([(op name, candidates, run(config))], {op name: a call that lets
-    `fastest_config` pick}, the cache its picks go into)."""
+    """The four ops of one shape, [(op name, candidates, run(config))] (run(None) lets `fastest_config`
+    pick), and the cache its picks go into."""
     from ddq_kernels.launch import _FASTEST
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
@@ -46,19 +46,13 @@ def operations(M: int, K: int, N: int):
         ("backward_activation", [FUSED, SEPARATE] if fused else [SEPARATE],
          lambda c: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2, c)),
     ]
-    picks = {
-        "forward": lambda: linear_forward(x, w_q, None, lo, hi, table, logits, 2),
-        "backward_input": lambda: linear_backward_input(grad_y, w_q, x, lo, hi),
-        "backward_weight": lambda: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2),
-        "backward_activation": lambda: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2),
-    }
-    return ops, picks, _FASTEST
+    return ops, _FASTEST
 
 
 def main(shapes) -> None:
     print(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__}))
     for M, K, N in shapes:
-        ops, picks, cache = operations(M, K, N)
+        ops, cache = operations(M, K, N)
         for name, candidates, run in ops:
             for config in candidates:
                 try:
@@ -69,7 +63,7 @@ def main(shapes) -> None:
                     row = {"error": type(error).__name__}
                 print(json.dumps({"shape": [M, K, N], "op": name, "config": config, **row}), flush=True)
             before = set(cache)
-            picks[name]()
+            run(None)
             chosen = {repr(key): value for key, value in cache.items() if key not in before}
             print(json.dumps({"shape": [M, K, N], "op": name, "picked": chosen}, default=str), flush=True)
         torch.cuda.empty_cache()
