@@ -19,7 +19,7 @@ from ddq_kernels.gemm_tiles import grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, supports as shared_epilogue_supports
 from ddq_kernels.linear_forward import UNFUSED, block_size, dot_precision
-from ddq_kernels.quantize_backward import accumulate_reductions, quantize_reductions
+from ddq_kernels.quantize_backward import accumulate_reductions, quantize_reductions, zeroed_bins
 
 
 @triton.jit
@@ -96,9 +96,6 @@ def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tens
     """Spec §3 for the activation: (∂x = (dY·W_q)·in, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,))."""
     M, K = x.shape
     N = w_q.shape[0]
-    dx = torch.empty_like(x)
-    histogram = torch.zeros(1, 256, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(1, 2, device=x.device, dtype=torch.float32)
     if config is None:
         def run(candidate):
             return linear_backward_input(grad_y, w_q, x, lo, hi, candidate)
@@ -112,6 +109,8 @@ def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tens
         return quantize_reductions(grad_y @ w_q, x, lo, hi)
     block_m, block_k, block_n = config["block_m"], config["block_k"], config["block_n"]
     chunk_m = max(1, min(block_m, 512 // block_k))
+    dx = torch.empty_like(x)
+    histogram, sums = zeroed_bins(1, x.device)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
     linear_backward_input_kernel[grid](
         grad_y, w_q, x, dx, lo, hi, histogram, sums, M, N, K, grad_y.stride(0), w_q.stride(0), x.stride(0),

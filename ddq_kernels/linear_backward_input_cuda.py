@@ -49,6 +49,7 @@ import functools
 import torch
 
 from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_type, prefer_shared_memory
+from ddq_kernels.quantize_backward import zeroed_bins
 from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, available as nvrtc_available, element_math_header
 
 THREADS = 256
@@ -338,8 +339,7 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
     M, K = x.shape
     N = w_q.shape[0]
     grad_x = torch.empty_like(x)
-    histogram = torch.zeros(1, 256, device=x.device, dtype=torch.float32)
-    sums = torch.zeros(1, 2, device=x.device, dtype=torch.float32)
+    histogram, sums = zeroed_bins(1, x.device)
     w_t = w_q.t().contiguous()
     contraction = padded_contraction(N, weight_gradient is not None)
     kernel = compiled_kernel(x.dtype, contraction, stages, weight_gradient is not None, x.device.index)

@@ -91,7 +91,6 @@ def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None
     """Spec §2: y = Q_x(x) · W_qᵀ + bias for x (M, K), W_q (N, K), per-tensor activation parameters."""
     M, K = x.shape
     N = w_q.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if config is None:
         def run(candidate):
             return linear_forward(x, w_q, bias, lo, hi, table, gate_logits, min_bits, candidate)
@@ -104,6 +103,7 @@ def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None
         x_q = quantize(x, lo, hi, None, gate_logits, min_bits, table=table)
         return torch.addmm(bias, x_q, w_q.t()) if bias is not None else x_q @ w_q.t()
     block_m, block_n, block_k = config["block_m"], config["block_n"], config["block_k"]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     linear_forward_kernel[grid](
         x, w_q, bias if bias is not None else y, y, lo, hi, table, gate_logits,

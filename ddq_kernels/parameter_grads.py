@@ -1,7 +1,7 @@
 """Quantizer-parameter gradients from the per-group reductions, on the device (DDQ_SPEC.md Section 3).
 
 The same function as `ddq.quantizer_math.parameter_grads` (the reference, which the tests compare it
-with), in two launches instead of ~220 small PyTorch ops: that reference, run once per quantizer per
+with), in one launch per tensor and two per channel instead of ~220 small PyTorch ops: that reference, run once per quantizer per
 backward, cost ~2 ms of host time per call, more than the GEMMs of a CNN layer (docs/kernels.md).
 
 Kernel 1, one program per group; it reads the bitwidth b from the gate logits and branches to a body
@@ -17,7 +17,10 @@ compiled for that b (s = 2^(8−b)), so no host sync is needed:
   buffer. (They used to be added atomically into 8 floats: with thousands of per-channel groups those
   same-address atomics serialised in one L2 slice, ~35 µs per call on H100 at 4096 channels.)
 Kernel 2, one program: ∂g_k = Σ over groups of the terms, in a fixed order (deterministic), then
-∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones.
+∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones. Per tensor (one group)
+kernel 1's single program does this itself: on the small CNN GEMMs each launch of a step costs a few µs.
+The sums Σv·u·in and Σv·(1 − in) are read in place from wherever the reductions put them (strided views
+of one (G, 2) buffer): no concatenation kernel.
 """
 
 import torch
@@ -43,8 +46,9 @@ def half_block_sums(values, CODES: tl.constexpr, ABOVE: tl.constexpr, BELOW: tl.
 
 
 @triton.jit
-def group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr,
-                gate_terms_ptr, group, numel_per_group, GRAD_SCALE: tl.constexpr, BITS: tl.constexpr):
+def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr,
+                grad_hi_ptr, grad_residuals_ptr, group, numel_per_group, GRAD_SCALE: tl.constexpr, BITS: tl.constexpr):
+    """Stores ∂lo, ∂hi and ∂residuals of one group; returns its 8 gate terms."""
     BLOCK: tl.constexpr = 1 << (8 - BITS)
     CODES: tl.constexpr = 1 << BITS
     cells = tl.arange(0, 256)
@@ -57,8 +61,8 @@ def group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, 
     block_hist = tl.sum(tl.reshape(histogram, (CODES, BLOCK)), axis=1)
     position = code * BLOCK + (BLOCK - 1) / 2 + tl.sum(tl.reshape(residuals, (CODES, BLOCK)), axis=1)
     sum_vt = tl.sum(block_hist * position, axis=0)
-    sum_vu = tl.load(sums_ptr + group * 2)
-    sum_clipped = tl.load(sums_ptr + group * 2 + 1)
+    sum_vu = tl.load(sum_vu_ptr + group * vu_stride)
+    sum_clipped = tl.load(sum_clipped_ptr + group * clipped_stride)
     range_scale = 1.0
     if GRAD_SCALE:
         range_scale = 1.0 / tl.sqrt(tl.maximum(numel_per_group, 1).to(tl.float32) * max(CODES - 1, 1))
@@ -70,6 +74,8 @@ def group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, 
     fine_levels = lo + delta * (cells.to(tl.float32) + BLOCK * residuals)
     block_means = tl.sum(tl.reshape(fine_levels, (CODES, BLOCK)), axis=1) / BLOCK
     current = tl.sum(block_hist * block_means, axis=0)
+    gate = tl.arange(0, 8)
+    terms = tl.zeros((8,), dtype=tl.float32)
     for k in tl.static_range(8):
         if k < BITS:
             hist_diff = pair_difference(block_hist, 1 << k, 1 << (BITS - 1 - k))
@@ -79,21 +85,29 @@ def group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, 
             half_hist = half_block_sums(histogram, CODES, 1 << (k - BITS), BLOCK >> (k - BITS + 1))
             half_means = half_block_sums(fine_levels, CODES, 1 << (k - BITS), BLOCK >> (k - BITS + 1)) / (BLOCK // 2)
             term = tl.sum(tl.sum(half_hist * half_means, axis=1), axis=0) - current
-        tl.store(gate_terms_ptr + group * 8 + k, term)
+        terms = tl.where(gate == k, term, terms)
+    return terms
 
 
 @triton.jit
-def range_residual_gate_kernel(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, logits_ptr,
-                               grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, gate_terms_ptr, numel_per_group,
-                               MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr):
+def range_residual_gate_kernel(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
+                               logits_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, gate_terms_ptr, grad_logits_ptr,
+                               numel_per_group, MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr,
+                               ONE_GROUP: tl.constexpr):
     group = tl.program_id(0)
     bits = bitwidth_from_logits(logits_ptr, MIN_BITS)
+    terms = tl.zeros((8,), dtype=tl.float32)
     # The bitwidth is read here, on the device: one branch per candidate keeps every shape static
     # and the host never waits for the GPU.
     for candidate in tl.static_range(9):
         if bits == candidate:
-            group_grads(hist_ptr, sums_ptr, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr,
-                        gate_terms_ptr, group, numel_per_group, GRAD_SCALE, candidate)
+            terms = group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
+                                grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, group, numel_per_group, GRAD_SCALE,
+                                candidate)
+    if ONE_GROUP:
+        store_logit_grads(terms, logits_ptr, grad_logits_ptr, MIN_BITS)
+    else:
+        tl.store(gate_terms_ptr + group * 8 + tl.arange(0, 8), terms)
 
 
 @triton.jit
@@ -106,6 +120,13 @@ def gate_logit_grads_kernel(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr,
         group = first + rows
         terms = tl.load(gate_terms_ptr + group[:, None] * 8 + j[None, :], mask=(group < groups)[:, None], other=0.0)
         grad_gates += tl.sum(terms, axis=0)
+    store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS)
+
+
+@triton.jit
+def store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr):
+    """∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones, from ∂g (8,)."""
+    j = tl.arange(0, 8)
     hard = (tl.load(logits_ptr + j) > 0) | (j < MIN_BITS)
     closed = 1 - hard.to(tl.int32)
     closed_through = tl.cumsum(closed, axis=0)  # closed gates among l ≤ k
@@ -119,21 +140,29 @@ def gate_logit_grads_kernel(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr,
 
 def parameter_grads(histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits: int,
                     grad_scale: bool, numel_per_group: int):
-    """Spec §3: (∂lo, ∂hi, ∂residuals, ∂θ); same contract as `ddq.quantizer_math.parameter_grads`."""
+    """Spec §3: (∂lo, ∂hi, ∂residuals, ∂θ); same contract as `ddq.quantizer_math.parameter_grads`.
+
+    The two sums may be strided views of one (G, 2) tensor, as the reductions return them (read in place).
+    One launch per tensor; per channel a second one sums the gate terms over the groups.
+    """
     groups = lo.shape[0]
     device = lo.device
     grad_lo = torch.empty(groups, device=device, dtype=torch.float32)
     grad_hi = torch.empty_like(grad_lo)
     grad_residuals = torch.empty(groups, 256, device=device, dtype=torch.float32)
-    gate_terms = torch.empty(groups, 8, device=device, dtype=torch.float32)
     grad_logits = torch.empty(8, device=device, dtype=torch.float32)
-    sums = torch.stack([sum_vu_inside, sum_v_clipped], dim=1).to(torch.float32).contiguous()
+    one_group = groups == 1
+    # Per tensor the one program finishes ∂θ itself and never writes gate terms.
+    gate_terms = grad_logits if one_group else torch.empty(groups, 8, device=device, dtype=torch.float32)
+    sum_vu, sum_clipped = (s.to(torch.float32) for s in (sum_vu_inside, sum_v_clipped))
+    gate_logits = gate_logits.contiguous()
     range_residual_gate_kernel[(groups,)](
-        histogram.to(torch.float32).contiguous(), sums, lo.contiguous(), hi.contiguous(), residuals.contiguous(),
-        gate_logits.contiguous(), grad_lo, grad_hi, grad_residuals, gate_terms, numel_per_group,
-        MIN_BITS=min_bits, GRAD_SCALE=grad_scale,
+        histogram.to(torch.float32).contiguous(), sum_vu, sum_clipped, sum_vu.stride(0), sum_clipped.stride(0),
+        lo.contiguous(), hi.contiguous(), residuals.contiguous(), gate_logits, grad_lo, grad_hi, grad_residuals,
+        gate_terms, grad_logits, numel_per_group, MIN_BITS=min_bits, GRAD_SCALE=grad_scale, ONE_GROUP=one_group,
     )
-    block_groups = min(1024, triton.next_power_of_2(groups))
-    gate_logit_grads_kernel[(1,)](gate_terms, groups, gate_logits.contiguous(), grad_logits, MIN_BITS=min_bits,
-                                  BLOCK_GROUPS=block_groups)
+    if not one_group:
+        block_groups = min(1024, triton.next_power_of_2(groups))
+        gate_logit_grads_kernel[(1,)](gate_terms, groups, gate_logits, grad_logits, MIN_BITS=min_bits,
+                                      BLOCK_GROUPS=block_groups)
     return grad_lo, grad_hi, grad_residuals, grad_logits

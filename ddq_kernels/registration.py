@@ -2,7 +2,7 @@
 
 - ddq::quantize → `level_table` + `quantize` (one pass over x).
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
-  (G, 256) tables (two launches; `ddq.quantizer_math.parameter_grads` is its reference).
+  (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
 - ddq::quantized_linear → W_q by `quantize` (once per step), y by the GEMM with the activation
   quantizer in its A-operand load.
 - ddq::quantized_linear_backward → ∂x and the activation reductions from the backward-input GEMM's

@@ -48,3 +48,15 @@ def check_against_reference(bits: int, min_bits: int, groups: int) -> None:
         assert got.shape == want.shape and got.dtype == want.dtype, name
         scale = {"logits": gate_scale, "lo": range_scale, "hi": range_scale}.get(name, want.abs().max().clamp_min(1e-6))
         assert (got - want).abs().max() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_sums_read_in_place_from_strided_views(groups):
+    """The reductions return Σv·u·in and Σv·(1 − in) as the columns of one (G, 2) buffer; read in place."""
+    sums = torch.randn(groups, 2, device=DEVICE)
+    strided = (torch.randn(groups, 256, device=DEVICE), sums[:, 0], sums[:, 1], -torch.ones(groups, device=DEVICE),
+               torch.ones(groups, device=DEVICE), torch.zeros(groups, 256, device=DEVICE), logits_for_bits(3, 2).to(DEVICE),
+               2, True, 77)
+    contiguous = strided[:1] + (sums[:, 0].clone(), sums[:, 1].clone()) + strided[3:]
+    for got, want in zip(parameter_grads(*strided), parameter_grads(*contiguous)):
+        assert torch.equal(got, want)
