@@ -60,7 +60,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned int (&a)
 }
 """
 
-QUANTIZE_TILE = r"""
+FINE_LEVELS = r"""
 // levels[i] = V[i >> (8 − b)] for the 256 fine cells, b = the number of leading open gates (forced open
 // below min_bits), as fine_grid.bitwidth_from_logits reads it.
 __device__ __forceinline__ void fine_levels(float* levels, const float* __restrict__ table,
@@ -70,7 +70,9 @@ __device__ __forceinline__ void fine_levels(float* levels, const float* __restri
         if (!(logits[k] > 0.0f || k < min_bits)) bits = k;
     for (int cell = threadIdx.x; cell < 256; cell += THREADS) levels[cell] = table[cell >> (8 - bits)];
 }
+"""
 
+QUANTIZE_TILE = FINE_LEVELS + r"""
 __device__ __forceinline__ float quantized(unsigned int raw, const float* levels, float lo, float inv_delta) {
     const float value = X_WIDEN((X_T)raw);
     const float u = (value - lo) * inv_delta;

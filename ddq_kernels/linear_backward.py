@@ -2,23 +2,29 @@
 ∂W_q = dYᵀ·Q_x(x) (DDQ_SPEC.md §3; references `ddq.functional.reductions_reference` of dY·W_q and x, and
 dYᵀ·`quantize_reference(x)`).
 
-Two candidates, timed once per shape class by `fastest_config`:
+Three candidates, timed once per shape class by `fastest_config`:
 - FUSED: `linear_backward_input_cuda.linear_backward_shared`, one CUDA C pass that stages dY and x once
   and computes both GEMMs, quantizing x from the fine cells its reductions already found (16-bit x, N ≤ 64);
-- SEPARATE: `linear_backward_input`, then `linear_backward_weight`, each choosing its own kernels.
+- SEPARATE: `linear_backward_input`, then `linear_backward_weight`, each choosing its own kernels;
+- AROUND_CUBLAS: cuBLAS for both GEMMs around one SHARED element pass (`shared_histogram`) that writes
+  ∂x, the reductions and x_q together, so that x is read once where SEPARATE's cuBLAS paths read it twice
+  (once for the reductions, once to quantize it for ∂W_q). Where NVRTC runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ddq_kernels.launch import fastest_config, size_class
+from ddq_kernels import shared_histogram
+from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input import linear_backward_input
 from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports_weight_gradient
 from ddq_kernels.linear_backward_weight import linear_backward_weight
+from ddq_kernels.quantize_backward import reduction_outputs
 
 FUSED = {"fused": True}
 SEPARATE = {"fused": False}
+AROUND_CUBLAS = {"fused": False, "around_cublas": True}
 
 
 def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
@@ -29,14 +35,35 @@ def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch
     if config is None:
         M, K = x.shape
         fused = supports_weight_gradient(grad_y, w_q, x)
-        key = (size_class(M), w_q.shape[0], K, x.dtype, fused)
+        around_cublas = supports_around_cublas(x)
+        key = (size_class(M), w_q.shape[0], K, x.dtype, fused, around_cublas)
 
         def run(candidate):
             return linear_backward_activation(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, candidate)
 
-        config = fastest_config("linear_backward_activation", key, [FUSED, SEPARATE] if fused else [SEPARATE], run)
+        candidates = ([FUSED] if fused else []) + [SEPARATE] + ([AROUND_CUBLAS] if around_cublas else [])
+        config = fastest_config("linear_backward_activation", key, candidates, run)
+    if config.get("around_cublas"):
+        return backward_around_cublas(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
     if config["fused"]:
         *reductions, grad_w_q = linear_backward_shared(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
         return tuple(reductions), grad_w_q
     return (linear_backward_input(grad_y, w_q, x, lo, hi),
             linear_backward_weight(grad_y, x, lo, hi, table, gate_logits, min_bits))
+
+
+def supports_around_cublas(x: torch.Tensor) -> bool:
+    """AROUND_CUBLAS needs the SHARED pass: a CUDA x (not the interpreter) where NVRTC compiles it."""
+    return x.is_cuda and not interpreting() and shared_histogram.available()
+
+
+def backward_around_cublas(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int
+                           ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """`linear_backward_activation`'s results from dY·W_q and dYᵀ·x_q by cuBLAS, with ∂x, the reductions and
+    x_q from one SHARED pass over (dY·W_q, x) between them."""
+    x = x.contiguous()
+    grad_x, histogram, sums = reduction_outputs(x, 1)
+    x_q = torch.empty_like(x)
+    shared_histogram.reductions_shared(grad_y @ w_q, x, lo, hi, grad_x, histogram, sums, (x_q, table, gate_logits, min_bits))
+    return (grad_x, histogram, sums[:, 0], sums[:, 1]), grad_y.t() @ x_q

@@ -22,8 +22,12 @@ through the float totals directly (a non-finite v still reaches its bin). Measur
 bf16, run 9): 0.61 → 0.50 ms on a ReLU x, 0.70 → 0.50 ms on a spread-out one, ~2.8 TB/s, near the card's
 bandwidth; per channel (float bins, five blocks an SM) as before.
 
+With WRITE_XQ compiled in, the pass also writes x_q = V[i >> (8 − b)] from the fine cell i it found (the levels
+of the 256 cells staged in shared memory from `level_table`'s table), so that a caller needing both the
+reductions and x_q (`linear_backward.AROUND_CUBLAS`) reads x once.
+
 Compiled with `torch.cuda._compile_kernel` (NVRTC, which ships with PyTorch's CUDA wheels) once per
-(x dtype, v dtype, integer bins or not); `available()` says whether this process can. CUDA only: the
+(x dtype, v dtype, integer bins or not, x_q or not); `available()` says whether this process can. CUDA only: the
 Triton strategies serve the interpreter, and the tests compare all of them with the reference on the GPU.
 """
 
@@ -33,6 +37,8 @@ import functools
 import warnings
 
 import torch
+
+from ddq_kernels.cuda_tiles import FINE_LEVELS
 
 THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
@@ -123,12 +129,6 @@ __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_d
     return X_NARROW(inside ? v : 0.0f);
 }
 
-template <bool FIXED>
-__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc) {
-    int cell;
-    return element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
-}
-
 // Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them. The
 // additions above are volatile asm without a memory clobber, so that the compiler may interleave the chunk's
 // elements; __syncwarp orders them before these loads.
@@ -175,7 +175,7 @@ __device__ __forceinline__ void flush(Accumulators& acc, WarpBins* bins, float (
 }
 """
 
-SOURCE = ELEMENT_MATH + r"""
+SOURCE = ELEMENT_MATH + FINE_LEVELS + r"""
 template <typename T> __device__ __forceinline__ void load_vector(const T* source, T (&values)[VECTOR]) {
     const uint4* from = reinterpret_cast<const uint4*>(source);
     uint4* to = reinterpret_cast<uint4*>(values);
@@ -190,29 +190,43 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
     for (int j = 0; j < (int)(VECTOR * sizeof(T) / 16); ++j) to[j] = from[j];
 }
 
+// ∂x of one element as `element` computes it; with WRITE_XQ, `quantized` receives x_q = V[i >> (8 − b)] from
+// the fine cell the reductions found (NaN for a non-finite x, as the quantize kernel gives).
 template <bool FIXED>
-__device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta,
-                                               Accumulators& acc) {
-#pragma unroll
-    for (int e = 0; e < CHUNK; ++e) x[e] = element<FIXED>(x[e], x_gradient(V_WIDEN(v[e])), lo, inv_delta, acc);
+__device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, const float* levels,
+                                                 Accumulators& acc, X_T& quantized) {
+    int cell;
+    const X_T dx = element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
+    if (WRITE_XQ) quantized = X_NARROW(levels[cell] + X_WIDEN(x_raw) * 0.0f);
+    return dx;
 }
 
-// One chunk of a lane's elements, every lane of the warp: x in, ∂x out. Elements a lane lacks are v = 0,
+template <bool FIXED>
+__device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], X_T (&q)[CHUNK], const V_T (&v)[CHUNK], float lo,
+                                               float inv_delta, const float* levels, Accumulators& acc) {
+#pragma unroll
+    for (int e = 0; e < CHUNK; ++e) x[e] = element_and_level<FIXED>(x[e], x_gradient(V_WIDEN(v[e])), lo, inv_delta, levels, acc, q[e]);
+}
+
+// One chunk of a lane's elements, every lane of the warp: x in, ∂x out (and x_q into q with WRITE_XQ). Elements a lane lacks are v = 0,
 // x = 0: they add nothing. v is widened twice rather than held as floats: registers are what limits the
 // resident warps.
-__device__ __forceinline__ void chunk(X_T (&x)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta, Accumulators& acc) {
+__device__ __forceinline__ void chunk(X_T (&x)[CHUNK], X_T (&q)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta,
+                                      const float* levels, Accumulators& acc) {
     float bound = 0.0f;
 #pragma unroll
     for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, x_gradient(V_WIDEN(v[e])));
     begin_chunk(acc, bound);
-    if (acc.fixed) chunk_elements<true>(x, v, lo, inv_delta, acc); else chunk_elements<false>(x, v, lo, inv_delta, acc);
+    if (acc.fixed) chunk_elements<true>(x, q, v, lo, inv_delta, levels, acc);
+    else chunk_elements<false>(x, q, v, lo, inv_delta, levels, acc);
     end_chunk(acc);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X_T* __restrict__ grad_x,
                       const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
-                      float* __restrict__ histogram, float* __restrict__ sums, int numel_low, int numel_high, int vectorized) {
+                      float* __restrict__ histogram, float* __restrict__ sums, int numel_low, int numel_high, int vectorized,
+                      const float* __restrict__ table, const float* __restrict__ logits, int min_bits, X_T* __restrict__ x_q) {
     // The launcher passes Python ints as 32-bit C ints: the element count comes in two 31-bit halves.
     const long long group_numel = ((long long)numel_high << 31) | numel_low;
     const int group = blockIdx.y;
@@ -225,6 +239,8 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
         bins[i / 256].totals[i % 256] = 0.0f;
         if (INTEGER_BINS) bins[i / 256].counts[i % 256] = 0u;
     }
+    __shared__ float levels[WRITE_XQ ? 256 : 1];
+    if (WRITE_XQ) fine_levels(levels, table + group * 256, logits, min_bits);
     __syncthreads();
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
@@ -232,6 +248,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     const V_T* g = grad + base;
     const X_T* xs = x + base;
     X_T* out = grad_x + base;
+    X_T* quantized_out = WRITE_XQ ? x_q + base : x_q;
     const long long first = (long long)blockIdx.x * THREADS + threadIdx.x;
     const long long stride = (long long)gridDim.x * THREADS;
     const long long vectors = vectorized ? group_numel / VECTOR : 0;
@@ -240,6 +257,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     // the chunk's collective steps see all 32 lanes. The vectors' loads are in flight together.
     for (long long j = first; j - lane < vectors; j += PER_CHUNK * stride) {
         X_T x_values[CHUNK];
+        X_T q_values[CHUNK];
         V_T v_values[CHUNK];
 #pragma unroll
         for (int k = 0; k < PER_CHUNK; ++k) {
@@ -255,26 +273,29 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
 #pragma unroll
             for (int e = 0; e < VECTOR; ++e) { x_values[k * VECTOR + e] = x_vector[e]; v_values[k * VECTOR + e] = v_vector[e]; }
         }
-        if (INTEGER_BINS) {
-            chunk(x_values, v_values, lo, inv_delta, acc);
-        } else {
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e)
-                x_values[e] = element<false>(x_values[e], x_gradient(V_WIDEN(v_values[e])), lo, inv_delta, acc);
-        }
+        if (INTEGER_BINS) chunk(x_values, q_values, v_values, lo, inv_delta, levels, acc);
+        else chunk_elements<false>(x_values, q_values, v_values, lo, inv_delta, levels, acc);
 #pragma unroll
         for (int k = 0; k < PER_CHUNK; ++k)
             if (j + k * stride < vectors) {
-                X_T dx[VECTOR];
+                X_T vector[VECTOR];
 #pragma unroll
-                for (int e = 0; e < VECTOR; ++e) dx[e] = x_values[k * VECTOR + e];
-                store_vector(out + (j + k * stride) * VECTOR, dx);
+                for (int e = 0; e < VECTOR; ++e) vector[e] = x_values[k * VECTOR + e];
+                store_vector(out + (j + k * stride) * VECTOR, vector);
+                if (WRITE_XQ) {
+#pragma unroll
+                    for (int e = 0; e < VECTOR; ++e) vector[e] = q_values[k * VECTOR + e];
+                    store_vector(quantized_out + (j + k * stride) * VECTOR, vector);
+                }
             }
     }
     // The elements after the last whole vector (all of them where rows are not 16-byte aligned) go one at a
     // time through the float totals: no chunk, so no collective steps.
-    for (long long i = vectors * VECTOR + first; i < group_numel; i += stride)
-        out[i] = element<false>(xs[i], x_gradient(V_WIDEN(g[i])), lo, inv_delta, acc);
+    for (long long i = vectors * VECTOR + first; i < group_numel; i += stride) {
+        X_T quantized;
+        out[i] = element_and_level<false>(xs[i], x_gradient(V_WIDEN(g[i])), lo, inv_delta, levels, acc, quantized);
+        if (WRITE_XQ) quantized_out[i] = quantized;
+    }
     __syncthreads();
     flush(acc, bins, partial, histogram + group * 256, sums + group * 2);
 }
@@ -304,11 +325,13 @@ def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, device_index: int):
-    """The kernel for (x dtype, v dtype), with or without the integer bins, loaded on one device (a CUDA
-    module belongs to one context)."""
+def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, device_index: int,
+                    write_x_q: bool = False):
+    """The kernel for (x dtype, v dtype), with or without the integer bins, writing x_q or not, loaded on
+    one device (a CUDA module belongs to one context)."""
     header = element_math_header(x_dtype, v_dtype, THREADS) + (
-        f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n#define INTEGER_BINS {int(integer_bins)}\n")
+        f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n#define INTEGER_BINS {int(integer_bins)}\n"
+        f"#define WRITE_XQ {int(write_x_q)}\n")
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
 
@@ -321,10 +344,14 @@ def blocks_per_sm(integer_bins: bool, x_dtype: torch.dtype) -> int:
 
 
 def reductions_shared(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grad_x: torch.Tensor,
-                      histogram: torch.Tensor, sums: torch.Tensor) -> None:
+                      histogram: torch.Tensor, sums: torch.Tensor,
+                      quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None) -> None:
     """Spec §3 element pass into given outputs: ∂x (x's shape and dtype), histogram (G, 256) and sums (G, 2)
     = (Σv·u·in, Σv·(1 − in)), the last two zeroed. x, grad and grad_x contiguous on one CUDA device, x
     float32/float16/bfloat16, grad any of those.
+
+    `quantized` = (x_q, table, gate_logits, min_bits): the pass also writes x_q (spec §2, like x, with the
+    level table of `level_table`) from the fine cells it finds anyway, instead of a second pass over x.
     """
     groups = lo.shape[0]
     group_numel = x.numel() // groups
@@ -337,8 +364,13 @@ def reductions_shared(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi:
     per_group = max(1, min(-(-group_numel // (THREADS * VECTOR)), -(-blocks_per_sm(integer_bins, x.dtype) * sms // groups)))
     # Whole 16-byte vectors only where every group starts on one.
     vectorized = all(t.data_ptr() % 16 == 0 for t in (grad, x, grad_x)) and (groups == 1 or group_numel % VECTOR == 0)
-    kernel = compiled_kernel(x.dtype, grad.dtype, integer_bins, x.device.index)
+    if quantized is None:
+        x_q, table, gate_logits, min_bits = grad_x, histogram, histogram, 0  # not read without WRITE_XQ
+    else:
+        x_q, table, gate_logits, min_bits = quantized
+        vectorized = vectorized and x_q.data_ptr() % 16 == 0
+    kernel = compiled_kernel(x.dtype, grad.dtype, integer_bins, x.device.index, quantized is not None)
     with torch.cuda.device(x.device):  # the launcher uses the current device's current stream
         kernel(grid=(per_group, groups, 1), block=(THREADS, 1, 1),
                args=[grad, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, group_numel & (2**31 - 1),
-                     group_numel >> 31, int(vectorized)])
+                     group_numel >> 31, int(vectorized), table.contiguous(), gate_logits.contiguous(), min_bits, x_q])

@@ -386,7 +386,7 @@ def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
     `linear_backward_activation` (both candidates); odd M, partial tiles, N not a multiple of 32. Its ∂x is
     the backward-input kernel's, bit for bit. x is cleared of cell boundaries so that the cells agree."""
     from ddq_kernels.level_table import level_table
-    from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
+    from ddq_kernels.linear_backward import AROUND_CUBLAS, FUSED, SEPARATE, linear_backward_activation
     from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
     from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
 
@@ -400,9 +400,35 @@ def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
         assert grad_w_q.dtype == torch.float32
         check_fused_backward((reductions, grad_w_q), x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
         assert torch.equal(reductions[0], linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=stages)[0])
-    for config in (FUSED, SEPARATE, None):
+    for config in (FUSED, SEPARATE, AROUND_CUBLAS, None):
         got = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, config)
         check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1031, 200, 96), (130, 1032, 257), (7, 8, 24)])
+def test_backward_around_cublas_on_gpu(M, K, N, dtype):
+    """AROUND_CUBLAS (cuBLAS GEMMs around one SHARED pass that writes ∂x, the reductions and x_q) on shapes
+    FUSED does not take (N > 64, float32); a NaN or ±inf activation quantizes
+    to NaN, so its column of ∂W_q is NaN, while its ∂x is 0 (clipped)."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward import AROUND_CUBLAS, linear_backward_activation, supports_around_cublas
+
+    x, weight, _, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, "unsigned", 4, 4)
+    if not supports_around_cublas(x):
+        pytest.skip("the SHARED pass needs NVRTC")
+    x = clear_of_boundaries(x, lo, hi)
+    grad_y = torch.randn(M, N, device=DEVICE).to(dtype)
+    table = level_table(lo, hi, residuals, logits, 1)
+    got = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, AROUND_CUBLAS)
+    check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+    if M < 2:
+        return
+    x[0, 1], x[1, 0] = float("nan"), float("inf")
+    (grad_x, *_), grad_w_q = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, AROUND_CUBLAS)
+    assert grad_w_q[:, :2].isnan().all() and torch.isfinite(grad_w_q[:, 2:]).all()
+    assert grad_x[0, 1] == 0 and grad_x[1, 0] == 0
 
 
 @pytest.mark.gpu

@@ -194,6 +194,42 @@ def test_shared_pass_integer_bins_stay_within_their_bound(dtype):
         torch.testing.assert_close(grad_x, v, rtol=0, atol=0, equal_nan=True)  # every x is inside [lo, hi]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("columns", [8 * 129, 8 * 129 + 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_shared_pass_writes_x_q_on_gpu(bits, mode, per_channel, dtype, columns):
+    """The SHARED pass that also writes x_q from its own fine cells (linear_backward's AROUND_CUBLAS): x_q as
+    the reference quantizes x (NaN for the sample's non-finite x), up to cell-boundary elements, counted as in
+    the forward tests; ∂x bit for bit and the reductions within float-atomic order of the pass without x_q.
+    Rows of 8·129 elements take the 16-byte vector path per channel, 8·129 + 5 the element-wise one."""
+    from ddq_kernels.quantize_backward import zeroed_bins
+    from ddq_kernels.shared_histogram import available, reductions_shared
+
+    if not available():
+        pytest.skip("the CUDA C pass needs NVRTC")
+    x, lo, hi, residuals, logits, min_bits = case(mode, per_channel, bits, (37, columns), dtype)
+    groups = lo.shape[0]
+    v = torch.randn(x.shape, device=x.device).to(dtype)
+    table = level_table(lo, hi, residuals, logits, min_bits)
+    x_q = torch.full_like(x, 7.0)
+    passes = []
+    for quantized in (None, (x_q, table, logits, min_bits)):
+        grad_x, (histogram, sums) = torch.empty_like(x), zeroed_bins(groups, x.device)
+        reductions_shared(v, x, lo, hi, grad_x, histogram, sums, quantized)
+        passes.append((grad_x, histogram, sums))
+    differ = levels_differ(x_q, quantize_reference(x, lo, hi, residuals, logits, min_bits), lo, hi)
+    assert not (differ & ~ambiguous(x, lo, hi)).any(), "a level differs away from any cell boundary"
+    assert differ.sum() <= max(2, x.numel() // 1000), f"{int(differ.sum())} boundary elements differ"
+    (grad_x, histogram, sums), (grad_x_with, histogram_with, sums_with) = passes
+    assert torch.equal(grad_x, grad_x_with)
+    magnitude = v.float().abs().reshape(groups, -1).sum(dim=1, keepdim=True)
+    assert ((histogram_with - histogram).abs() <= SUM_TOLERANCE * magnitude).all()
+    assert ((sums_with - sums).abs() <= SUM_TOLERANCE * 255 * magnitude).all()
+
+
 def test_more_groups_than_a_cuda_grid_holds_is_a_clear_error():
     """The element kernels put per-channel groups on the grid's y axis (at most 65535 on CUDA)."""
     import ddq_kernels.registration as cuda_bodies
