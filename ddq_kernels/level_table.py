@@ -15,7 +15,24 @@ from ddq_kernels.fine_grid import bitwidth_from_logits
 
 @triton.jit
 def level_table_kernel(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, MIN_BITS: tl.constexpr):
-    group = tl.program_id(0)
+    group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, tl.program_id(0), MIN_BITS)
+
+
+@triton.jit
+def two_level_tables_kernel(first_lo_ptr, first_hi_ptr, first_residuals_ptr, first_logits_ptr, first_table_ptr,
+                            first_groups, second_lo_ptr, second_hi_ptr, second_residuals_ptr, second_logits_ptr,
+                            second_table_ptr, FIRST_MIN_BITS: tl.constexpr, SECOND_MIN_BITS: tl.constexpr):
+    program = tl.program_id(0)
+    if program < first_groups:
+        group_levels(first_lo_ptr, first_hi_ptr, first_residuals_ptr, first_logits_ptr, first_table_ptr, program,
+                     FIRST_MIN_BITS)
+    else:
+        group_levels(second_lo_ptr, second_hi_ptr, second_residuals_ptr, second_logits_ptr, second_table_ptr,
+                     program - first_groups, SECOND_MIN_BITS)
+
+
+@triton.jit
+def group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, group, MIN_BITS: tl.constexpr):
     shift = 8 - bitwidth_from_logits(logits_ptr, MIN_BITS)
     lo = tl.load(lo_ptr + group)
     delta = (tl.load(hi_ptr + group) - lo) / 255.0
@@ -43,3 +60,20 @@ def level_table(lo: torch.Tensor, hi: torch.Tensor, residuals: torch.Tensor, gat
         lo.contiguous(), hi.contiguous(), residuals.contiguous(), gate_logits.contiguous(), table, MIN_BITS=min_bits
     )
     return table
+
+
+QuantizerArguments = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+def level_tables(first: QuantizerArguments, second: QuantizerArguments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec §2: `level_table` of two quantizers, each (lo, hi, residuals, gate_logits, min_bits), in one launch
+    (a layer's weight and activation tables: on the small CNN GEMMs each launch costs a few µs of a step)."""
+    (lo1, hi1, residuals1, logits1, min_bits1), (lo2, hi2, residuals2, logits2, min_bits2) = first, second
+    table1 = torch.empty(lo1.shape[0], 256, device=lo1.device, dtype=torch.float32)
+    table2 = torch.empty(lo2.shape[0], 256, device=lo2.device, dtype=torch.float32)
+    two_level_tables_kernel[(lo1.shape[0] + lo2.shape[0],)](
+        lo1.contiguous(), hi1.contiguous(), residuals1.contiguous(), logits1.contiguous(), table1, lo1.shape[0],
+        lo2.contiguous(), hi2.contiguous(), residuals2.contiguous(), logits2.contiguous(), table2,
+        FIRST_MIN_BITS=min_bits1, SECOND_MIN_BITS=min_bits2,
+    )
+    return table1, table2

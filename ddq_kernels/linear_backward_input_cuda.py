@@ -341,11 +341,12 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
     grad_x = torch.empty_like(x)
     histogram, sums = zeroed_bins(1, x.device)
     w_t = w_q.t().contiguous()
-    contraction = padded_contraction(N, weight_gradient is not None)
-    kernel = compiled_kernel(x.dtype, contraction, stages, weight_gradient is not None, x.device.index)
-    block_bytes = shared_bytes(N, stages, weight_gradient is not None)
-    grid = resident_grid(M, K, block_bytes, min_blocks(weight_gradient is not None), x.device)
-    if weight_gradient is None:
+    with_weight_gradient = weight_gradient is not None
+    contraction = padded_contraction(N, with_weight_gradient)
+    kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index)
+    block_bytes = shared_bytes(N, stages, with_weight_gradient)
+    grid = resident_grid(M, K, block_bytes, min_blocks(with_weight_gradient), x.device)
+    if not with_weight_gradient:
         table, logits, min_bits, partial = histogram, histogram, 0, histogram  # not read by this variant
     else:
         table, logits, min_bits = weight_gradient
@@ -356,7 +357,7 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
                args=[grad_y, w_t, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
                      M, N, K, min_bits])
     grads = (grad_x, histogram, sums[:, 0], sums[:, 1])
-    return grads if weight_gradient is None else grads + (partial.sum(0),)
+    return grads + (partial.sum(0),) if with_weight_gradient else grads
 
 
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,

@@ -3,8 +3,8 @@
 - ddq::quantize → `level_table` + `quantize` (one pass over x).
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
   (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
-- ddq::quantized_linear → W_q by `quantize` (once per step), y by the GEMM with the activation
-  quantizer in its A-operand load.
+- ddq::quantized_linear → both level tables in one launch (`level_tables`), W_q by `quantize` (once per
+  step), y by the GEMM with the activation quantizer in its A-operand load.
 - ddq::quantized_linear_backward → ∂x and the activation reductions from the backward-input GEMM's
   epilogue, ∂W_q from the backward-weight GEMM that re-quantizes x on load, or both from one CUDA C pass
   (`linear_backward`), then the weight quantizer's reductions over ∂W_q.
@@ -22,7 +22,7 @@ import torch
 
 from ddq.functional import check_parameter_values, restored, storage_order
 from ddq_kernels.linear_op import bias_grad  # also defines ddq::quantized_linear before its CUDA body is registered
-from ddq_kernels.level_table import level_table
+from ddq_kernels.level_table import level_table, level_tables
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads
@@ -72,8 +72,9 @@ def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_lo
     check_groups(weight_lo, "the weight")
     check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
     check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
-    w_q = quantize(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)
-    table = level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    weight_table, table = level_tables((weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits),
+                                       (act_lo, act_hi, act_residuals, act_logits, act_min_bits))
+    w_q = quantize(weight, weight_lo, weight_hi, None, weight_logits, weight_min_bits, table=weight_table)
     y = linear_forward(x.contiguous(), w_q, bias, act_lo.contiguous(), act_hi.contiguous(), table,
                        act_logits.contiguous(), act_min_bits)
     return y, w_q

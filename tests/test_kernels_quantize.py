@@ -95,6 +95,18 @@ def test_level_table_matches_reference(bits):
     torch.testing.assert_close(table[:, : 2**bits], want, rtol=1e-6, atol=1e-6)
 
 
+def test_two_level_tables_in_one_launch_match_level_table():
+    """`level_tables` (a layer's weight and activation tables in one launch) builds each quantizer's table as
+    `level_table` does: per channel and per tensor, different bitwidths and min_bits."""
+    from ddq_kernels.level_table import level_tables
+
+    weight = (*quantizer_params("symmetric", 7, 3, 2), 2)
+    act = (*quantizer_params("unsigned", 1, 5, 1), 1)
+    for got, quantizer, bits in zip(level_tables(weight, act), (weight, act), (3, 5)):
+        codes = 2**bits
+        assert torch.equal(got[:, :codes], level_table(*quantizer)[:, :codes])
+
+
 def test_empty_and_single_element_tensors():
     lo, hi, residuals, logits = quantizer_params("symmetric", 1, 4, 2)
     empty = torch.empty(0, 3, device=DEVICE)
