@@ -70,13 +70,16 @@ __device__ __forceinline__ void fine_levels(float* levels, const float* __restri
         if (!(logits[k] > 0.0f || k < min_bits)) bits = k;
     for (int cell = threadIdx.x; cell < 256; cell += THREADS) levels[cell] = table[cell >> (8 - bits)];
 }
+
+// x_q of an element x in fine cell `cell`: its level, plus x·0 so that a non-finite x gives NaN (spec §2).
+__device__ __forceinline__ float cell_level(const float* levels, int cell, float x) { return levels[cell] + x * 0.0f; }
 """
 
 QUANTIZE_TILE = FINE_LEVELS + r"""
 __device__ __forceinline__ float quantized(unsigned int raw, const float* levels, float lo, float inv_delta) {
     const float value = X_WIDEN((X_T)raw);
     const float u = (value - lo) * inv_delta;
-    return levels[fine_cell(u)] + value * 0.0f;
+    return cell_level(levels, fine_cell(u), value);
 }
 
 // Every element of a staged rows × columns tile replaced by its quantized value (columns a multiple of 8).

@@ -90,9 +90,9 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
                 const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
                 const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
                 *pair = d0 | (d1 << 16);
-                if (WEIGHT_GRADIENT)  // quantize_tile's x_q: the level of the cell, x·0 keeping a non-finite x
+                if (WEIGHT_GRADIENT)
                     *reinterpret_cast<unsigned int*>(xq_tile + offset) =
-                        narrow_pair(levels[cell0] + X_WIDEN(x0) * 0.0f, levels[cell1] + X_WIDEN(x1) * 0.0f);
+                        narrow_pair(cell_level(levels, cell0, X_WIDEN(x0)), cell_level(levels, cell1, X_WIDEN(x1)));
             }
         }
 }

@@ -5,9 +5,10 @@
   (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
 - ddq::quantized_linear → both level tables in one launch (`level_tables`), W_q by `quantize` (once per
   step), y by the GEMM with the activation quantizer in its A-operand load.
-- ddq::quantized_linear_backward → ∂x and the activation reductions from the backward-input GEMM's
-  epilogue, ∂W_q from the backward-weight GEMM that re-quantizes x on load, or both from one CUDA C pass
-  (`linear_backward`), then the weight quantizer's reductions over ∂W_q.
+- ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
+  backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
+  one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
+  quantizer's reductions over ∂W_q.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 

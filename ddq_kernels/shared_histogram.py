@@ -191,13 +191,13 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
 }
 
 // ∂x of one element as `element` computes it; with WRITE_XQ, `quantized` receives x_q = V[i >> (8 − b)] from
-// the fine cell the reductions found (NaN for a non-finite x, as the quantize kernel gives).
+// the fine cell the reductions found.
 template <bool FIXED>
 __device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, const float* levels,
                                                  Accumulators& acc, X_T& quantized) {
     int cell;
     const X_T dx = element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
-    if (WRITE_XQ) quantized = X_NARROW(levels[cell] + X_WIDEN(x_raw) * 0.0f);
+    if (WRITE_XQ) quantized = X_NARROW(cell_level(levels, cell, X_WIDEN(x_raw)));
     return dx;
 }
 
