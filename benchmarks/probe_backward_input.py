@@ -2,7 +2,7 @@
 (`shared_histogram.reductions_shared`) on a ReLU and a spread-out bf16 x of 401408×576, per channel on a
 4096×4096 weight and on a float32 x (which keeps the float bins), and the CUDA C backward-input GEMM with the
 reductions in its epilogue (`linear_backward_input_cuda`) on the four CNN shapes, with one and two load
-buffers where the checkout has them, and where it has the pass with ∂W_q fused in (N ≤ 64), that pass
+buffers where the checkout has them, and where it has the pass with ∂W_q fused in (N ≤ 64 until run 12, N ≤ 256 since), that pass
 against the backward-input and backward-weight CUDA C GEMMs one after the other.
 
 Usage on a CUDA machine: python benchmarks/probe_backward_input.py [--root DIR]. `--root` imports
@@ -67,7 +67,7 @@ def fused_weight_gradient_cases(median_ms) -> dict[str, float]:
     """The backward pass with ∂W_q fused in, against the two CUDA C GEMMs run one after the other."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
-    from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
+    from ddq_kernels.linear_backward_input_cuda import supports
     from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda
 
     logits = torch.tensor([1.0] * 4 + [-1.0] * 4, device="cuda")
@@ -75,7 +75,7 @@ def fused_weight_gradient_cases(median_ms) -> dict[str, float]:
     for M, K, N in CNN_SHAPES:
         x, w_q, grad_y, zero, three = gemm_operands(M, K, N)
         table = level_table(zero, three, torch.zeros(1, 256, device="cuda"), logits, 2)
-        if not supports_weight_gradient(grad_y, w_q, x):
+        if not supports(grad_y, w_q, x):
             continue
 
         def separate():

@@ -4,7 +4,8 @@ one launch per event pair, so host launch cost shows on small shapes), and by GP
 now (`launch.graph_times`: CUDA-graph replays, as a network under CUDA graphs runs them). Prints one JSON
 line per (shape, op, candidate) and the pick.
 
-Usage on a CUDA machine: python benchmarks/probe_candidates.py [M K N ...]  (default: the issue's shapes)
+Usage on a CUDA machine: python benchmarks/probe_candidates.py [--op NAME] [M K N ...]  (default: the issue's
+shapes, all four ops: forward, backward_input, backward_weight, backward_activation)
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def operations(M: int, K: int, N: int):
     pick), and the cache its picks go into."""
     from ddq_kernels.launch import _FASTEST
     from ddq_kernels.level_table import level_table
-    from ddq_kernels.linear_backward import FUSED, SEPARATE, linear_backward_activation
+    from ddq_kernels.linear_backward import AROUND_CUBLAS, FUSED, SEPARATE, linear_backward_activation
+    from ddq_kernels.linear_backward import supports_around_cublas
     from ddq_kernels.linear_backward_input import backward_input_configs, linear_backward_input
-    from ddq_kernels.linear_backward_input_cuda import supports, supports_weight_gradient
+    from ddq_kernels.linear_backward_input_cuda import supports
     from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight
     from ddq_kernels.linear_backward_weight_cuda import supports as weight_supports
     from ddq_kernels.linear_forward import forward_configs, linear_forward
@@ -35,7 +37,6 @@ def operations(M: int, K: int, N: int):
     x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
     logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
     table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
-    fused = supports_weight_gradient(grad_y, w_q, x)
     ops = [
         ("forward", forward_configs(M, N, K, forward_supports(x, w_q)),
          lambda c: linear_forward(x, w_q, None, lo, hi, table, logits, 2, c)),
@@ -43,17 +44,19 @@ def operations(M: int, K: int, N: int):
          lambda c: linear_backward_input(grad_y, w_q, x, lo, hi, c)),
         ("backward_weight", backward_weight_configs(M, N, K, weight_supports(grad_y, x)),
          lambda c: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2, config=c)),
-        ("backward_activation", [FUSED, SEPARATE] if fused else [SEPARATE],
+        ("backward_activation", [FUSED] * supports(grad_y, w_q, x) + [SEPARATE] + [AROUND_CUBLAS] * supports_around_cublas(x),
          lambda c: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2, c)),
     ]
     return ops, _FASTEST
 
 
-def main(shapes) -> None:
+def main(shapes, only: str | None = None) -> None:
     print(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__}))
     for M, K, N in shapes:
         ops, cache = operations(M, K, N)
         for name, candidates, run in ops:
+            if only is not None and name != only:
+                continue
             for config in candidates:
                 try:
                     run(config)
@@ -70,5 +73,7 @@ def main(shapes) -> None:
 
 
 if __name__ == "__main__":
-    numbers = [int(a) for a in sys.argv[1:]]
-    main([tuple(numbers[i:i + 3]) for i in range(0, len(numbers), 3)] if numbers else SHAPES)
+    arguments = sys.argv[1:]
+    op = arguments[1] if arguments[:1] == ["--op"] else None
+    numbers = [int(a) for a in arguments[2 if op else 0:]]
+    main([tuple(numbers[i:i + 3]) for i in range(0, len(numbers), 3)] if numbers else SHAPES, op)

@@ -4,7 +4,7 @@ dYᵀ·`quantize_reference(x)`).
 
 Three candidates, timed once per shape class by `fastest_config`:
 - FUSED: `linear_backward_input_cuda.linear_backward_shared`, one CUDA C pass that stages dY and x once
-  and computes both GEMMs, quantizing x from the fine cells its reductions already found (16-bit x, N ≤ 64);
+  and computes both GEMMs, quantizing x from the fine cells its reductions already found (16-bit x, N ≤ 256);
 - SEPARATE: `linear_backward_input`, then `linear_backward_weight`, each choosing its own kernels;
 - AROUND_CUBLAS: cuBLAS for both GEMMs around one SHARED element pass (`shared_histogram`) that writes
   ∂x, the reductions and x_q together, so that x is read once where SEPARATE's cuBLAS paths read it twice
@@ -18,7 +18,7 @@ import torch
 from ddq_kernels import shared_histogram
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input import linear_backward_input
-from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports_weight_gradient
+from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports
 from ddq_kernels.linear_backward_weight import linear_backward_weight
 from ddq_kernels.quantize_backward import reduction_outputs
 
@@ -34,7 +34,7 @@ def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch
     W_q (N, K) and the activation quantizer (per tensor; `table` from `level_table`)."""
     if config is None:
         M, K = x.shape
-        fused = supports_weight_gradient(grad_y, w_q, x)
+        fused = supports(grad_y, w_q, x)
         around_cublas = supports_around_cublas(x)
         key = (size_class(M), w_q.shape[0], K, x.dtype, fused, around_cublas)
 

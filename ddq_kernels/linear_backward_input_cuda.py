@@ -8,13 +8,16 @@ shared-memory histogram with `shared_histogram`'s element math. Against cuBLAS f
 it saves a write and a read of v (M×K elements each); the Triton epilogue cannot do this because Triton
 has no shared-memory atomics.
 
-With the weight gradient (`linear_backward_shared`, N ≤ MAX_WEIGHT_GRADIENT_N = 64), the same pass also
-computes ∂W_q = dYᵀ·Q_x(x): the epilogue writes x_q of each element (the level of the fine cell its
-reductions found, plus x·0, as `cuda_tiles.quantize_tile` computes it) into a shared-memory tile, and the
-block adds dYᵀ·x_q for the tile's rows to its N × 64 float32 accumulators (ldmatrix.trans for both
-operands). Each block writes its share to a (row groups, N, K) buffer that one sum reduces in a fixed
-order. x and dY cross global memory once for both GEMMs. `linear_backward.linear_backward_activation`
-chooses it or the two separate GEMMs per shape class.
+With the weight gradient (`linear_backward_shared`, any N in scope), the same pass also computes
+∂W_q = dYᵀ·Q_x(x): the epilogue writes x_q of each element (the level of the fine cell its reductions
+found, plus x·0, as `cuda_tiles.quantize_tile` computes it) into a shared-memory tile, and the block adds
+dYᵀ·x_q for the tile's rows to its N × 64 float32 accumulators (ldmatrix.trans for both operands). The
+eight warps split them (`weight_gradient_layout`): two or four warps along N, each holding one to four
+16-row slices of it, so a thread holds N/4 of them (64 at N = 256; two blocks an SM beyond N = 64, three up
+to it). Each block writes its share to a (row groups, N, K) buffer that one sum reduces in a fixed order. x
+and dY cross global memory once for both GEMMs. `linear_backward.linear_backward_activation` chooses it,
+the two separate GEMMs or cuBLAS around the SHARED pass per shape class. Up to run 11 it took N ≤ 64 only;
+on 100352×32×192 it now takes 0.057 ms of GPU time against 0.061 for the other two (run 12).
 
 Scope: 16-bit x (bfloat16 or float16) with dY and W_q of the same dtype, the contraction N a multiple of 8
 and at most MAX_CONTRACTION (the whole of a block's dY rows and W_q columns sit in shared memory: the CNN
@@ -55,10 +58,10 @@ from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, availabl
 THREADS = 256
 BLOCK_M = 64
 MIN_BLOCKS = 4  # per SM: 32 warps, registers capped at 64 a thread
-WEIGHT_GRADIENT_MIN_BLOCKS = 3  # with ∂W_q's accumulators: 80 registers a thread
+WEIGHT_GRADIENT_MIN_BLOCKS = 3  # with ∂W_q's accumulators for N ≤ 64: 80 registers a thread
+WIDE_WEIGHT_GRADIENT_MIN_BLOCKS = 2  # for 64 < N ≤ 256: up to 64 of them a thread, 128 registers
 BLOCK_K = 64
 MAX_CONTRACTION = 256
-MAX_WEIGHT_GRADIENT_N = 64
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
@@ -97,21 +100,27 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
         }
 }
 
-// dW[:, this column tile] += dYᵀ · x_q over the tile's rows; warps split N (16 rows each) × the columns.
-__device__ __forceinline__ void add_weight_gradient(float (&dw)[C_TILES][4], const X_T* dy_tile, const X_T* xq_tile) {
+// dW[:, this column tile] += dYᵀ · x_q over the tile's rows; warps split N (N_SLICES slices of 16 rows each) × the
+// columns (C_TILES slices of 8).
+__device__ __forceinline__ void add_weight_gradient(float (&dw)[N_SLICES][C_TILES][4], const X_T* dy_tile, const X_T* xq_tile) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int block = lane / 8, block_row = lane % 8;
-    const int warp_n = (warp % WARPS_N) * 16, warp_c = (warp / WARPS_N) * (8 * C_TILES);
+    const int warp_n = (warp % WARPS_N) * (16 * N_SLICES), warp_c = (warp / WARPS_N) * (8 * C_TILES);
 #pragma unroll
     for (int kk = 0; kk < BLOCK_M; kk += 16) {
-        unsigned int a[4];  // A = dYᵀ: blocks (rows kk, n), (kk, n + 8), (kk + 8, n), (kk + 8, n + 8)
-        ldmatrix_transposed(a, dy_tile + (kk + block_row + 8 * (block >> 1)) * ROW + warp_n + 8 * (block & 1));
+        unsigned int b[C_TILES / 2][4];  // B = x_q, two 8-column slices a load
 #pragma unroll
-        for (int j = 0; j < C_TILES; j += 2) {
-            unsigned int b[4];  // B = x_q, two 8-column slices a load
-            ldmatrix_transposed(b, xq_tile + (kk + block_row + 8 * (block & 1)) * X_ROW + warp_c + 8 * j + 8 * (block >> 1));
-            mma_16816(dw[j], a, b[0], b[1]);
-            mma_16816(dw[j + 1], a, b[2], b[3]);
+        for (int j = 0; j < C_TILES; j += 2)
+            ldmatrix_transposed(b[j / 2], xq_tile + (kk + block_row + 8 * (block & 1)) * X_ROW + warp_c + 8 * j + 8 * (block >> 1));
+#pragma unroll
+        for (int s = 0; s < N_SLICES; ++s) {
+            unsigned int a[4];  // A = dYᵀ: blocks (rows kk, n), (kk, n + 8), (kk + 8, n), (kk + 8, n + 8)
+            ldmatrix_transposed(a, dy_tile + (kk + block_row + 8 * (block >> 1)) * ROW + warp_n + 16 * s + 8 * (block & 1));
+#pragma unroll
+            for (int j = 0; j < C_TILES; j += 2) {
+                mma_16816(dw[s][j], a, b[j / 2][0], b[j / 2][1]);
+                mma_16816(dw[s][j + 1], a, b[j / 2][2], b[j / 2][3]);
+            }
         }
     }
 }
@@ -141,11 +150,9 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     if (WEIGHT_GRADIENT) fine_levels(levels, table, logits, min_bits);
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
-    float dw[C_TILES][4];
+    float dw[N_SLICES][C_TILES][4];
 #pragma unroll
-    for (int j = 0; j < C_TILES; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dw[j][e] = 0.0f;
+    for (int e = 0; e < N_SLICES * C_TILES * 4; ++e) (&dw[0][0][0])[e] = 0.0f;
     // The launcher makes the grid a multiple of the column tiles: a block keeps one column tile, so it stages
     // its W_q columns once, and walks the row tiles; neighbouring blocks share dY rows in L2.
     const int tiles_k = (K + BLOCK_K - 1) / BLOCK_K;
@@ -231,19 +238,22 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     flush(acc, bins, partial_sums, histogram, sums);
     if (WEIGHT_GRADIENT) {
         // This block's rows' share of dW[:, column tile] into its slice of the (row groups, N, K) partials.
-        // Accumulator j: rows g and g + 8 of the warp's 16 rows of N, columns 2t, 2t + 1 of its 8-column slice j.
+        // Accumulator (s, j): rows g and g + 8 of the warp's 16-row slice s of N, columns 2t, 2t + 1 of its 8-column slice j.
         float* out = partial + (long long)(blockIdx.x / tiles_k) * N * K;
-        const int warp_n = (warp % WARPS_N) * 16, warp_c = (warp / WARPS_N) * (8 * C_TILES);
+        const int warp_n = (warp % WARPS_N) * (16 * N_SLICES), warp_c = (warp / WARPS_N) * (8 * C_TILES);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int n = warp_n + g + 8 * half;
-            if (n >= N) continue;
+        for (int s = 0; s < N_SLICES; ++s)
 #pragma unroll
-            for (int j = 0; j < C_TILES; ++j) {
-                const int k = col0 + warp_c + 8 * j + 2 * t;
-                if (k < K) *reinterpret_cast<float2*>(out + (long long)n * K + k) = make_float2(dw[j][2 * half], dw[j][2 * half + 1]);
+            for (int half = 0; half < 2; ++half) {
+                const int n = warp_n + 16 * s + g + 8 * half;
+                if (n >= N) continue;
+#pragma unroll
+                for (int j = 0; j < C_TILES; ++j) {
+                    const int k = col0 + warp_c + 8 * j + 2 * t;
+                    if (k < K)
+                        *reinterpret_cast<float2*>(out + (long long)n * K + k) = make_float2(dw[s][j][2 * half], dw[s][j][2 * half + 1]);
+                }
             }
-        }
     }
 }
 """
@@ -263,9 +273,17 @@ def default_stages(contraction: int) -> int:
 
 
 def padded_contraction(contraction: int, weight_gradient: bool = False) -> int:
-    """N rounded up to the v product's 16-deep steps, or to the weight gradient's 32-row pairs of warps."""
-    multiple = 32 if weight_gradient else 16
+    """N rounded up to the v product's 16-deep steps or, with the weight gradient, to whole 16-row slices of N
+    for every warp along N: two warps up to N = 32, four beyond (`weight_gradient_layout`)."""
+    multiple = (32 if contraction <= 32 else 64) if weight_gradient else 16
     return -(-contraction // multiple) * multiple
+
+
+def weight_gradient_layout(contraction: int) -> tuple[int, int, int]:
+    """(warps along N, 16-row slices of N a warp, 8-column slices a warp) of a block's ∂W_q accumulators for a
+    padded contraction: N × BLOCK_K float32 over the block's eight warps."""
+    warps_n = min(contraction // 16, 4)
+    return warps_n, contraction // (16 * warps_n), BLOCK_K // 8 // (THREADS // 32 // warps_n)
 
 
 def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
@@ -280,26 +298,24 @@ def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
             and nvrtc_available())
 
 
-def supports_weight_gradient(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `linear_backward_shared` can run the call: `supports`, and N ≤ MAX_WEIGHT_GRADIENT_N (the
-    block's share of ∂W_q, N × 64 float32, stays in registers)."""
-    return supports(grad_y, w_q, x) and w_q.shape[0] <= MAX_WEIGHT_GRADIENT_N
-
-
-def min_blocks(weight_gradient: bool) -> int:
-    """Resident blocks an SM the launch bounds ask for, which the persistent grid is sized by."""
-    return WEIGHT_GRADIENT_MIN_BLOCKS if weight_gradient else MIN_BLOCKS
+def min_blocks(weight_gradient: bool, contraction: int) -> int:
+    """Resident blocks an SM the launch bounds ask for, which the persistent grid is sized by: fewer where a
+    thread holds more of ∂W_q (N/4 float32 accumulators)."""
+    if not weight_gradient:
+        return MIN_BLOCKS
+    return WEIGHT_GRADIENT_MIN_BLOCKS if contraction <= 64 else WIDE_WEIGHT_GRADIENT_MIN_BLOCKS
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int):
     """The kernel for one dtype, padded contraction, number of load buffers and with or without the weight
     gradient, loaded on one device, its shared memory opted in."""
-    warps_n = contraction // 16 if weight_gradient else 4
+    # Without the weight gradient the layout is unused; N = 64's keeps its (compiled, never called) code valid.
+    warps_n, n_slices, c_tiles = weight_gradient_layout(contraction if weight_gradient else 64)
     header = element_math_header(dtype, torch.float32, THREADS) + defines(
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=min_blocks(weight_gradient),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=min_blocks(weight_gradient, contraction),
         N_PAD=contraction, ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages,
-        WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n, C_TILES=BLOCK_K // 8 // (THREADS // 32 // warps_n),
+        WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n, N_SLICES=n_slices, C_TILES=c_tiles,
         MMA_TYPE=mma_type(dtype))
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
@@ -322,12 +338,10 @@ def resident_grid(M: int, K: int, block_bytes: int, blocks_per_sm: int, device: 
 def check_call(name: str, grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, stages: int | None,
                weight_gradient: bool) -> int:
     """A clear error for a call outside the kernel's scope; the number of load buffers to use."""
-    supported = supports_weight_gradient if weight_gradient else supports
-    if not supported(grad_y, w_q, x):
-        largest = MAX_WEIGHT_GRADIENT_N if weight_gradient else MAX_CONTRACTION
+    if not supports(grad_y, w_q, x):
         raise ValueError(f"{name}: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
                          f"x {tuple(x.shape)}, W_q {tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, "
-                         f"N ≤ {largest} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
+                         f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
     stages = default_stages(w_q.shape[0]) if stages is None else stages
     if stages not in (1, 2):
         raise ValueError(f"{name}: stages must be 1 or 2, got {stages}")
@@ -345,7 +359,7 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
     contraction = padded_contraction(N, with_weight_gradient)
     kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index)
     block_bytes = shared_bytes(N, stages, with_weight_gradient)
-    grid = resident_grid(M, K, block_bytes, min_blocks(with_weight_gradient), x.device)
+    grid = resident_grid(M, K, block_bytes, min_blocks(with_weight_gradient, contraction), x.device)
     if not with_weight_gradient:
         table, logits, min_bits, partial = histogram, histogram, 0, histogram  # not read by this variant
     else:
@@ -378,7 +392,7 @@ def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Ten
     """`linear_backward_input_shared`'s four results and ∂W_q = dYᵀ·Q_x(x) (N, K) float32 from the same pass
     over x (spec §2 for Q_x, with `level_table`'s table; the x_q of `linear_backward_weight_cuda`).
 
-    Within `supports_weight_gradient`. ∂W_q is summed over the grid's row groups in a fixed order.
+    Within `supports`. ∂W_q is summed over the grid's row groups in a fixed order.
     """
     stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, True)
     return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits))

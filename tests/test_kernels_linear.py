@@ -350,7 +350,9 @@ def test_shared_epilogue_rejects_what_it_cannot_run():
                 linear_backward_input_shared(grad_y, weight, x, lo, hi, stages=3)
 
 
-FUSED_BACKWARD_SHAPES = [(1031, 200, 40), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (515, 136, 32)]
+# N > 64 (two to four 16-row slices of ∂W_q a warp): 72 pads to 128, 200 to 256.
+FUSED_BACKWARD_SHAPES = [(1031, 200, 40), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (515, 136, 32), (515, 40, 192),
+                         (300, 136, 256), (259, 72, 200), (130, 24, 72)]
 
 
 def check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, min_bits, dtype):
@@ -388,12 +390,12 @@ def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward import AROUND_CUBLAS, FUSED, SEPARATE, linear_backward_activation
     from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
-    from ddq_kernels.linear_backward_input_cuda import supports_weight_gradient
+    from ddq_kernels.linear_backward_input_cuda import supports
 
     x, weight, _, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
     x = clear_of_boundaries(x, lo, hi)
     grad_y = torch.randn(M, N, device=DEVICE).to(dtype)
-    assert supports_weight_gradient(grad_y, weight, x)
+    assert supports(grad_y, weight, x)
     table = level_table(lo, hi, residuals, logits, 1)
     for stages in (1, 2):
         *reductions, grad_w_q = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1, stages=stages)
@@ -456,14 +458,14 @@ def test_fused_backward_every_bitwidth_and_non_finite_x_on_gpu():
 
 
 def test_fused_backward_rejects_what_it_cannot_run():
-    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports_weight_gradient
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports
 
     lo, hi = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
     table, logits = torch.zeros(256, device=DEVICE), torch.ones(8, device=DEVICE)
-    for dtype, N, K in [(torch.float32, 64, 64), (torch.bfloat16, 72, 64), (torch.bfloat16, 60, 64), (torch.bfloat16, 64, 60)]:
+    for dtype, N, K in [(torch.float32, 64, 64), (torch.bfloat16, 264, 64), (torch.bfloat16, 60, 64), (torch.bfloat16, 64, 60)]:
         x, weight, grad_y = (torch.randn(shape, device=DEVICE).to(dtype) for shape in ((33, K), (N, K), (33, N)))
-        assert not supports_weight_gradient(grad_y, weight, x)
-        with pytest.raises(ValueError, match="N ≤ 64 and N, K multiples of 8"):
+        assert not supports(grad_y, weight, x)
+        with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
             linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1)
 
 
