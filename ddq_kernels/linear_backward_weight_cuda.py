@@ -49,15 +49,18 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     fine_levels(levels, table, logits, min_bits);
     const int chunks = (int)((last_row - first_row + BLOCK_M - 1) / BLOCK_M);
-#pragma unroll
-    for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
-        if (ahead < chunks) {
-            const long long rows = first_row + (long long)ahead * BLOCK_M;
-            stage(dy_stages + ahead * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
-            stage(x_stages + ahead * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
+    // One commit group a chunk, empty past the last, so that wait_group counts the same in every iteration.
+    const auto stage_chunk = [&](int chunk) {
+        if (chunk < chunks) {
+            const int slot = chunk % STAGES;
+            const long long rows = first_row + (long long)chunk * BLOCK_M;
+            stage(dy_stages + slot * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
+            stage(x_stages + slot * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
         }
         asm volatile("cp.async.commit_group;");
-    }
+    };
+#pragma unroll
+    for (int ahead = 0; ahead < STAGES - 1; ++ahead) stage_chunk(ahead);
     float c[N_TILES][K_TILES][4];
 #pragma unroll
     for (int i = 0; i < N_TILES; ++i)
@@ -66,14 +69,8 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
 #pragma unroll
             for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int ahead = chunk + STAGES - 1, s = chunk % STAGES;
-        if (ahead < chunks) {  // later rows load while these are quantized and multiplied
-            const int slot = ahead % STAGES;
-            const long long rows = first_row + (long long)ahead * BLOCK_M;
-            stage(dy_stages + slot * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
-            stage(x_stages + slot * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
-        }
-        asm volatile("cp.async.commit_group;");
+        const int s = chunk % STAGES;
+        stage_chunk(chunk + STAGES - 1);  // later rows load while these are quantized and multiplied
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncthreads();
         const X_T* dy_tile = dy_stages + s * BLOCK_M * DY_ROW;

@@ -44,14 +44,17 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     fine_levels(levels, table, logits, min_bits);
     const int chunks = (K + BLOCK_K - 1) / BLOCK_K;
-#pragma unroll
-    for (int ahead = 0; ahead < STAGES - 1; ++ahead) {
-        if (ahead < chunks) {
-            stage(x_stages + ahead * BLOCK_M * ROW, ROW, x, row0, ahead * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
-            stage(w_stages + ahead * N_PAD * ROW, ROW, w_q, 0, ahead * BLOCK_K, N_PAD, BLOCK_K, N, K);
+    // One commit group a chunk, empty past the last, so that wait_group counts the same in every iteration.
+    const auto stage_chunk = [&](int chunk) {
+        if (chunk < chunks) {
+            const int slot = chunk % STAGES;
+            stage(x_stages + slot * BLOCK_M * ROW, ROW, x, row0, chunk * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
+            stage(w_stages + slot * N_PAD * ROW, ROW, w_q, 0, chunk * BLOCK_K, N_PAD, BLOCK_K, N, K);
         }
         asm volatile("cp.async.commit_group;");
-    }
+    };
+#pragma unroll
+    for (int ahead = 0; ahead < STAGES - 1; ++ahead) stage_chunk(ahead);
     float c[M_TILES][N_TILES][4];
 #pragma unroll
     for (int i = 0; i < M_TILES; ++i)
@@ -60,13 +63,8 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
 #pragma unroll
             for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int ahead = chunk + STAGES - 1, s = chunk % STAGES;
-        if (ahead < chunks) {  // later chunks load while this one is quantized and multiplied
-            const int slot = ahead % STAGES;
-            stage(x_stages + slot * BLOCK_M * ROW, ROW, x, row0, ahead * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
-            stage(w_stages + slot * N_PAD * ROW, ROW, w_q, 0, ahead * BLOCK_K, N_PAD, BLOCK_K, N, K);
-        }
-        asm volatile("cp.async.commit_group;");
+        const int s = chunk % STAGES;
+        stage_chunk(chunk + STAGES - 1);  // later chunks load while this one is quantized and multiplied
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncthreads();
         X_T* x_tile = x_stages + s * BLOCK_M * ROW;
