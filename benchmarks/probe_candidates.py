@@ -10,8 +10,8 @@ shapes, all four ops: forward, backward_input, backward_weight, backward_activat
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
 from triton.testing import do_bench
@@ -25,8 +25,7 @@ def operations(M: int, K: int, N: int):
     pick), and the cache its picks go into."""
     from ddq_kernels.launch import _FASTEST
     from ddq_kernels.level_table import level_table
-    from ddq_kernels.linear_backward import AROUND_CUBLAS, FUSED, SEPARATE, linear_backward_activation
-    from ddq_kernels.linear_backward import supports_around_cublas
+    from ddq_kernels.linear_backward import backward_activation_configs, linear_backward_activation
     from ddq_kernels.linear_backward_input import backward_input_configs, linear_backward_input
     from ddq_kernels.linear_backward_input_cuda import supports
     from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight
@@ -44,7 +43,7 @@ def operations(M: int, K: int, N: int):
          lambda c: linear_backward_input(grad_y, w_q, x, lo, hi, c)),
         ("backward_weight", backward_weight_configs(M, N, K, weight_supports(grad_y, x)),
          lambda c: linear_backward_weight(grad_y, x, lo, hi, table, logits, 2, config=c)),
-        ("backward_activation", [FUSED] * supports(grad_y, w_q, x) + [SEPARATE] + [AROUND_CUBLAS] * supports_around_cublas(x),
+        ("backward_activation", backward_activation_configs(grad_y, w_q, x),
          lambda c: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2, c)),
     ]
     return ops, _FASTEST
@@ -73,7 +72,9 @@ def main(shapes, only: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    op = arguments[1] if arguments[:1] == ["--op"] else None
-    numbers = [int(a) for a in arguments[2 if op else 0:]]
-    main([tuple(numbers[i:i + 3]) for i in range(0, len(numbers), 3)] if numbers else SHAPES, op)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=("forward", "backward_input", "backward_weight", "backward_activation"))
+    parser.add_argument("sizes", nargs="*", type=int, help="M K N, repeated")
+    args = parser.parse_args()
+    numbers = args.sizes
+    main([tuple(numbers[i:i + 3]) for i in range(0, len(numbers), 3)] if numbers else SHAPES, args.op)

@@ -34,14 +34,12 @@ def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch
     W_q (N, K) and the activation quantizer (per tensor; `table` from `level_table`)."""
     if config is None:
         M, K = x.shape
-        fused = supports(grad_y, w_q, x)
-        around_cublas = supports_around_cublas(x)
-        key = (size_class(M), w_q.shape[0], K, x.dtype, fused, around_cublas)
+        candidates = backward_activation_configs(grad_y, w_q, x)
+        key = (size_class(M), w_q.shape[0], K, x.dtype, FUSED in candidates, AROUND_CUBLAS in candidates)
 
         def run(candidate):
             return linear_backward_activation(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, candidate)
 
-        candidates = ([FUSED] if fused else []) + [SEPARATE] + ([AROUND_CUBLAS] if around_cublas else [])
         config = fastest_config("linear_backward_activation", key, candidates, run)
     if config.get("around_cublas"):
         return backward_around_cublas(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
@@ -50,6 +48,13 @@ def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch
         return tuple(reductions), grad_w_q
     return (linear_backward_input(grad_y, w_q, x, lo, hi),
             linear_backward_weight(grad_y, x, lo, hi, table, gate_logits, min_bits))
+
+
+def backward_activation_configs(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> list[dict]:
+    """The candidates for a call: FUSED where the CUDA C pass `supports` it, SEPARATE, and AROUND_CUBLAS where
+    the SHARED pass runs."""
+    return (([FUSED] if supports(grad_y, w_q, x) else []) + [SEPARATE]
+            + ([AROUND_CUBLAS] if supports_around_cublas(x) else []))
 
 
 def supports_around_cublas(x: torch.Tensor) -> bool:
