@@ -13,6 +13,11 @@ import triton.language as tl
 from ddq_kernels.fine_grid import bitwidth_from_logits
 
 
+# A program's few reductions over 256 residuals need no barriers in one warp: 1.44 µs a launch per tensor
+# against 1.84 µs with four warps, 1.86 against 2.22 µs for 192 groups (H100 GPU time, run 13).
+ONE_WARP = 1
+
+
 @triton.jit
 def level_table_kernel(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, MIN_BITS: tl.constexpr):
     group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, tl.program_id(0), MIN_BITS)
@@ -57,7 +62,8 @@ def level_table(lo: torch.Tensor, hi: torch.Tensor, residuals: torch.Tensor, gat
     groups = lo.shape[0]
     table = torch.empty(groups, 256, device=lo.device, dtype=torch.float32)
     level_table_kernel[(groups,)](
-        lo.contiguous(), hi.contiguous(), residuals.contiguous(), gate_logits.contiguous(), table, MIN_BITS=min_bits
+        lo.contiguous(), hi.contiguous(), residuals.contiguous(), gate_logits.contiguous(), table, MIN_BITS=min_bits,
+        num_warps=ONE_WARP,
     )
     return table
 
@@ -74,6 +80,6 @@ def level_tables(first: QuantizerArguments, second: QuantizerArguments) -> tuple
     two_level_tables_kernel[(lo1.shape[0] + lo2.shape[0],)](
         lo1.contiguous(), hi1.contiguous(), residuals1.contiguous(), logits1.contiguous(), table1, lo1.shape[0],
         lo2.contiguous(), hi2.contiguous(), residuals2.contiguous(), logits2.contiguous(), table2,
-        FIRST_MIN_BITS=min_bits1, SECOND_MIN_BITS=min_bits2,
+        FIRST_MIN_BITS=min_bits1, SECOND_MIN_BITS=min_bits2, num_warps=ONE_WARP,
     )
     return table1, table2

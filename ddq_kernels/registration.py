@@ -4,11 +4,12 @@
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
   (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
 - ddq::quantized_linear → both level tables in one launch (`level_tables`), W_q by `quantize` (once per
-  step), y by the GEMM with the activation quantizer in its A-operand load.
+  step), y by the GEMM with the activation quantizer in its A-operand load; W_q and the activation's
+  table are returned for backward.
 - ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
-  quantizer's reductions over ∂W_q.
+  quantizer's reductions over ∂W_q; both quantizers' parameter gradients in one launch (`two_parameter_grads`).
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -22,11 +23,12 @@ ddq::quantize(_backward) run over x in `ddq.functional.storage_order`, keeping a
 import torch
 
 from ddq.functional import check_parameter_values, restored, storage_order
-from ddq_kernels.linear_op import bias_grad  # also defines ddq::quantized_linear before its CUDA body is registered
-from ddq_kernels.level_table import level_table, level_tables
+# linear_op also defines ddq::quantized_linear(_backward) before their CUDA bodies are registered here.
+from ddq_kernels.linear_op import bias_grad, check_act_table
+from ddq_kernels.level_table import level_tables
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
-from ddq_kernels.parameter_grads import parameter_grads
+from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
 from ddq_kernels.quantize_backward import quantize_reductions
 
@@ -41,12 +43,10 @@ def check_groups(lo: torch.Tensor, what: str = "x") -> None:
                          "are supported on CUDA (per-tensor quantization, or the CPU reference, has no limit)")
 
 
-def reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
-    grad_x, histogram, sum_vu, sum_clipped = reductions
-    numel_per_group = x.numel() // lo.shape[0]
-    grads = parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale,
-                               numel_per_group)
-    return (grad_x, *grads)
+def parameter_grad_arguments(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale) -> tuple:
+    """`parameter_grads`' arguments from a quantizer's reductions (∂x, histogram, Σv·u·in, Σv·(1 − in))."""
+    _, histogram, sum_vu, sum_clipped = reductions
+    return histogram, sum_vu, sum_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale, x.numel() // lo.shape[0]
 
 
 @torch.library.register_kernel("ddq::quantize", "cuda")
@@ -62,8 +62,8 @@ def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, gr
     check_groups(lo)
     order = storage_order(x, lo.shape[0])
     grad_x, *group_sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi)
-    reductions = (restored(grad_x, order), *group_sums)
-    return reduce_to_parameter_grads(reductions, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
+    arguments = parameter_grad_arguments((grad_x, *group_sums), x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
+    return (restored(grad_x, order), *parameter_grads(*arguments))
 
 
 @torch.library.register_kernel("ddq::quantized_linear", "cuda")
@@ -78,19 +78,21 @@ def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_lo
     w_q = quantize(weight, weight_lo, weight_hi, None, weight_logits, weight_min_bits, table=weight_table)
     y = linear_forward(x.contiguous(), w_q, bias, act_lo.contiguous(), act_hi.contiguous(), table,
                        act_logits.contiguous(), act_min_bits)
-    return y, w_q
+    return y, w_q, table
 
 
 @torch.library.register_kernel("ddq::quantized_linear_backward", "cuda")
-def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_lo, act_hi, act_residuals, act_logits,
+def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, act_lo, act_hi, act_residuals, act_logits,
                                    weight_lo, weight_hi, weight_residuals, weight_logits,
                                    act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, has_bias):
+    check_act_table(act_table, x.device)
     grad_y = grad_y.contiguous()
     act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
-    table = level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
-    reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, table, act_logits, act_min_bits)
-    act = reduce_to_parameter_grads(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits,
-                                    act_grad_scale)
-    wgt = reduce_to_parameter_grads(quantize_reductions(grad_w_q, weight, weight_lo, weight_hi), weight, weight_lo,
-                                    weight_hi, weight_residuals, weight_logits, weight_min_bits, weight_grad_scale)
-    return act[0], wgt[0], bias_grad(grad_y, has_bias), *act[1:], *wgt[1:]
+    reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, act_table, act_logits,
+                                                      act_min_bits)
+    weight_reductions = quantize_reductions(grad_w_q, weight, weight_lo, weight_hi)
+    act, wgt = two_parameter_grads(
+        parameter_grad_arguments(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale),
+        parameter_grad_arguments(weight_reductions, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
+                                 weight_min_bits, weight_grad_scale))
+    return reductions[0], weight_reductions[0], bias_grad(grad_y, has_bias), *act, *wgt

@@ -52,8 +52,12 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
     args = linear_case(M, K, N, dtype, act_mode, act_bits, weight_bits)
     x, weight, bias = args[:3]
     tolerance = TOLERANCE[dtype]
-    y, w_q = cuda_bodies.quantized_linear_cuda(*args)
-    want_y, want_w_q = torch.ops.ddq.quantized_linear(*on_cpu(args))
+    y, w_q, table = cuda_bodies.quantized_linear_cuda(*args)
+    want_y, want_w_q, want_table = torch.ops.ddq.quantized_linear(*on_cpu(args))
+    # The forward's activation level table (saved for backward): block sums of residuals in another order.
+    codes = 2**act_bits
+    level_scale = float(want_table.abs().max())
+    torch.testing.assert_close(table[:, :codes].cpu(), want_table[:, :codes], rtol=1e-5, atol=1e-5 * level_scale)
     differ = levels_differ(w_q, want_w_q, args[7], args[8])
     assert not (differ & ~ambiguous(weight, args[7], args[8])).any()
     assert y.shape == (M, N) and y.dtype == dtype
@@ -68,15 +72,15 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
 
     # Every row, and the gradients (sums over every element), on inputs with no element on a boundary.
     x, weight = clear_of_boundaries(x, args[3], args[4]), clear_of_boundaries(weight, args[7], args[8])
-    y, w_q = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
-    want_y, _ = torch.ops.ddq.quantized_linear(*on_cpu((x, weight, *args[2:])))
+    y, w_q, table = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
+    want_y, _, _ = torch.ops.ddq.quantized_linear(*on_cpu((x, weight, *args[2:])))
     assert relative_error(y, want_y.float()) <= tolerance
     grad_y = torch.randn(M, N, device=x.device).to(dtype)
-    backward_args = (grad_y, x, weight, w_q, *args[3:], True)
+    backward_args = (grad_y, x, weight, w_q, table, *args[3:], True)
     got = cuda_bodies.quantized_linear_backward_cuda(*backward_args)
     want = torch.ops.ddq.quantized_linear_backward(*on_cpu(backward_args))
     # Gate gradients are differences of sums over every element: their rounding scales with Σ|v|·max|level|.
-    cpu = on_cpu(backward_args)
+    cpu = on_cpu(backward_args[:4] + backward_args[5:])  # without the table: the parameters' indices
     x_q = quantize_reference(cpu[1], *cpu[4:8], cpu[12])
     v_act, v_weight = cpu[0].float() @ cpu[3].float(), cpu[0].float().t() @ x_q.float()
     gate_scale = {
@@ -209,7 +213,7 @@ def test_op_autograd_matches_separate_quantizers_on_cpu(with_bias):
     if not with_bias:
         args[2] = None
     leaves = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-    y, _ = torch.ops.ddq.quantized_linear(*leaves)
+    y, _, _ = torch.ops.ddq.quantized_linear(*leaves)
     grad_y = torch.randn_like(y)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     got = torch.autograd.grad(y, tensors, grad_y)
@@ -224,6 +228,15 @@ def test_op_autograd_matches_separate_quantizers_on_cpu(with_bias):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad_table", [torch.zeros(1, 128), torch.zeros(1, 256, dtype=torch.float64), torch.zeros(256)])
+def test_backward_rejects_a_table_that_is_not_the_forwards(bad_table):
+    args = on_cpu(linear_case(9, 8, 5, torch.float32, "affine", 3, 4))
+    x, weight = args[:2]
+    backward_args = (torch.randn(9, 5), x, weight, weight.clone(), bad_table, *args[3:], True)
+    with pytest.raises(ValueError, match="act_table must be the forward's"):
+        torch.ops.ddq.quantized_linear_backward(*backward_args)
+
+
 def test_opcheck_quantized_linear_without_bias_on_cpu():
     args = list(on_cpu(linear_case(11, 7, 6, torch.float32, "symmetric", 4, 3)))
     args[2] = None
@@ -236,7 +249,7 @@ def test_op_compiles_fullgraph_on_cpu():
     x = args[0].clone().requires_grad_(True)
 
     def step(x):
-        y, _ = torch.ops.ddq.quantized_linear(x, *args[1:])
+        y, _, _ = torch.ops.ddq.quantized_linear(x, *args[1:])
         return y.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -14,7 +14,7 @@ import torch
 from ddq import quantizer_math as qm
 from kernel_cases import DEVICE, logits_for_bits
 
-from ddq_kernels.parameter_grads import parameter_grads
+from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 
 
 @pytest.mark.parametrize("groups", [1, 5])
@@ -31,7 +31,8 @@ def test_gate_terms_of_more_groups_than_one_reduction_block():
     check_against_reference(3, 2, 1100)
 
 
-def check_against_reference(bits: int, min_bits: int, groups: int) -> None:
+def random_reductions(bits: int, min_bits: int, groups: int, numel_per_group: int = 1001) -> tuple:
+    """`parameter_grads`' arguments: random reductions and parameters of a quantizer at `bits`."""
     histogram = torch.randn(groups, 256, device=DEVICE)
     sum_vu, sum_clipped = torch.randn(groups, device=DEVICE), torch.randn(groups, device=DEVICE)
     lo = -torch.rand(groups, device=DEVICE) - 0.5
@@ -39,7 +40,12 @@ def check_against_reference(bits: int, min_bits: int, groups: int) -> None:
     residuals = torch.randn(groups, 256, device=DEVICE) * 0.3
     logits = logits_for_bits(bits, min_bits).to(DEVICE)
     grad_scale = bits % 2 == 0  # both settings of LSQ's gradient scale across the bitwidths
-    args = (histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, min_bits, grad_scale, 1001)
+    return histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, min_bits, grad_scale, numel_per_group
+
+
+def check_against_reference(bits: int, min_bits: int, groups: int) -> None:
+    args = random_reductions(bits, min_bits, groups)
+    histogram, sum_vu, sum_clipped, lo, hi = args[:5]
     # Gate gradients are differences of sums over every cell: their rounding scales with Σ|H|·max|level|.
     gate_scale = histogram.abs().sum() * torch.maximum(lo.abs().max(), hi.abs().max())
     # ∂lo and ∂hi are (Σ H·T − Σvu + N·Σv_clipped)/N-style differences: their rounding scales with the terms.
@@ -59,4 +65,16 @@ def test_sums_read_in_place_from_strided_views(groups):
                2, True, 77)
     contiguous = strided[:1] + (sums[:, 0].clone(), sums[:, 1].clone()) + strided[3:]
     for got, want in zip(parameter_grads(*strided), parameter_grads(*contiguous)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("first,second", [((4, 0, 1, 777), (3, 2, 5, 32)), ((8, 2, 3, 9), (1, 0, 1, 50000)),
+                                          ((2, 2, 1, 100), (5, 1, 1, 64)), ((0, 0, 4, 10), (6, 2, 7, 3))])
+def test_two_quantizers_in_one_launch_equal_two_launches(first, second):
+    """two_parameter_grads (one launch of kernel 1 for both quantizers) computes each program's float32 math as
+    parameter_grads does, so the results are equal bit for bit; any mix of per-tensor and per-channel
+    quantizers, bitwidths, min_bits and LSQ scaling (first, second: bits, min_bits, groups, numel per group)."""
+    args_1, args_2 = random_reductions(*first), random_reductions(*second)
+    got_1, got_2 = two_parameter_grads(args_1, args_2)
+    for got, want in zip(got_1 + got_2, parameter_grads(*args_1) + parameter_grads(*args_2)):
         assert torch.equal(got, want)
