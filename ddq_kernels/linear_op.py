@@ -3,8 +3,9 @@
 y = Q_x(x) · Q_w(W)ᵀ + bias with a per-tensor activation quantizer and a per-output-channel weight
 quantizer. The op also returns W_q (weight-sized, computed anyway) and the activation's per-code level
 table (1, 256) so that backward reuses them; x is saved as float training saves it, and x_q is recomputed
-where backward needs it, so activation memory stays at float training's level. The bodies here are the plain-PyTorch reference (any device);
-`ddq_kernels.registration` adds the fused Triton bodies for CUDA. Importing this module needs no Triton.
+where backward needs it, so activation memory stays at float training's level. The bodies here are the
+plain-PyTorch reference (any device); `ddq_kernels.registration` adds the fused Triton bodies for CUDA.
+Importing this module needs no Triton.
 """
 
 from __future__ import annotations
