@@ -14,7 +14,7 @@ import torch
 from ddq import quantizer_math as qm
 from kernel_cases import DEVICE, logits_for_bits
 
-from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
+from ddq_kernels.parameter_grads import KernelOperands, parameter_grads, two_parameter_grads
 
 
 @pytest.mark.parametrize("groups", [1, 5])
@@ -26,9 +26,21 @@ def test_parameter_grads_match_reference(bits, min_bits, groups):
     check_against_reference(bits, min_bits, groups)
 
 
-def test_gate_terms_of_more_groups_than_one_reduction_block():
-    """The gate terms of 1100 per-channel groups are summed in two blocks of 1024 rows (gate_logit_grads_kernel)."""
+@pytest.mark.gpu
+def test_gate_terms_of_more_groups_than_one_reduction_block_on_gpu():
+    """The gate terms of 1100 per-channel groups are summed in two blocks of 1024 rows (gate_logit_grads_kernel),
+    end to end (in the interpreter, 1100 programs of kernel 1 take over a minute: the next test covers kernel 2)."""
     check_against_reference(3, 2, 1100)
+
+
+def test_kernel_two_sums_more_groups_than_one_reduction_block():
+    """Kernel 2 alone, through its launcher: the gate terms of 1100 groups, summed in two blocks of 1024 rows, then
+    the logit gradients, against the reference on the sum (float32, another order: 1e-5 of Σ|terms|)."""
+    operands = KernelOperands(random_reductions(3, 2, 1100))
+    operands.gate_terms.copy_(torch.randn(1100, 8, device=DEVICE))
+    got = operands.finished()[3]
+    want = qm.gate_logit_grads(operands.gate_terms.sum(dim=0), operands.gate_logits, 2)
+    assert (got - want).abs().max() <= 1e-5 * operands.gate_terms.abs().sum(dim=0).max()
 
 
 def random_reductions(bits: int, min_bits: int, groups: int, numel_per_group: int = 1001) -> tuple:
