@@ -5,7 +5,8 @@ now (`launch.graph_times`: CUDA-graph replays, as a network under CUDA graphs ru
 line per (shape, op, candidate) and the pick.
 
 Usage on a CUDA machine: python benchmarks/probe_candidates.py [--op NAME] [M K N ...]  (default: the issue's
-shapes, all four ops: forward, backward_input, backward_weight, backward_activation)
+shapes, all ops: forward, backward_input, backward_weight, backward_activation, and weight_reductions where
+the fused backward pass runs)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ddq_kernels.launch import graph_times
 
 
 def operations(M: int, K: int, N: int):
-    """The four ops of one shape, [(op name, candidates, run(config))] (run(None) lets `fastest_config`
+    """The ops of one shape, [(op name, candidates, run(config))] (run(None) lets `fastest_config`
     pick), and the cache its picks go into."""
     from ddq_kernels.launch import _FASTEST
     from ddq_kernels.level_table import level_table
@@ -46,7 +47,20 @@ def operations(M: int, K: int, N: int):
         ("backward_activation", backward_activation_configs(grad_y, w_q, x),
          lambda c: linear_backward_activation(grad_y, w_q, x, lo, hi, table, logits, 2, c)),
     ]
+    if supports(grad_y, w_q, x):
+        ops.append(weight_reductions_op(x, w_q, grad_y, lo, hi, table, logits))
     return ops, _FASTEST
+
+
+def weight_reductions_op(x, w_q, grad_y, lo, hi, table, logits):
+    """The weight quantizer's pass over the fused backward's partial sums of ∂W_q (W_q stands in for the weight)."""
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared_parts
+    from ddq_kernels.weight_reductions import SUM_THEN_REDUCE, SUMMED_CONFIGS, weight_reductions
+
+    parts = linear_backward_shared_parts(grad_y, w_q, x, lo, hi, table, logits, 2)[-1]
+    top = w_q.float().abs().amax(dim=1) + 1e-3
+    return ("weight_reductions", SUMMED_CONFIGS + (SUM_THEN_REDUCE,),
+            lambda c: weight_reductions(parts, w_q, -top, top, c))
 
 
 def main(shapes, only: str | None = None) -> None:
@@ -73,7 +87,8 @@ def main(shapes, only: str | None = None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=("forward", "backward_input", "backward_weight", "backward_activation"))
+    parser.add_argument("--op", choices=("forward", "backward_input", "backward_weight", "backward_activation",
+                                         "weight_reductions"))
     parser.add_argument("sizes", nargs="*", type=int, help="M K N, repeated")
     args = parser.parse_args()
     numbers = args.sizes

@@ -1,7 +1,7 @@
 """Per-code level table V (DDQ_SPEC.md Section 2 steps 3–4), built on the device.
 
 V[g, c] = lo_g + Δ_g·(c·s + (s − 1)/2 + Σ_{j in block c} r[g, j]) for c < 2^b, s = 2^(8 − b), written
-into a (G, 256) float32 buffer (entries c ≥ 2^b are unused). The bitwidth comes from the gate logits
+into a (G, 256) float32 buffer; entries c ≥ 2^b are zero. The bitwidth comes from the gate logits
 inside the kernel, so building the table needs no host sync. s·mean(r) equals Σ r exactly up to
 summation order because s is a power of two. Reference: `ddq.quantizer_math.block_levels`.
 """
@@ -45,6 +45,10 @@ def group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, group, MI
     # The block size is a run-time value; build the table for every candidate and keep the right one.
     for candidate in tl.static_range(9):
         store_levels(table_ptr + group * 256, residuals, lo, delta, shift == candidate, candidate)
+    # Codes past 2^b are zero, as in the reference: the table is an op output (`ddq::quantized_linear`), and
+    # opcheck compares whole outputs. These addresses are disjoint from the levels', so no barrier is needed.
+    code = tl.arange(0, 256)
+    tl.store(table_ptr + group * 256 + code, tl.zeros((256,), dtype=tl.float32), mask=code >= (256 >> shift))
 
 
 @triton.jit
@@ -58,7 +62,7 @@ def store_levels(table_row_ptr, residuals, lo, delta, selected, SHIFT: tl.conste
 
 
 def level_table(lo: torch.Tensor, hi: torch.Tensor, residuals: torch.Tensor, gate_logits: torch.Tensor, min_bits: int) -> torch.Tensor:
-    """Spec §2: the (G, 256) float32 per-code level table (first 2^b columns valid)."""
+    """Spec §2: the (G, 256) float32 per-code level table (the first 2^b columns; zeros after them)."""
     groups = lo.shape[0]
     table = torch.empty(groups, 256, device=lo.device, dtype=torch.float32)
     level_table_kernel[(groups,)](

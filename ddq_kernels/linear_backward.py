@@ -18,7 +18,7 @@ import torch
 from ddq_kernels import shared_histogram
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input import linear_backward_input
-from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports
+from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, linear_backward_shared_parts, supports
 from ddq_kernels.linear_backward_weight import linear_backward_weight
 from ddq_kernels.quantize_backward import reduction_outputs
 
@@ -29,22 +29,30 @@ AROUND_CUBLAS = {"fused": False, "around_cublas": True}
 
 def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
                                hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
-                               config: dict | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+                               config: dict | None = None, weight_gradient_parts: bool = False
+                               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """((∂x, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,)), ∂W_q (N, K)) for x (M, K), dY (M, N),
-    W_q (N, K) and the activation quantizer (per tensor; `table` from `level_table`)."""
+    W_q (N, K) and the activation quantizer (per tensor; `table` from `level_table`).
+
+    With `weight_gradient_parts`, FUSED leaves ∂W_q as its (P, N, K) float32 partial sums, which
+    `weight_reductions.weight_reductions` adds within the weight quantizer's pass (the other candidates
+    return ∂W_q whole either way)."""
     if config is None:
         M, K = x.shape
         candidates = backward_activation_configs(grad_y, w_q, x)
-        key = (size_class(M), w_q.shape[0], K, x.dtype, FUSED in candidates, AROUND_CUBLAS in candidates)
+        key = (size_class(M), w_q.shape[0], K, x.dtype, FUSED in candidates, AROUND_CUBLAS in candidates,
+               weight_gradient_parts)
 
         def run(candidate):
-            return linear_backward_activation(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, candidate)
+            return linear_backward_activation(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, candidate,
+                                              weight_gradient_parts)
 
         config = fastest_config("linear_backward_activation", key, candidates, run)
     if config.get("around_cublas"):
         return backward_around_cublas(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
     if config["fused"]:
-        *reductions, grad_w_q = linear_backward_shared(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
+        fused = linear_backward_shared_parts if weight_gradient_parts else linear_backward_shared
+        *reductions, grad_w_q = fused(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
         return tuple(reductions), grad_w_q
     return (linear_backward_input(grad_y, w_q, x, lo, hi),
             linear_backward_weight(grad_y, x, lo, hi, table, gate_logits, min_bits))

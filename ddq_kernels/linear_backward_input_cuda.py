@@ -126,7 +126,7 @@ __device__ __forceinline__ void add_weight_gradient(float (&dw)[N_SLICES][C_TILE
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict__ w_t, const X_T* __restrict__ x,
+ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict__ w_q, const X_T* __restrict__ x,
                           X_T* __restrict__ grad_x, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
                           float* __restrict__ histogram, float* __restrict__ sums, const float* __restrict__ table,
                           const float* __restrict__ logits, float* __restrict__ partial, int M, int N, int K, int min_bits) {
@@ -134,8 +134,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     // The block's W_q columns, STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as whole
     // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the 256 fine cells' levels.
-    X_T* w_tile = reinterpret_cast<X_T*>(shared_bytes);
-    X_T* buffers = w_tile + BLOCK_K * ROW;
+    X_T* w_tile = reinterpret_cast<X_T*>(shared_bytes);  // W_q[:, column tile]: N_PAD rows of X_ROW
+    X_T* buffers = w_tile + N_PAD * X_ROW;
     constexpr int BUFFER = BLOCK_M * ROW + BLOCK_M * X_ROW;
     WarpBins* bins = reinterpret_cast<WarpBins*>(buffers + STAGES * BUFFER);
     X_T* xq_tile = reinterpret_cast<X_T*>(bins + WARPS);
@@ -143,6 +143,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     __shared__ float partial_sums[WARPS][3];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
+    const int block_q = lane / 8, block_row = lane % 8;
     const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * 32;
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
@@ -159,7 +160,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     const int col0 = (int)(blockIdx.x % tiles_k) * BLOCK_K;
     const long long row_tiles = (M + BLOCK_M - 1) / BLOCK_M, row_step = gridDim.x / tiles_k;
     long long row_tile = blockIdx.x / tiles_k;
-    stage(w_tile, ROW, w_t, col0, 0, BLOCK_K, N_PAD, K, N);
+    stage(w_tile, X_ROW, w_q, 0, col0, N_PAD, BLOCK_K, N, K);
     if (row_tile < row_tiles) {
         stage(buffers, ROW, grad_y, row_tile * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
         stage(buffers + BLOCK_M * ROW, X_ROW, x, row_tile * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
@@ -187,7 +188,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                 for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
 #pragma unroll 4
         for (int kk = 0; kk < N_PAD; kk += 16) {
-            unsigned int a[M_TILES][4], b[4][2];
+            unsigned int a[M_TILES][4], b[2][4];
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i) {
                 const X_T* top = dy_tile + (warp_m + i * 16 + g) * ROW + kk + 2 * t;
@@ -196,16 +197,17 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                 a[i][2] = shared_word(top, 8);
                 a[i][3] = shared_word(top, 8 * ROW + 8);
             }
+            // B = W_q rows kk.. of the warp's 32 columns, transposed by ldmatrix: two 8-column slices a load.
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const X_T* column = w_tile + (warp_k + j * 8 + g) * ROW + kk + 2 * t;
-                b[j][0] = shared_word(column, 0);
-                b[j][1] = shared_word(column, 8);
-            }
+            for (int j = 0; j < 4; j += 2)
+                ldmatrix_transposed(b[j / 2], w_tile + (kk + block_row + 8 * (block_q & 1)) * X_ROW + warp_k + 8 * j + 8 * (block_q >> 1));
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_16816(c[i][j], a[i], b[j][0], b[j][1]);
+                for (int j = 0; j < 4; j += 2) {
+                    mma_16816(c[i][j], a[i], b[j / 2][0], b[j / 2][1]);
+                    mma_16816(c[i][j + 1], a[i], b[j / 2][2], b[j / 2][3]);
+                }
         }
         // v rounded to x's dtype; the rows and columns past M and K hold 0 and add nothing to the bound.
         float v[CHUNK];
@@ -263,7 +265,8 @@ def shared_bytes(contraction: int, stages: int, weight_gradient: bool = False) -
     """Dynamic shared memory of one block: the W_q columns, `stages` buffers of dY rows and x (padded rows),
     the per-warp bins; with the weight gradient the x_q tile and the fine cells' levels."""
     row = padded_contraction(contraction, weight_gradient) + ROW_PAD
-    tiles = (BLOCK_K * row + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
+    w_rows = row - ROW_PAD
+    tiles = (w_rows * (BLOCK_K + ROW_PAD) + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
     return tiles + (BLOCK_M * (BLOCK_K + ROW_PAD) * 2 + 256 * 4 if weight_gradient else 0)
 
 
@@ -354,7 +357,6 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
     N = w_q.shape[0]
     grad_x = torch.empty_like(x)
     histogram, sums = zeroed_bins(1, x.device)
-    w_t = w_q.t().contiguous()
     with_weight_gradient = weight_gradient is not None
     contraction = padded_contraction(N, with_weight_gradient)
     kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index)
@@ -368,10 +370,10 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
         partial = torch.empty(grid // -(-K // BLOCK_K), N, K, device=x.device, dtype=torch.float32)
     with torch.cuda.device(x.device):
         kernel(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
-               args=[grad_y, w_t, x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
+               args=[grad_y, w_q.contiguous(), x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
                      M, N, K, min_bits])
     grads = (grad_x, histogram, sums[:, 0], sums[:, 1])
-    return grads + (partial.sum(0),) if with_weight_gradient else grads
+    return grads + (partial,) if with_weight_gradient else grads
 
 
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
@@ -394,5 +396,15 @@ def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Ten
 
     Within `supports`. ∂W_q is summed over the grid's row groups in a fixed order.
     """
+    *reductions, parts = linear_backward_shared_parts(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, stages)
+    return (*reductions, parts.sum(0))
+
+
+def linear_backward_shared_parts(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
+                                 hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
+                                 stages: int | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`linear_backward_shared` with ∂W_q left as the grid's row groups' partial sums, (P, N, K) float32, for
+    `weight_reductions` to add in a fixed order within the weight quantizer's element pass."""
     stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, True)
     return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits))

@@ -30,7 +30,7 @@ def quantized_linear_op(
     """Spec §2: (y = Q_x(x)·W_qᵀ + bias, W_q, the activation's level table) for x (M, K) and weight (N, K).
 
     The table is `level_table`'s layout: (1, 256) float32, V[c] in column c < 2^b; the reference zero-fills
-    the rest (the CUDA body leaves it unset). It is saved for backward, which would otherwise build it again.
+    the rest (so does the CUDA body). It is saved for backward, which would otherwise build it again.
     """
     w_q = quantize_reference(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)
     x_q = quantize_reference(x, act_lo, act_hi, act_residuals, act_logits, act_min_bits)

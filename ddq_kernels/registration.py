@@ -9,7 +9,7 @@
 - ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
-  quantizer's reductions over ∂W_q; both quantizers' parameter gradients in one launch (`two_parameter_grads`).
+  quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q); both quantizers' parameter gradients in one launch (`two_parameter_grads`).
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -31,6 +31,7 @@ from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
 from ddq_kernels.quantize_backward import quantize_reductions
+from ddq_kernels.weight_reductions import weight_reductions
 
 
 MAX_GROUPS = 65535  # CUDA's limit on a grid's y extent, where the element kernels put the groups
@@ -89,10 +90,10 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, act_lo, ac
     grad_y = grad_y.contiguous()
     act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
     reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, act_table, act_logits,
-                                                      act_min_bits)
-    weight_reductions = quantize_reductions(grad_w_q, weight, weight_lo, weight_hi)
+                                                      act_min_bits, weight_gradient_parts=True)
+    weight_grads = weight_reductions(grad_w_q, weight, weight_lo, weight_hi)
     act, wgt = two_parameter_grads(
         parameter_grad_arguments(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale),
-        parameter_grad_arguments(weight_reductions, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
+        parameter_grad_arguments(weight_grads, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
                                  weight_min_bits, weight_grad_scale))
-    return reductions[0], weight_reductions[0], bias_grad(grad_y, has_bias), *act, *wgt
+    return reductions[0], weight_grads[0], bias_grad(grad_y, has_bias), *act, *wgt
