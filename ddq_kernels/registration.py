@@ -9,7 +9,8 @@
 - ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
-  quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q); both quantizers' parameter gradients in one launch (`two_parameter_grads`).
+  quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q);
+  both quantizers' parameter gradients in one launch (`two_parameter_grads`).
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 

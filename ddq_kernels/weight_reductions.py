@@ -4,10 +4,11 @@ The fused backward GEMM (`linear_backward_input_cuda.linear_backward_shared_part
 P partial sums, one per group of rows of x, that must be added in a fixed order. Adding them with
 `parts.sum(0)` and then running the weight quantizer's element pass (`quantize_backward.quantize_reductions`)
 is two launches and one more round trip of ∂W_q through memory; on the small CNN GEMMs they cost 8.0 and
-4.4 µs of a ~105 µs step (run 13, docs/kernels.md). `SUMMED` does both in one Triton kernel: each program adds
-its tile of the parts in a fixed order, rounds the sum to the weight's dtype (the dtype of the gradient of
-W_q, as the reference's autograd has it) and computes ∂W = v·in, the histogram of v over fine cells and the
-sums Σv·u·in and Σv·(1 − in) of its rows. Reference: `ddq.functional.reductions_reference(parts.sum(0), W, lo, hi)`.
+4.4 µs of a ~105 µs step (run 13, docs/kernels.md). The `SUMMED_CONFIGS` candidates do both in one Triton
+kernel (7.0 µs in that step, run 14): each program adds its tile of the parts in a fixed order, rounds the sum
+to the weight's dtype (the dtype of the gradient of W_q, as the reference's autograd has it) and computes
+∂W = v·in, the histogram of v over fine cells and the sums Σv·u·in and Σv·(1 − in) of its rows.
+Reference: `ddq.functional.reductions_reference(parts.sum(0), W, lo, hi)`.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def check_call(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: 
 def weight_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §3 element pass of a per-output-channel weight quantizer with v = Σ_p parts[p] (added in a fixed
-    order, rounded to the weight's dtype): (∂W like weight, histogram (N, 256), Σv·u·in (N,), Σv·(1 − in) (N,)).
+    order, rounded to the weight's dtype): (∂W like weight, histogram (N, 256), Σv·u·in (N,),
+    Σv·(1 − in) (N,)).
 
     parts (P, N, K) float32, weight (N, K), lo and hi (N,), on one device (CUDA, or the CPU in the Triton
-    interpreter). A whole ∂W_q (N, K) of any float dtype goes straight to `quantize_reductions`. `config` picks SUMMED (one pass, a tile shape of `SUMMED_CONFIGS`) or SUM_THEN_REDUCE
-    (`parts.sum(0)`, then `quantize_reductions`); by default the faster on this shape class
-    (`fastest_config`). SUMMED's histogram bins are float32 atomic sums, so their order, not their terms,
-    varies from run to run, as in `quantize_reductions`.
+    interpreter). A whole ∂W_q (N, K) of any float dtype goes straight to `quantize_reductions`. `config`
+    picks one pass (a tile shape of `SUMMED_CONFIGS`) or SUM_THEN_REDUCE (`parts.sum(0)`, then
+    `quantize_reductions`); by default the faster on this shape class (`fastest_config`). The one pass's
+    histogram bins are float32 atomic sums, so their order, not their terms, varies from run to run, as in
+    `quantize_reductions`.
     """
     if parts.dim() == 2:
         return quantize_reductions(parts, weight, lo, hi)
