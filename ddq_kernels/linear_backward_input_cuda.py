@@ -25,9 +25,11 @@ GEMMs of issue 3 have N ≤ 256), K a multiple of 8, dense rows. `supports` says
 the launcher in `linear_backward_input` offers it as one more candidate to `fastest_config`.
 
 Layout: a persistent grid of as many blocks as fit at once, a multiple of the column tiles: each block
-keeps one column tile of BLOCK_K (64) columns, stages its W_q columns once, and walks the row tiles of
-BLOCK_M (64) rows; blocks next to each other take the same rows, so they share dY rows in L2. Eight warps,
-4 along M × 2 along K, each 16 × 32. dY rows and the x block are staged with cp.async into one of STAGES
+keeps one column tile of BLOCK_K columns, stages its W_q columns once, and walks the row tiles of BLOCK_M
+rows; blocks next to each other take the same rows, so they share dY rows in L2. Eight warps, 4 along M × 2
+along K. The wide tile is 64 × 64 (warps of 16 × 32); with ∂W_q, where K ≤ 32 and N > 32, the narrow tile is
+128 × 32 (warps of 32 × 16), so that no v products or ∂W_q accumulators are spent on columns past K
+(`column_tile`; on 100352×32×192 half of a wide tile is past K). dY rows and the x block are staged with cp.async into one of STAGES
 buffers: with two (N ≤ 128, three blocks an SM) the next tile's loads are in flight while this one is
 computed. ∂x is written back through the x block, so global memory sees only whole 16-byte vectors.
 Shared-memory rows are padded by 16 bytes, so that the fragment loads of 8 rows × 4 lanes hit 32 distinct
@@ -48,6 +50,7 @@ candidate is faster per shape class; where this one wins it also saves the M×K 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -56,12 +59,30 @@ from ddq_kernels.quantize_backward import zeroed_bins
 from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, available as nvrtc_available, element_math_header
 
 THREADS = 256
-BLOCK_M = 64
 MIN_BLOCKS = 4  # per SM: 32 warps, registers capped at 64 a thread
 WEIGHT_GRADIENT_MIN_BLOCKS = 3  # with ∂W_q's accumulators for N ≤ 64: 80 registers a thread
 WIDE_WEIGHT_GRADIENT_MIN_BLOCKS = 2  # for 64 < N ≤ 256: up to 64 of them a thread, 128 registers
-BLOCK_K = 64
 MAX_CONTRACTION = 256
+
+
+class ColumnTile(NamedTuple):
+    """A block's tile: BLOCK_M rows × BLOCK_K columns of x, over eight warps, four along M and two along K; each
+    warp holds M_TILES 16-row slices × J_TILES 8-column slices of v (16 values a lane, one chunk of the bins)."""
+    block_m: int
+    block_k: int
+
+    @property
+    def m_tiles(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def j_tiles(self) -> int:
+        return self.block_k // 16
+
+
+WIDE_TILE = ColumnTile(64, 64)
+# For K ≤ 32 with ∂W_q: the wide tile would spend half its v products and ∂W_q accumulators on padding columns.
+NARROW_TILE = ColumnTile(128, 32)
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
@@ -79,14 +100,14 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
         for (int half = 0; half < 2; ++half) {
             const int row = row0 + warp_m + i * 16 + g + 8 * half;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < J_TILES; ++j) {
                 const int col = col0 + warp_k + j * 8 + 2 * t;
                 const int offset = (row - row0) * X_ROW + col - col0;
                 if (row >= M || col >= K) {
                     if (WEIGHT_GRADIENT) *reinterpret_cast<unsigned int*>(xq_tile + offset) = 0u;
                     continue;
                 }
-                const int e = (i * 4 + j) * 4 + 2 * half;
+                const int e = (i * J_TILES + j) * 4 + 2 * half;
                 unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
                 const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
                 int cell0, cell1;
@@ -130,7 +151,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                           X_T* __restrict__ grad_x, const float* __restrict__ lo_ptr, const float* __restrict__ hi_ptr,
                           float* __restrict__ histogram, float* __restrict__ sums, const float* __restrict__ table,
                           const float* __restrict__ logits, float* __restrict__ partial, int M, int N, int K, int min_bits) {
-    static_assert(M_TILES * 16 == CHUNK, "a tile gives each lane one chunk of v");
+    static_assert(M_TILES * J_TILES * 4 == CHUNK, "a tile gives each lane one chunk of v");
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     // The block's W_q columns, STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as whole
     // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the 256 fine cells' levels.
@@ -144,7 +165,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int block_q = lane / 8, block_row = lane % 8;
-    const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * 32;
+    const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * (8 * J_TILES);
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
@@ -179,16 +200,16 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
             stage(next_dy + BLOCK_M * ROW, X_ROW, x, next * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
         }
         asm volatile("cp.async.commit_group;");
-        float c[M_TILES][4][4];
+        float c[M_TILES][J_TILES][4];
 #pragma unroll
         for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < J_TILES; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
 #pragma unroll 4
         for (int kk = 0; kk < N_PAD; kk += 16) {
-            unsigned int a[M_TILES][4], b[2][4];
+            unsigned int a[M_TILES][4], b[J_TILES / 2][4];
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i) {
                 const X_T* top = dy_tile + (warp_m + i * 16 + g) * ROW + kk + 2 * t;
@@ -197,14 +218,14 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                 a[i][2] = shared_word(top, 8);
                 a[i][3] = shared_word(top, 8 * ROW + 8);
             }
-            // B = W_q rows kk.. of the warp's 32 columns, transposed by ldmatrix: two 8-column slices a load.
+            // B = W_q rows kk.. of the warp's 8·J_TILES columns, transposed by ldmatrix: two 8-column slices a load.
 #pragma unroll
-            for (int j = 0; j < 4; j += 2)
+            for (int j = 0; j < J_TILES; j += 2)
                 ldmatrix_transposed(b[j / 2], w_tile + (kk + block_row + 8 * (block_q & 1)) * X_ROW + warp_k + 8 * j + 8 * (block_q >> 1));
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; j += 2) {
+                for (int j = 0; j < J_TILES; j += 2) {
                     mma_16816(c[i][j], a[i], b[j / 2][0], b[j / 2][1]);
                     mma_16816(c[i][j + 1], a[i], b[j / 2][2], b[j / 2][3]);
                 }
@@ -261,18 +282,27 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
 """
 
 
-def shared_bytes(contraction: int, stages: int, weight_gradient: bool = False) -> int:
+def shared_bytes(contraction: int, stages: int, weight_gradient: bool = False, tile: ColumnTile = WIDE_TILE) -> int:
     """Dynamic shared memory of one block: the W_q columns, `stages` buffers of dY rows and x (padded rows),
     the per-warp bins; with the weight gradient the x_q tile and the fine cells' levels."""
     row = padded_contraction(contraction, weight_gradient) + ROW_PAD
     w_rows = row - ROW_PAD
-    tiles = (w_rows * (BLOCK_K + ROW_PAD) + stages * BLOCK_M * (row + BLOCK_K + ROW_PAD)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
-    return tiles + (BLOCK_M * (BLOCK_K + ROW_PAD) * 2 + 256 * 4 if weight_gradient else 0)
+    x_row = tile.block_k + ROW_PAD
+    tiles = (w_rows * x_row + stages * tile.block_m * (row + x_row)) * 2 + (THREADS // 32) * WARP_BINS_BYTES
+    return tiles + (tile.block_m * x_row * 2 + 256 * 4 if weight_gradient else 0)
 
 
-def default_stages(contraction: int) -> int:
-    """Double-buffer the loads where two buffers still leave room for three blocks an SM (N ≤ 128)."""
-    return 2 if padded_contraction(contraction) <= 128 else 1
+def default_stages(contraction: int, tile: ColumnTile = WIDE_TILE) -> int:
+    """Double-buffer the loads where two buffers still leave room for three blocks an SM (N ≤ 128; N ≤ 64 with
+    the narrow tile's 128-row buffers)."""
+    return 2 if padded_contraction(contraction) * tile.block_m <= 128 * 64 else 1
+
+
+def column_tile(K: int, contraction: int, weight_gradient: bool) -> ColumnTile:
+    """NARROW_TILE for the pass with ∂W_q where K ≤ 32 and its accumulators split into even column slices
+    (N > 32: four warps along N), WIDE_TILE otherwise."""
+    narrow = weight_gradient and K <= NARROW_TILE.block_k and padded_contraction(contraction, True) >= 64
+    return NARROW_TILE if narrow else WIDE_TILE
 
 
 def padded_contraction(contraction: int, weight_gradient: bool = False) -> int:
@@ -282,11 +312,11 @@ def padded_contraction(contraction: int, weight_gradient: bool = False) -> int:
     return -(-contraction // multiple) * multiple
 
 
-def weight_gradient_layout(contraction: int) -> tuple[int, int, int]:
+def weight_gradient_layout(contraction: int, block_k: int = WIDE_TILE.block_k) -> tuple[int, int, int]:
     """(warps along N, 16-row slices of N a warp, 8-column slices a warp) of a block's ∂W_q accumulators for a
-    padded contraction: N × BLOCK_K float32 over the block's eight warps."""
+    padded contraction: N × block_k float32 over the block's eight warps."""
     warps_n = min(contraction // 16, 4)
-    return warps_n, contraction // (16 * warps_n), BLOCK_K // 8 // (THREADS // 32 // warps_n)
+    return warps_n, contraction // (16 * warps_n), block_k // 8 // (THREADS // 32 // warps_n)
 
 
 def supports(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> bool:
@@ -310,64 +340,66 @@ def min_blocks(weight_gradient: bool, contraction: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int):
-    """The kernel for one dtype, padded contraction, number of load buffers and with or without the weight
-    gradient, loaded on one device, its shared memory opted in."""
+def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int,
+                    tile: ColumnTile = WIDE_TILE):
+    """The kernel for one dtype, padded contraction, number of load buffers, with or without the weight
+    gradient and one column tile, loaded on one device, its shared memory opted in."""
     # Without the weight gradient the layout is unused; N = 64's keeps its (compiled, never called) code valid.
-    warps_n, n_slices, c_tiles = weight_gradient_layout(contraction if weight_gradient else 64)
+    warps_n, n_slices, c_tiles = weight_gradient_layout(contraction if weight_gradient else 64, tile.block_k)
     header = element_math_header(dtype, torch.float32, THREADS) + defines(
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, M_TILES=BLOCK_M // 64, MIN_BLOCKS=min_blocks(weight_gradient, contraction),
-        N_PAD=contraction, ROW=contraction + ROW_PAD, X_ROW=BLOCK_K + ROW_PAD, STAGES=stages,
-        WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n, N_SLICES=n_slices, C_TILES=c_tiles,
-        MMA_TYPE=mma_type(dtype))
+        BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, M_TILES=tile.m_tiles, J_TILES=tile.j_tiles,
+        MIN_BLOCKS=min_blocks(weight_gradient, contraction), N_PAD=contraction, ROW=contraction + ROW_PAD,
+        X_ROW=tile.block_k + ROW_PAD, STAGES=stages, WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n,
+        N_SLICES=n_slices, C_TILES=c_tiles, MMA_TYPE=mma_type(dtype))
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
                                             "ddq_backward_input_shared")
-        kernel.set_shared_memory_config(shared_bytes(contraction, stages, weight_gradient))
+        kernel.set_shared_memory_config(shared_bytes(contraction, stages, weight_gradient, tile))
         prefer_shared_memory(kernel)
     return kernel
 
 
-def resident_grid(M: int, K: int, block_bytes: int, blocks_per_sm: int, device: torch.device) -> int:
+def resident_grid(M: int, K: int, block_bytes: int, blocks_per_sm: int, device: torch.device,
+                  tile: ColumnTile = WIDE_TILE) -> int:
     """A persistent grid: as many blocks as fit on the card at once (registers allow `blocks_per_sm`, shared
     memory may allow fewer), rounded down to a multiple of the column tiles, at most one block a row tile."""
     properties = torch.cuda.get_device_properties(device)
     per_sm_bytes = getattr(properties, "shared_memory_per_multiprocessor", 0)
     per_sm = min(blocks_per_sm, per_sm_bytes // (block_bytes + 1024)) if per_sm_bytes else blocks_per_sm
-    tiles_k = -(-K // BLOCK_K)
-    return max(1, min(-(-M // BLOCK_M), max(1, per_sm) * properties.multi_processor_count // tiles_k)) * tiles_k
+    tiles_k = -(-K // tile.block_k)
+    return max(1, min(-(-M // tile.block_m), max(1, per_sm) * properties.multi_processor_count // tiles_k)) * tiles_k
 
 
 def check_call(name: str, grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, stages: int | None,
-               weight_gradient: bool) -> int:
+               tile: ColumnTile) -> int:
     """A clear error for a call outside the kernel's scope; the number of load buffers to use."""
     if not supports(grad_y, w_q, x):
         raise ValueError(f"{name}: unsupported call (dtypes {grad_y.dtype}, {w_q.dtype}, {x.dtype}; "
                          f"x {tuple(x.shape)}, W_q {tuple(w_q.shape)}; needs 16-bit CUDA tensors of one dtype, "
                          f"N ≤ {MAX_CONTRACTION} and N, K multiples of 8, dense 16-byte aligned rows, M and K < 2^31)")
-    stages = default_stages(w_q.shape[0]) if stages is None else stages
+    stages = default_stages(w_q.shape[0], tile) if stages is None else stages
     if stages not in (1, 2):
         raise ValueError(f"{name}: stages must be 1 or 2, got {stages}")
     return stages
 
 
 def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, stages: int,
-           weight_gradient: tuple | None) -> tuple[torch.Tensor, ...]:
+           weight_gradient: tuple | None, tile: ColumnTile) -> tuple[torch.Tensor, ...]:
     M, K = x.shape
     N = w_q.shape[0]
     grad_x = torch.empty_like(x)
     histogram, sums = zeroed_bins(1, x.device)
     with_weight_gradient = weight_gradient is not None
     contraction = padded_contraction(N, with_weight_gradient)
-    kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index)
-    block_bytes = shared_bytes(N, stages, with_weight_gradient)
-    grid = resident_grid(M, K, block_bytes, min_blocks(with_weight_gradient, contraction), x.device)
+    kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index, tile)
+    block_bytes = shared_bytes(N, stages, with_weight_gradient, tile)
+    grid = resident_grid(M, K, block_bytes, min_blocks(with_weight_gradient, contraction), x.device, tile)
     if not with_weight_gradient:
         table, logits, min_bits, partial = histogram, histogram, 0, histogram  # not read by this variant
     else:
         table, logits, min_bits = weight_gradient
         table, logits = table.contiguous(), logits.contiguous()
-        partial = torch.empty(grid // -(-K // BLOCK_K), N, K, device=x.device, dtype=torch.float32)
+        partial = torch.empty(grid // -(-K // tile.block_k), N, K, device=x.device, dtype=torch.float32)
     with torch.cuda.device(x.device):
         kernel(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
                args=[grad_y, w_q.contiguous(), x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
@@ -384,27 +416,33 @@ def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: tor
     x (M, K), dY (M, N), W_q (N, K) on one CUDA device, within `supports`. `stages` (1 or 2 load buffers)
     overrides `default_stages`, for the probes.
     """
-    stages = check_call("linear_backward_input_shared", grad_y, w_q, x, stages, False)
-    return launch(grad_y, w_q, x, lo, hi, stages, None)
+    stages = check_call("linear_backward_input_shared", grad_y, w_q, x, stages, WIDE_TILE)
+    return launch(grad_y, w_q, x, lo, hi, stages, None, WIDE_TILE)
 
 
 def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int, stages: int | None = None
+                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int, stages: int | None = None,
+                           tile: ColumnTile | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_backward_input_shared`'s four results and ∂W_q = dYᵀ·Q_x(x) (N, K) float32 from the same pass
     over x (spec §2 for Q_x, with `level_table`'s table; the x_q of `linear_backward_weight_cuda`).
 
-    Within `supports`. ∂W_q is summed over the grid's row groups in a fixed order.
+    Within `supports`. ∂W_q is summed over the grid's row groups in a fixed order. `tile` overrides
+    `column_tile`'s choice, for the tests and probes.
     """
-    *reductions, parts = linear_backward_shared_parts(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, stages)
+    *reductions, parts = linear_backward_shared_parts(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, stages,
+                                                      tile)
     return (*reductions, parts.sum(0))
 
 
 def linear_backward_shared_parts(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
                                  hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
-                                 stages: int | None = None
+                                 stages: int | None = None, tile: ColumnTile | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_backward_shared` with ∂W_q left as the grid's row groups' partial sums, (P, N, K) float32, for
     `weight_reductions` to add in a fixed order within the weight quantizer's element pass."""
-    stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, True)
-    return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits))
+    tile = column_tile(x.shape[1], w_q.shape[0], True) if tile is None else tile
+    if tile == NARROW_TILE and padded_contraction(w_q.shape[0], True) < 64:
+        raise ValueError("linear_backward_shared: the narrow tile needs N > 32 (four warps along N)")
+    stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, tile)
+    return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits), tile)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddq_kernels.fine_grid import cast_rounded, fine_cell, fine_position, inside_range
+from ddq_kernels.fine_grid import cast_rounded, fine_cell, fine_position, grid_scalars, inside_range
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.quantize_backward import quantize_reductions, reduction_outputs
 
@@ -45,9 +45,8 @@ def summed_weight_reductions_kernel(parts_ptr, weight_ptr, grad_w_ptr, lo_ptr, h
         tile = tl.load(pointers, mask=(part < PARTS)[:, None, None] & in_weight[None, :, :], other=0.0)
         v += tl.sum(tile, axis=0)
     v = cast_rounded(v, weight_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    lo = tl.load(lo_ptr + rows, mask=row_in, other=0.0)
-    hi = tl.load(hi_ptr + rows, mask=row_in, other=1.0)
-    inv_delta = 1.0 / ((hi - lo) / 255.0)
+    # Rows past N read the last channel's scalars; nothing of theirs is stored.
+    lo, inv_delta = grid_scalars(lo_ptr, hi_ptr, tl.minimum(rows, N - 1))
     x = tl.load(weight_ptr + offsets, mask=in_weight, other=0.0).to(tl.float32)
     u = fine_position(x, lo[:, None], inv_delta[:, None])
     inside = inside_range(u)

@@ -365,7 +365,7 @@ def test_shared_epilogue_rejects_what_it_cannot_run():
 
 # N > 64 (two to four 16-row slices of ∂W_q a warp): 72 pads to 128, 200 to 256.
 FUSED_BACKWARD_SHAPES = [(1031, 200, 40), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (515, 136, 32), (515, 40, 192),
-                         (300, 136, 256), (259, 72, 200), (130, 24, 72)]
+                         (300, 136, 256), (259, 72, 200), (130, 24, 72), (1031, 32, 192), (259, 16, 64)]
 
 
 def check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, min_bits, dtype):
@@ -402,8 +402,8 @@ def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
     the backward-input kernel's, bit for bit. x is cleared of cell boundaries so that the cells agree."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward import AROUND_CUBLAS, FUSED, SEPARATE, linear_backward_activation
-    from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, linear_backward_shared
-    from ddq_kernels.linear_backward_input_cuda import supports
+    from ddq_kernels.linear_backward_input_cuda import NARROW_TILE, WIDE_TILE, column_tile, linear_backward_input_shared
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports
 
     x, weight, _, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
     x = clear_of_boundaries(x, lo, hi)
@@ -418,6 +418,14 @@ def test_fused_backward_on_gpu(M, K, N, dtype, act_mode):
     for config in (FUSED, SEPARATE, AROUND_CUBLAS, None):
         got = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, config)
         check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+    if column_tile(K, N, True) == NARROW_TILE:
+        # Both tiles: v is the same product in the same order, so ∂x agrees bit for bit.
+        grads_x = []
+        for tile in (WIDE_TILE, NARROW_TILE):
+            *reductions, grad_w_q = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1, tile=tile)
+            check_fused_backward((reductions, grad_w_q), x, weight, grad_y, lo, hi, residuals, logits, 1, dtype)
+            grads_x.append(reductions[0])
+        assert torch.equal(*grads_x)
 
 
 @pytest.mark.gpu
@@ -468,6 +476,20 @@ def test_fused_backward_every_bitwidth_and_non_finite_x_on_gpu():
     bad[[5, 0, 135]] = True
     assert grad_w_q[:, bad].isnan().all() and torch.isfinite(grad_w_q[:, ~bad]).all()
     assert grad_x[3, 5] == 0 and grad_x[40, 0] == 0 and grad_x[514, 135] == 0
+
+
+def test_fused_backward_column_tile():
+    """The narrow tile (128 × 32) where K ≤ 32 and N > 32 with ∂W_q; the wide one (64 × 64) elsewhere; asking for the
+    narrow one with N ≤ 32 is a clear error."""
+    from ddq_kernels.linear_backward_input_cuda import NARROW_TILE, WIDE_TILE, column_tile, linear_backward_shared
+
+    assert column_tile(32, 192, True) == NARROW_TILE and column_tile(16, 40, True) == NARROW_TILE
+    assert column_tile(40, 192, True) == WIDE_TILE and column_tile(32, 32, True) == WIDE_TILE
+    assert column_tile(32, 192, False) == WIDE_TILE
+    x, weight, grad_y = torch.zeros(9, 16), torch.zeros(24, 16), torch.zeros(9, 24)
+    lo, hi, table, logits = torch.zeros(1), torch.ones(1), torch.zeros(1, 256), torch.ones(8)
+    with pytest.raises(ValueError, match="narrow tile needs N > 32"):
+        linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1, tile=NARROW_TILE)
 
 
 def test_fused_backward_rejects_what_it_cannot_run():
