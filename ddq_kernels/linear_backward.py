@@ -20,7 +20,7 @@ from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input import linear_backward_input
 from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, linear_backward_shared_parts, supports
 from ddq_kernels.linear_backward_weight import linear_backward_weight
-from ddq_kernels.quantize_backward import reduction_outputs
+from ddq_kernels.quantize_backward import Bins, reduction_outputs
 
 FUSED = {"fused": True}
 SEPARATE = {"fused": False}
@@ -29,14 +29,15 @@ AROUND_CUBLAS = {"fused": False, "around_cublas": True}
 
 def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
                                hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
-                               config: dict | None = None, weight_gradient_parts: bool = False
-                               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+                               config: dict | None = None, weight_gradient_parts: bool = False,
+                               bins: Bins | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """((∂x, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,)), ∂W_q (N, K)) for x (M, K), dY (M, N),
     W_q (N, K) and the activation quantizer (per tensor; `table` from `level_table`).
 
     With `weight_gradient_parts`, FUSED leaves ∂W_q as its (P, N, K) float32 partial sums, which
     `weight_reductions.weight_reductions` adds within the weight quantizer's pass (the other candidates
-    return ∂W_q whole either way)."""
+    return ∂W_q whole either way). `bins` (zeroed, see `quantize_backward.output_bins`) receives the histogram
+    and the sums instead of new tensors."""
     if config is None:
         M, K = x.shape
         candidates = backward_activation_configs(grad_y, w_q, x)
@@ -49,12 +50,12 @@ def linear_backward_activation(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch
 
         config = fastest_config("linear_backward_activation", key, candidates, run)
     if config.get("around_cublas"):
-        return backward_around_cublas(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
+        return backward_around_cublas(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, bins)
     if config["fused"]:
         fused = linear_backward_shared_parts if weight_gradient_parts else linear_backward_shared
-        *reductions, grad_w_q = fused(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits)
+        *reductions, grad_w_q = fused(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, bins=bins)
         return tuple(reductions), grad_w_q
-    return (linear_backward_input(grad_y, w_q, x, lo, hi),
+    return (linear_backward_input(grad_y, w_q, x, lo, hi, bins=bins),
             linear_backward_weight(grad_y, x, lo, hi, table, gate_logits, min_bits))
 
 
@@ -71,12 +72,12 @@ def supports_around_cublas(x: torch.Tensor) -> bool:
 
 
 def backward_around_cublas(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int
+                           table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int, bins: Bins | None = None
                            ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """`linear_backward_activation`'s results from dY·W_q and dYᵀ·x_q by cuBLAS, with ∂x, the reductions and
     x_q from one SHARED pass over (dY·W_q, x) between them."""
     x = x.contiguous()
-    grad_x, histogram, sums = reduction_outputs(x, 1)
+    grad_x, histogram, sums = reduction_outputs(x, 1, bins)
     x_q = torch.empty_like(x)
     shared_histogram.reductions_shared(grad_y @ w_q, x, lo, hi, grad_x, histogram, sums, (x_q, table, gate_logits, min_bits))
     return (grad_x, histogram, sums[:, 0], sums[:, 1]), grad_y.t() @ x_q

@@ -19,7 +19,7 @@ from ddq_kernels.gemm_tiles import grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, supports as shared_epilogue_supports
 from ddq_kernels.linear_forward import UNFUSED, block_size, dot_precision
-from ddq_kernels.quantize_backward import accumulate_reductions, quantize_reductions, zeroed_bins
+from ddq_kernels.quantize_backward import Bins, accumulate_reductions, output_bins, quantize_reductions
 
 
 @triton.jit
@@ -92,8 +92,10 @@ def backward_input_configs(M: int, N: int, K: int, shared_epilogue: bool = False
 
 
 def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
-                          hi: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spec §3 for the activation: (∂x = (dY·W_q)·in, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,))."""
+                          hi: torch.Tensor, config: dict | None = None, bins: Bins | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spec §3 for the activation: (∂x = (dY·W_q)·in, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,));
+    the last three in `bins` where given (zeroed, see `quantize_backward.output_bins`)."""
     M, K = x.shape
     N = w_q.shape[0]
     if config is None:
@@ -104,13 +106,13 @@ def linear_backward_input(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tens
         candidates = backward_input_configs(M, N, K, shared_epilogue)
         config = fastest_config("linear_backward_input", key + (shared_epilogue,), candidates, run)
     if config.get("shared_epilogue"):
-        return linear_backward_input_shared(grad_y, w_q, x, lo, hi)
+        return linear_backward_input_shared(grad_y, w_q, x, lo, hi, bins=bins)
     if config.get("unfused"):
-        return quantize_reductions(grad_y @ w_q, x, lo, hi)
+        return quantize_reductions(grad_y @ w_q, x, lo, hi, bins=bins)
     block_m, block_k, block_n = config["block_m"], config["block_k"], config["block_n"]
     chunk_m = max(1, min(block_m, 512 // block_k))
     dx = torch.empty_like(x)
-    histogram, sums = zeroed_bins(1, x.device)
+    histogram, sums = output_bins(1, x.device, bins)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
     linear_backward_input_kernel[grid](
         grad_y, w_q, x, dx, lo, hi, histogram, sums, M, N, K, grad_y.stride(0), w_q.stride(0), x.stride(0),

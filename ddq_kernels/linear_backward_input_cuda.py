@@ -55,7 +55,7 @@ from typing import NamedTuple
 import torch
 
 from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_type, prefer_shared_memory
-from ddq_kernels.quantize_backward import zeroed_bins
+from ddq_kernels.quantize_backward import Bins, output_bins
 from ddq_kernels.shared_histogram import ELEMENT_MATH, WARP_BINS_BYTES, available as nvrtc_available, element_math_header
 
 THREADS = 256
@@ -384,11 +384,11 @@ def check_call(name: str, grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tens
 
 
 def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, stages: int,
-           weight_gradient: tuple | None, tile: ColumnTile) -> tuple[torch.Tensor, ...]:
+           weight_gradient: tuple | None, tile: ColumnTile, bins: Bins | None) -> tuple[torch.Tensor, ...]:
     M, K = x.shape
     N = w_q.shape[0]
     grad_x = torch.empty_like(x)
-    histogram, sums = zeroed_bins(1, x.device)
+    histogram, sums = output_bins(1, x.device, bins)
     with_weight_gradient = weight_gradient is not None
     contraction = padded_contraction(N, with_weight_gradient)
     kernel = compiled_kernel(x.dtype, contraction, stages, with_weight_gradient, x.device.index, tile)
@@ -409,20 +409,21 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
 
 
 def linear_backward_input_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
-                                 hi: torch.Tensor, stages: int | None = None
+                                 hi: torch.Tensor, stages: int | None = None, bins: Bins | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §3 for the activation: (∂x = (dY·W_q)·in, histogram (1, 256), Σv·u·in (1,), Σv·(1 − in) (1,)).
 
     x (M, K), dY (M, N), W_q (N, K) on one CUDA device, within `supports`. `stages` (1 or 2 load buffers)
-    overrides `default_stages`, for the probes.
+    overrides `default_stages`, for the probes. `bins` (zeroed, see `quantize_backward.output_bins`) receives
+    the histogram and the sums instead of new tensors.
     """
     stages = check_call("linear_backward_input_shared", grad_y, w_q, x, stages, WIDE_TILE)
-    return launch(grad_y, w_q, x, lo, hi, stages, None, WIDE_TILE)
+    return launch(grad_y, w_q, x, lo, hi, stages, None, WIDE_TILE, bins)
 
 
 def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                            table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int, stages: int | None = None,
-                           tile: ColumnTile | None = None
+                           tile: ColumnTile | None = None, bins: Bins | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_backward_input_shared`'s four results and ∂W_q = dYᵀ·Q_x(x) (N, K) float32 from the same pass
     over x (spec §2 for Q_x, with `level_table`'s table; the x_q of `linear_backward_weight_cuda`).
@@ -431,13 +432,13 @@ def linear_backward_shared(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Ten
     `column_tile`'s choice, for the tests and probes.
     """
     *reductions, parts = linear_backward_shared_parts(grad_y, w_q, x, lo, hi, table, gate_logits, min_bits, stages,
-                                                      tile)
+                                                      tile, bins)
     return (*reductions, parts.sum(0))
 
 
 def linear_backward_shared_parts(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.Tensor,
                                  hi: torch.Tensor, table: torch.Tensor, gate_logits: torch.Tensor, min_bits: int,
-                                 stages: int | None = None, tile: ColumnTile | None = None
+                                 stages: int | None = None, tile: ColumnTile | None = None, bins: Bins | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`linear_backward_shared` with ∂W_q left as the grid's row groups' partial sums, (P, N, K) float32, for
     `weight_reductions` to add in a fixed order within the weight quantizer's element pass."""
@@ -445,4 +446,4 @@ def linear_backward_shared_parts(grad_y: torch.Tensor, w_q: torch.Tensor, x: tor
     if tile == NARROW_TILE and padded_contraction(w_q.shape[0], True) < 64:
         raise ValueError("linear_backward_shared: the narrow tile needs N > 32 (four warps along N)")
     stages = check_call("linear_backward_shared", grad_y, w_q, x, stages, tile)
-    return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits), tile)
+    return launch(grad_y, w_q, x, lo, hi, stages, (table, gate_logits, min_bits), tile, bins)

@@ -17,6 +17,8 @@ from ddq_kernels.fine_grid import cast_rounded, cell_histogram, fine_cell, fine_
 from ddq_kernels import shared_histogram
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 
+Bins = tuple  # (histogram (G, 256), sums (G, 2)): float32, zero, rows contiguous
+
 BACKWARD_BLOCK = 512
 
 
@@ -99,14 +101,16 @@ def tuned_candidates() -> tuple[dict, ...]:
 
 
 def quantize_reductions(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, block: int | None = None,
-                        strategy: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        strategy: dict | None = None, bins: Bins | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §3 element pass on the device: (∂x in x's dtype, histogram (G, 256), Σv·u·in (G,), Σv·(1 − in) (G,)).
 
     grad may have any float dtype (a float32 GEMM accumulator, say); it is rounded to x's dtype first,
     as the gradient of x_q would be. Two ways to the histogram, the faster chosen per shape class on the
     device (`fastest_config`): SHARED, one pass with the bins in shared memory (CUDA C, `shared_histogram`);
     ONE_HOT, fully fused in Triton (one pass, one-hot products on the tensor cores); and BINCOUNT, which
-    writes each element's bin and v for `torch.bincount` (more bytes, a host sync).
+    writes each element's bin and v for `torch.bincount` (more bytes, a host sync). `bins` (see
+    `output_bins`) receives the histogram and the sums instead of new zeroed tensors.
     """
     x = x.contiguous()
     grad = grad.contiguous()
@@ -116,18 +120,37 @@ def quantize_reductions(grad: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, h
         key = (size_class(x.numel()), lo.shape[0], x.dtype, grad.dtype)
         strategy = fastest_config("quantize_reductions", key, tuned_candidates(), run)
     if strategy["histogram"] == "shared":
-        grad_x, histogram, sums = reduction_outputs(x, lo.shape[0])
+        grad_x, histogram, sums = reduction_outputs(x, lo.shape[0], bins)
         shared_histogram.reductions_shared(grad, x, lo, hi, grad_x, histogram, sums)
         return grad_x, histogram, sums[:, 0], sums[:, 1]
     if strategy["histogram"] == "bincount":
         return reductions_with_bincount(grad, x, lo.contiguous(), hi.contiguous(), block or CELLS_BLOCK,
-                                        strategy.get("chunk", BINCOUNT_CHUNK))
-    return reductions_one_hot(grad, x, lo.contiguous(), hi.contiguous(), block or BACKWARD_BLOCK)
+                                        strategy.get("chunk", BINCOUNT_CHUNK), bins)
+    return reductions_one_hot(grad, x, lo.contiguous(), hi.contiguous(), block or BACKWARD_BLOCK, bins)
 
 
-def reduction_outputs(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reduction_outputs(x: torch.Tensor, groups: int, bins: Bins | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂x like x, zeroed histogram (G, 256), zeroed sums (G, 2)): what every strategy fills."""
-    return (torch.empty_like(x), *zeroed_bins(groups, x.device))
+    return (torch.empty_like(x), *output_bins(groups, x.device, bins))
+
+
+def output_bins(groups: int, device: torch.device, bins: Bins | None = None) -> Bins:
+    """The bins a reduction pass adds into: `bins` where the caller zeroed them already (a layer's backward
+    zeroes its two quantizers' bins in one fill: rows of one `zeroed_bins` buffer), new `zeroed_bins`
+    otherwise. The passes accumulate, so given bins must hold zeros."""
+    if bins is None:
+        return zeroed_bins(groups, device)
+    histogram, sums = bins
+    device = torch.device(device)
+    for name, tensor, width in (("histogram", histogram, 256), ("sums", sums, 2)):
+        on_device = tensor.device.type == device.type and device.index in (None, tensor.device.index)
+        if tensor.shape != (groups, width) or tensor.dtype != torch.float32 or not on_device:
+            raise ValueError(f"bins: {name} must be float32 ({groups}, {width}) on {device}, got "
+                             f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+        if tensor.stride(1) != 1 or (groups > 1 and tensor.stride(0) != width):
+            raise ValueError(f"bins: {name} rows must be contiguous, got strides {tensor.stride()}")
+    return histogram, sums
 
 
 def zeroed_bins(groups: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +165,7 @@ CELLS_BLOCK = 2048
 BINCOUNT_CHUNK = 1 << 25
 
 
-def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK):
+def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK, bins=None):
     """Per group: ∂x and the sums from the element kernel, the histogram from `torch.bincount`.
 
     A tensor larger than `chunk` elements per group is processed in slices of whole groups (or, per
@@ -150,8 +173,8 @@ def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK):
     """
     groups = lo.shape[0]
     group_numel = x.numel() // groups
-    grad_x, histogram, sums = reduction_outputs(x, groups)
-    histogram = histogram.reshape(-1)
+    grad_x, histogram, sums = reduction_outputs(x, groups, bins)
+    histogram = histogram.view(-1)
     if group_numel == 0:
         return grad_x, histogram.reshape(groups, 256), sums[:, 0], sums[:, 1]
     flat_x, flat_grad, flat_grad_x = x.reshape(-1), grad.reshape(-1), grad_x.reshape(-1)
@@ -176,9 +199,9 @@ def reductions_with_bincount(grad, x, lo, hi, block, chunk=BINCOUNT_CHUNK):
     return grad_x, histogram.reshape(groups, 256), sums[:, 0], sums[:, 1]
 
 
-def reductions_one_hot(grad, x, lo, hi, block):
+def reductions_one_hot(grad, x, lo, hi, block, bins=None):
     groups = lo.shape[0]
-    grad_x, histogram, sums = reduction_outputs(x, groups)
+    grad_x, histogram, sums = reduction_outputs(x, groups, bins)
     group_numel = x.numel() // groups
     if group_numel > 0:
         blocks = triton.cdiv(group_numel, block)

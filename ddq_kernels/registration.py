@@ -10,7 +10,8 @@
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
   quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q);
-  both quantizers' parameter gradients in one launch (`two_parameter_grads`).
+  both quantizers' parameter gradients in one launch (`two_parameter_grads`). Both quantizers' bins are
+  rows of one buffer, zeroed by one fill.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -31,7 +32,7 @@ from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
-from ddq_kernels.quantize_backward import quantize_reductions
+from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins
 from ddq_kernels.weight_reductions import weight_reductions
 
 
@@ -90,9 +91,12 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, act_lo, ac
     check_act_table(act_table, x.device)
     grad_y = grad_y.contiguous()
     act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
+    # Both quantizers' bins are rows of one buffer: one fill kernel for the step instead of two.
+    histogram, sums = zeroed_bins(1 + weight_lo.shape[0], x.device)
     reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, act_table, act_logits,
-                                                      act_min_bits, weight_gradient_parts=True)
-    weight_grads = weight_reductions(grad_w_q, weight, weight_lo, weight_hi)
+                                                      act_min_bits, weight_gradient_parts=True,
+                                                      bins=(histogram[:1], sums[:1]))
+    weight_grads = weight_reductions(grad_w_q, weight, weight_lo, weight_hi, bins=(histogram[1:], sums[1:]))
     act, wgt = two_parameter_grads(
         parameter_grad_arguments(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale),
         parameter_grad_arguments(weight_grads, weight, weight_lo, weight_hi, weight_residuals, weight_logits,

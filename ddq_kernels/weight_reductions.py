@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ddq_kernels.fine_grid import cast_rounded, fine_cell, fine_position, grid_scalars, inside_range
 from ddq_kernels.launch import fastest_config, interpreting, size_class
-from ddq_kernels.quantize_backward import quantize_reductions, reduction_outputs
+from ddq_kernels.quantize_backward import Bins, quantize_reductions, reduction_outputs
 
 # Tile shapes (elements of W a program, parts added per load, warps): the first is the interpreter's. The sum
 # is bound by load latency (the parts were just written and sit in L2): the wide ones keep most of them in flight.
@@ -75,7 +75,8 @@ def check_call(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: 
 
 
 def weight_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                      config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      config: dict | None = None, bins: Bins | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spec §3 element pass of a per-output-channel weight quantizer with v = Σ_p parts[p] (added in a fixed
     order, rounded to the weight's dtype): (∂W like weight, histogram (N, 256), Σv·u·in (N,),
     Σv·(1 − in) (N,)).
@@ -85,10 +86,11 @@ def weight_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tenso
     picks one pass (a tile shape of `SUMMED_CONFIGS`) or SUM_THEN_REDUCE (`parts.sum(0)`, then
     `quantize_reductions`); by default the faster on this shape class (`fastest_config`). The one pass's
     histogram bins are float32 atomic sums, so their order, not their terms, varies from run to run, as in
-    `quantize_reductions`.
+    `quantize_reductions`. `bins` (zeroed, see `quantize_backward.output_bins`) receives the histogram and the
+    sums instead of new tensors.
     """
     if parts.dim() == 2:
-        return quantize_reductions(parts, weight, lo, hi)
+        return quantize_reductions(parts, weight, lo, hi, bins=bins)
     check_call(parts, weight, lo, hi)
     weight, lo, hi = weight.contiguous(), lo.contiguous(), hi.contiguous()
     if config is None:
@@ -99,14 +101,14 @@ def weight_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tenso
 
         config = fastest_config("weight_reductions", key, SUMMED_CONFIGS + (SUM_THEN_REDUCE,), run)
     if not config["summed"]:
-        return quantize_reductions(parts.sum(0) if parts.shape[0] > 1 else parts[0], weight, lo, hi)
-    return summed_reductions(parts.contiguous(), weight, lo, hi, config)
+        return quantize_reductions(parts.sum(0) if parts.shape[0] > 1 else parts[0], weight, lo, hi, bins=bins)
+    return summed_reductions(parts.contiguous(), weight, lo, hi, config, bins)
 
 
-def summed_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: dict
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def summed_reductions(parts: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, config: dict,
+                      bins: Bins | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     N, K = weight.shape
-    grad_w, histogram, sums = reduction_outputs(weight, N)
+    grad_w, histogram, sums = reduction_outputs(weight, N, bins)
     if weight.numel() > 0:
         block_k = min(triton.next_power_of_2(K), config["elements"])
         rows = config["elements"] // block_k

@@ -492,6 +492,55 @@ def test_fused_backward_column_tile():
         linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1, tile=NARROW_TILE)
 
 
+def test_backward_fills_given_rows_of_one_bins_buffer():
+    """The op's backward zeroes both quantizers' bins in one fill (`registration`): the activation side, through
+    every candidate that runs here, and the weight side fill rows of one buffer in place, with the values of
+    their own new bins (bit for bit in the interpreter; on a GPU within float32 atomic order)."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward import backward_activation_configs, linear_backward_activation
+    from ddq_kernels.quantize_backward import zeroed_bins
+    from ddq_kernels.weight_reductions import weight_reductions
+
+    M, K, N = 37, 24, 40
+    x, weight, _, lo, hi, residuals, logits, w_lo, w_hi, *_ = linear_case(M, K, N, torch.float16, "unsigned", 4, 4)
+    grad_y = torch.randn(M, N, device=DEVICE).to(torch.float16)
+    table = level_table(lo, hi, residuals, logits, 1)
+    for config in backward_activation_configs(grad_y, weight, x):
+        histogram, sums = zeroed_bins(1 + N, x.device)
+        reductions, grad_w_q = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, config, True,
+                                                          bins=(histogram[:1], sums[:1]))
+        weight_grads = weight_reductions(grad_w_q, weight, w_lo, w_hi, bins=(histogram[1:], sums[1:]))
+        assert reductions[1].data_ptr() == histogram.data_ptr() and reductions[2].data_ptr() == sums.data_ptr()
+        assert weight_grads[1].data_ptr() == histogram[1].data_ptr()
+        assert weight_grads[2].data_ptr() == sums[1].data_ptr()
+        want, want_grad_w_q = linear_backward_activation(grad_y, weight, x, lo, hi, table, logits, 1, config, True)
+        want_weight = weight_reductions(want_grad_w_q, weight, w_lo, w_hi)
+        assert torch.equal(reductions[0], want[0]) and torch.equal(weight_grads[0], want_weight[0])
+        act_scale = (grad_y.float() @ weight.float()).abs().sum() * 1e-5 if x.is_cuda else 0.0
+        weight_scale = want_grad_w_q.float().abs().sum() * 1e-5 if x.is_cuda else 0.0
+        for got_term, want_term in zip(reductions[1:], want[1:]):
+            torch.testing.assert_close(got_term, want_term, rtol=0, atol=act_scale)
+        for got_term, want_term in zip(weight_grads[1:], want_weight[1:]):
+            torch.testing.assert_close(got_term, want_term, rtol=0, atol=weight_scale)
+
+
+def test_given_bins_of_the_wrong_kind_are_clear_errors():
+    from ddq_kernels.quantize_backward import output_bins, zeroed_bins
+
+    device = torch.device(DEVICE)
+    histogram, sums = zeroed_bins(3, device)
+    with pytest.raises(ValueError, match=r"histogram must be float32 \(4, 256\)"):
+        output_bins(4, device, (histogram, sums))
+    with pytest.raises(ValueError, match=r"sums must be float32 \(3, 2\)"):
+        output_bins(3, device, (histogram, sums.double()))
+    with pytest.raises(ValueError, match="histogram rows must be contiguous"):
+        output_bins(3, device, (torch.zeros(3, 512, device=device)[:, :256], sums))
+    with pytest.raises(ValueError, match="histogram must be float32 .* on meta"):
+        output_bins(3, torch.device("meta"), (histogram, sums))
+    assert output_bins(1, device, (histogram[2:], sums[:1]))[0].data_ptr() == histogram[2].data_ptr()
+    assert output_bins(3, histogram.device, (histogram, sums))[1] is sums
+
+
 def test_fused_backward_rejects_what_it_cannot_run():
     from ddq_kernels.linear_backward_input_cuda import linear_backward_shared, supports
 

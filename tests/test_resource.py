@@ -7,7 +7,6 @@ import torch
 
 import ddq
 from ddq.models import SmallCNN
-from ddq.quantizer import graded_gate_logits
 from ddq.resource import differentiable_bits, set_learned_bits
 
 
