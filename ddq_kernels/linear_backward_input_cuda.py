@@ -29,9 +29,9 @@ keeps one column tile of BLOCK_K columns, stages its W_q columns once, and walks
 rows; blocks next to each other take the same rows, so they share dY rows in L2. Eight warps, 4 along M × 2
 along K. The wide tile is 64 × 64 (warps of 16 × 32); with ∂W_q, where K ≤ 32 and N > 32, the narrow tile is
 128 × 32 (warps of 32 × 16), so that no v products or ∂W_q accumulators are spent on columns past K
-(`column_tile`; on 100352×32×192 half of a wide tile is past K). dY rows and the x block are staged with cp.async into one of STAGES
-buffers: with two (N ≤ 128, three blocks an SM) the next tile's loads are in flight while this one is
-computed. ∂x is written back through the x block, so global memory sees only whole 16-byte vectors.
+(`column_tile`; on 100352×32×192 half of a wide tile is past K). dY rows and the x block are staged with
+cp.async into one of STAGES buffers: with two (N ≤ 128, or N ≤ 64 with the narrow tile; three blocks an SM)
+the next tile's loads are in flight while this one is computed. ∂x is written back through the x block, so global memory sees only whole 16-byte vectors.
 Shared-memory rows are padded by 16 bytes, so that the fragment loads of 8 rows × 4 lanes hit 32 distinct
 banks. Each tile gives every lane 16 values of v, one chunk of the element math's integer bins; the
 histogram is flushed to global memory once per block, not once per tile.
@@ -402,8 +402,8 @@ def launch(grad_y: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor, lo: torch.T
         partial = torch.empty(grid // -(-K // tile.block_k), N, K, device=x.device, dtype=torch.float32)
     with torch.cuda.device(x.device):
         kernel(grid=(grid, 1, 1), block=(THREADS, 1, 1), shared_mem=block_bytes,
-               args=[grad_y, w_q.contiguous(), x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table, logits, partial,
-                     M, N, K, min_bits])
+               args=[grad_y, w_q.contiguous(), x, grad_x, lo.contiguous(), hi.contiguous(), histogram, sums, table,
+                     logits, partial, M, N, K, min_bits])
     grads = (grad_x, histogram, sums[:, 0], sums[:, 1])
     return grads + (partial,) if with_weight_gradient else grads
 
