@@ -3,9 +3,9 @@
 - ddq::quantize → `level_table` + `quantize` (one pass over x).
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
   (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
-- ddq::quantized_linear → both level tables in one launch (`level_tables`), W_q by `quantize` (once per
-  step), y by the GEMM with the activation quantizer in its A-operand load; W_q and the activation's
-  table are returned for backward.
+- ddq::quantized_linear → W_q (once per step) and the activation's level table in one launch
+  (`weight_and_tables`; on large weights `level_tables` then `quantize`), y by the GEMM with the
+  activation quantizer in its A-operand load; W_q and the activation's table are returned for backward.
 - ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
@@ -27,12 +27,12 @@ import torch
 from ddq.functional import check_parameter_values, restored, storage_order
 # linear_op also defines ddq::quantized_linear(_backward) before their CUDA bodies are registered here.
 from ddq_kernels.linear_op import bias_grad, check_act_table
-from ddq_kernels.level_table import level_tables
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
 from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins
+from ddq_kernels.weight_and_tables import weight_and_act_table
 from ddq_kernels.weight_reductions import weight_reductions
 
 
@@ -76,9 +76,8 @@ def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_lo
     check_groups(weight_lo, "the weight")
     check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
     check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
-    weight_table, table = level_tables((weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits),
-                                       (act_lo, act_hi, act_residuals, act_logits, act_min_bits))
-    w_q = quantize(weight, weight_lo, weight_hi, None, weight_logits, weight_min_bits, table=weight_table)
+    w_q, table = weight_and_act_table(weight, (weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits),
+                                      (act_lo, act_hi, act_residuals, act_logits, act_min_bits))
     y = linear_forward(x.contiguous(), w_q, bias, act_lo.contiguous(), act_hi.contiguous(), table,
                        act_logits.contiguous(), act_min_bits)
     return y, w_q, table
