@@ -12,7 +12,10 @@ Variants beyond the issue's four, for the evidence in docs/kernels.md:
   shapes every eager variant, cuBLAS included, waits on the host; these compare the GPU work;
 - ddq_compiled_graph, lsq_compiled_graph: the layer under torch.compile (Inductor fuses the quantizers'
   parameter math around the ops), its whole step captured the same way: the GPU work of a network
-  compiled and replayed as CUDA graphs, the mode bench_models measures.
+  compiled and replayed as CUDA graphs, the mode bench_models measures;
+- ddq_compiled_combo_graph: the same with Inductor's horizontal fusion (`combo_kernels`), which may put the
+  activation's and the weight's range math (two small kernels in the forward, two in the backward on the
+  small shapes, docs/kernels.md run 14) into one launch each.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from cuda_timing import captured, record
 
 SHAPES = [(8192, 4096, 4096), (401408, 576, 64), (100352, 32, 192), (100352, 192, 32), (25088, 1024, 256)]
 VARIANTS = ("cublas", "lsq_eager", "lsq_compiled", "ddq", "ddq_kernels", "ddq_unfused", "ddq_cudagraphs",
-            "cublas_graph", "ddq_graph", "ddq_compiled_graph", "lsq_compiled_graph")
+            "cublas_graph", "ddq_graph", "ddq_compiled_graph", "lsq_compiled_graph", "ddq_compiled_combo_graph")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -109,12 +112,14 @@ def build_step(variant: str, M: int, K: int, N: int, backward: bool):
         forward, forward_backward = kernel_steps(layer, x, grad_y, fused=variant == "ddq_kernels")
         return forward_backward if backward else forward
     x.requires_grad_(backward)
-    if variant in ("lsq_compiled", "ddq_compiled", "ddq_cudagraphs"):
+    if variant in ("lsq_compiled", "ddq_compiled", "ddq_compiled_combo", "ddq_cudagraphs"):
         # Each test compiles a fresh layer: without a reset, Dynamo recompiles DDQLinear.forward per shape until
         # its recompile limit, then runs it eagerly (the 2026-11-27 run 6 cudagraph numbers were such fallbacks).
         torch._dynamo.reset()
     if variant in ("lsq_compiled", "ddq_compiled"):
         layer = torch.compile(layer)
+    if variant == "ddq_compiled_combo":
+        layer = torch.compile(layer, options={"combo_kernels": True})
     if variant == "ddq_cudagraphs":
         # A network's inner layers take inputs that live in the graph's own memory; without this, every replay
         # would first copy x into the graph's static input buffer (0.46 GB on 401408×576).
