@@ -185,7 +185,7 @@ def test_backward_input_strategy(benchmark, shape, strategy):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_quantized_operand_strategy(benchmark, shape, gemm, strategy):
     """The GEMMs that quantize x in their operand load, one strategy each: the first Triton tile, a quantize
-    pass around cuBLAS, or the CUDA C GEMM with the fine-cell levels in shared memory (where it supports
+    pass around cuBLAS, or the CUDA C GEMM with the level table in shared memory (where it supports
     the shape)."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight

@@ -5,11 +5,11 @@ Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backw
   (16-byte vectors, zero outside the matrix);
 - `shared_word`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
   product itself (float32 accumulation); `narrow_pair`: two float32 values into one word of 16-bit values;
-- `fine_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
-  staged tile. The bitwidth comes from the gate logits on the device, and the level of each of the 256
-  fine cells (`level_table`'s V[i >> (8 − b)]) is laid out in shared memory once per block, so quantizing
-  an element costs one shared-memory load besides its arithmetic. Triton's quantize-in-load gathers the
-  level from global memory (L1) instead, which made its fused forward 2.8× slower than its bytes allow.
+- `load_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
+  staged tile. The bitwidth comes from the gate logits on the device, and `level_table`'s V is laid out in
+  shared memory once per block, so quantizing an element costs one shared-memory load (of V[i >> (8 − b)])
+  besides its arithmetic. Triton's quantize-in-load gathers the level from global memory (L1) instead,
+  which made its fused forward 2.8× slower than its bytes allow.
   The element math is `fine_grid`'s: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255) with NaN in
   cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores.
 The source needs `element_math_header`'s #defines and `shared_histogram.ELEMENT_MATH`'s conversions.
@@ -60,30 +60,39 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned int (&a)
 }
 """
 
-FINE_LEVELS = r"""
-// levels[i] = V[i >> (8 − b)] for the 256 fine cells, b = the number of leading open gates (forced open
-// below min_bits), as fine_grid.bitwidth_from_logits reads it.
-__device__ __forceinline__ void fine_levels(float* levels, const float* __restrict__ table,
-                                            const float* __restrict__ logits, int min_bits) {
+LEVEL_LOOKUP = r"""
+// A quantizer's levels in shared memory: the level of fine cell i is levels[i >> shift], shift = 8 − b. Lanes
+// whose cells share a code read one address (a broadcast), so for b ≤ 5 a warp's 32 lookups take one
+// shared-memory wavefront; a table of the 256 fine cells' levels took three on average (Nsight Compute, run 16).
+struct Levels {
+    const float* levels;
+    int shift;
+};
+
+// The quantizer's level table V (256 entries, zeros past 2^b) into `levels`, and the shift of b = the number of
+// leading open gates (forced open below min_bits), as fine_grid.bitwidth_from_logits reads it.
+__device__ __forceinline__ Levels load_levels(float* levels, const float* __restrict__ table,
+                                              const float* __restrict__ logits, int min_bits) {
     int bits = 8;
     for (int k = 7; k >= 0; --k)
         if (!(logits[k] > 0.0f || k < min_bits)) bits = k;
-    for (int cell = threadIdx.x; cell < 256; cell += THREADS) levels[cell] = table[cell >> (8 - bits)];
+    for (int code = threadIdx.x; code < 256; code += THREADS) levels[code] = table[code];
+    return {levels, 8 - bits};
 }
 
 // x_q of an element x in fine cell `cell`: its level, plus x·0 so that a non-finite x gives NaN (spec §2).
-__device__ __forceinline__ float cell_level(const float* levels, int cell, float x) { return levels[cell] + x * 0.0f; }
+__device__ __forceinline__ float cell_level(Levels levels, int cell, float x) { return levels.levels[cell >> levels.shift] + x * 0.0f; }
 """
 
-QUANTIZE_TILE = FINE_LEVELS + r"""
-__device__ __forceinline__ float quantized(unsigned int raw, const float* levels, float lo, float inv_delta) {
+QUANTIZE_TILE = LEVEL_LOOKUP + r"""
+__device__ __forceinline__ float quantized(unsigned int raw, Levels levels, float lo, float inv_delta) {
     const float value = X_WIDEN((X_T)raw);
     const float u = (value - lo) * inv_delta;
     return cell_level(levels, fine_cell(u), value);
 }
 
 // Every element of a staged rows × columns tile replaced by its quantized value (columns a multiple of 8).
-__device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, int rows, int columns, const float* levels,
+__device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, int rows, int columns, Levels levels,
                                               float lo, float inv_delta) {
     const int vectors_per_row = columns / 8;
     for (int i = threadIdx.x; i < rows * vectors_per_row; i += THREADS) {

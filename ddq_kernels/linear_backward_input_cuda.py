@@ -89,7 +89,7 @@ KERNEL = r"""
 // ∂x and the reductions of one tile's chunk; with WEIGHT_GRADIENT also x_q (from the same fine cells) into xq_tile,
 // 0 where the tile is past M or K.
 template <bool FIXED>
-__device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, const float* levels,
+__device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, Levels levels,
                                               int row0, int col0, int warp_m, int warp_k, int M, int K, float lo,
                                               float inv_delta, Accumulators& acc) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -154,7 +154,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     static_assert(M_TILES * J_TILES * 4 == CHUNK, "a tile gives each lane one chunk of v");
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     // The block's W_q columns, STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as whole
-    // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the 256 fine cells' levels.
+    // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the quantizer's 256-entry level table.
     X_T* w_tile = reinterpret_cast<X_T*>(shared_bytes);  // W_q[:, column tile]: N_PAD rows of X_ROW
     X_T* buffers = w_tile + N_PAD * X_ROW;
     constexpr int BUFFER = BLOCK_M * ROW + BLOCK_M * X_ROW;
@@ -169,7 +169,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
     for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
-    if (WEIGHT_GRADIENT) fine_levels(levels, table, logits, min_bits);
+    Levels lookup = {levels, 0};
+    if (WEIGHT_GRADIENT) lookup = load_levels(levels, table, logits, min_bits);
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
     float dw[N_SLICES][C_TILES][4];
@@ -239,8 +240,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
             bound = chunk_bound(bound, v[e]);
         }
         begin_chunk(acc, bound);
-        if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, levels, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
-        else tile_elements<false>(v, x_tile, xq_tile, levels, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, lookup, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        else tile_elements<false>(v, x_tile, xq_tile, lookup, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
         end_chunk(acc);
         __syncthreads();
         for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {
@@ -284,7 +285,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
 
 def shared_bytes(contraction: int, stages: int, weight_gradient: bool = False, tile: ColumnTile = WIDE_TILE) -> int:
     """Dynamic shared memory of one block: the W_q columns, `stages` buffers of dY rows and x (padded rows),
-    the per-warp bins; with the weight gradient the x_q tile and the fine cells' levels."""
+    the per-warp bins; with the weight gradient the x_q tile and the level table."""
     row = padded_contraction(contraction, weight_gradient) + ROW_PAD
     w_rows = row - ROW_PAD
     x_row = tile.block_k + ROW_PAD

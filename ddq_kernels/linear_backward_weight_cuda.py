@@ -2,7 +2,7 @@
 
 The same op as `linear_backward_weight` (spec §2–3; reference: dYᵀ · quantize_reference(x), float32):
 the forward saved x, not x_q, and this kernel quantizes each staged x chunk in place
-(`cuda_tiles.quantize_tile`, the fine-cell levels in shared memory) instead of a separate quantize pass
+(`cuda_tiles.quantize_tile`, the level table in shared memory) instead of a separate quantize pass
 writing x_q for cuBLAS. Block (k, s) owns the N × BLOCK_K slice k of ∂W_q and the s-th run of
 `rows_per_split` rows of the contraction over M: dY and x move through STAGES shared-memory slots of
 BLOCK_M rows (cp.async), both operands reach the tensor cores transposed by ldmatrix.trans, and eight
@@ -47,7 +47,7 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
     const long long last_row = first_row + rows_per_split < M ? first_row + rows_per_split : (long long)M;
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
-    fine_levels(levels, table, logits, min_bits);
+    const Levels lookup = load_levels(levels, table, logits, min_bits);
     const int chunks = (int)((last_row - first_row + BLOCK_M - 1) / BLOCK_M);
     // One commit group a chunk, empty past the last, so that wait_group counts the same in every iteration.
     const auto stage_chunk = [&](int chunk) {
@@ -75,7 +75,7 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
         __syncthreads();
         const X_T* dy_tile = dy_stages + s * BLOCK_M * DY_ROW;
         X_T* x_tile = x_stages + s * BLOCK_M * X_ROW;
-        quantize_tile(x_tile, X_ROW, BLOCK_M, BLOCK_K, levels, lo, inv_delta);
+        quantize_tile(x_tile, X_ROW, BLOCK_M, BLOCK_K, lookup, lo, inv_delta);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_M; kk += 16) {
@@ -133,7 +133,7 @@ def layout(n: int, **overrides: int) -> dict:
 
 
 def shared_bytes(shape: dict) -> int:
-    """STAGES slots of the dY and x chunks (padded rows) and the 256 fine-cell levels."""
+    """STAGES slots of the dY and x chunks (padded rows) and the 256-entry level table."""
     return (shape["STAGES"] * shape["BLOCK_M"] * ((shape["N_PAD"] + ROW_PAD) + (shape["BLOCK_K"] + ROW_PAD)) * 2
             + 256 * 4)
 

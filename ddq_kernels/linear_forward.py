@@ -71,7 +71,7 @@ def forward_configs(M: int, N: int, K: int, cuda_tiles: bool = False) -> list[di
     """Candidate tiles for the forward GEMM (block_m × block_n output, block_k deep), heuristic first.
 
     Then, where it `supports` the call, CUDA_TILES: the CUDA C GEMM that quantizes x in shared memory with
-    the fine-cell levels beside it (`linear_forward_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED,
+    the level table beside it (`linear_forward_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED,
     quantizes x in its own pass and multiplies with cuBLAS: where the GEMM is large (N in the thousands) a
     separate memory-bound pass costs less than re-quantizing each A tile for every column of tiles; the
     timing in `fastest_config` decides per shape class.

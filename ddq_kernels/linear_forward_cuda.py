@@ -42,7 +42,7 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
     const long long row0 = (long long)blockIdx.x * BLOCK_M;
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
-    fine_levels(levels, table, logits, min_bits);
+    const Levels lookup = load_levels(levels, table, logits, min_bits);
     const int chunks = (K + BLOCK_K - 1) / BLOCK_K;
     // One commit group a chunk, empty past the last, so that wait_group counts the same in every iteration.
     const auto stage_chunk = [&](int chunk) {
@@ -69,7 +69,7 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
         __syncthreads();
         X_T* x_tile = x_stages + s * BLOCK_M * ROW;
         const X_T* w_tile = w_stages + s * N_PAD * ROW;
-        quantize_tile(x_tile, ROW, BLOCK_M, BLOCK_K, levels, lo, inv_delta);
+        quantize_tile(x_tile, ROW, BLOCK_M, BLOCK_K, lookup, lo, inv_delta);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_K; kk += 16) {
@@ -127,7 +127,7 @@ def layout(n: int, **overrides: int) -> dict:
 
 
 def shared_bytes(shape: dict) -> int:
-    """STAGES slots of the x and W_q chunks (padded rows) and the 256 fine-cell levels."""
+    """STAGES slots of the x and W_q chunks (padded rows) and the 256-entry level table."""
     return shape["STAGES"] * (shape["BLOCK_M"] + shape["N_PAD"]) * (shape["BLOCK_K"] + ROW_PAD) * 2 + 256 * 4
 
 

@@ -22,8 +22,8 @@ through the float totals directly (a non-finite v still reaches its bin). Measur
 bf16, run 9): 0.61 → 0.50 ms on a ReLU x, 0.70 → 0.50 ms on a spread-out one, ~2.8 TB/s, near the card's
 bandwidth; per channel (float bins, five blocks an SM) as before.
 
-With WRITE_XQ compiled in, the pass also writes x_q = V[i >> (8 − b)] from the fine cell i it found (the levels
-of the 256 cells staged in shared memory from `level_table`'s table), so that a caller needing both the
+With WRITE_XQ compiled in, the pass also writes x_q = V[i >> (8 − b)] from the fine cell i it found (`level_table`'s
+table V staged in shared memory), so that a caller needing both the
 reductions and x_q (`linear_backward.AROUND_CUBLAS`) reads x once.
 
 Compiled with `torch.cuda._compile_kernel` (NVRTC, which ships with PyTorch's CUDA wheels) once per
@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from ddq_kernels.cuda_tiles import FINE_LEVELS
+from ddq_kernels.cuda_tiles import LEVEL_LOOKUP
 
 THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
@@ -129,7 +129,9 @@ __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_d
     return X_NARROW(inside ? v : 0.0f);
 }
 
-// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them. The
+// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them, 4 in each
+// half of the bins, so that a quarter-warp's 16-byte accesses cover 128 contiguous bytes (one wavefront; lanes
+// 32 bytes apart took two, Nsight Compute, run 16). The
 // additions above are volatile asm without a memory clobber, so that the compiler may interleave the chunk's
 // elements; __syncwarp orders them before these loads.
 __device__ __forceinline__ void end_chunk(Accumulators& acc) {
@@ -138,7 +140,7 @@ __device__ __forceinline__ void end_chunk(Accumulators& acc) {
     const unsigned int lane = threadIdx.x % 32;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const unsigned int counts = acc.bins + 32 * lane + 16 * half, totals = counts + 1024;
+        const unsigned int counts = acc.bins + 16 * lane + 512 * half, totals = counts + 1024;
         unsigned int c[4];
         float t[4];
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3]) : "r"(counts) : "memory");
@@ -175,7 +177,7 @@ __device__ __forceinline__ void flush(Accumulators& acc, WarpBins* bins, float (
 }
 """
 
-SOURCE = ELEMENT_MATH + FINE_LEVELS + r"""
+SOURCE = ELEMENT_MATH + LEVEL_LOOKUP + r"""
 template <typename T> __device__ __forceinline__ void load_vector(const T* source, T (&values)[VECTOR]) {
     const uint4* from = reinterpret_cast<const uint4*>(source);
     uint4* to = reinterpret_cast<uint4*>(values);
@@ -193,7 +195,7 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
 // ∂x of one element as `element` computes it; with WRITE_XQ, `quantized` receives x_q = V[i >> (8 − b)] from
 // the fine cell the reductions found.
 template <bool FIXED>
-__device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, const float* levels,
+__device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, Levels levels,
                                                  Accumulators& acc, X_T& quantized) {
     int cell;
     const X_T dx = element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
@@ -203,7 +205,7 @@ __device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, f
 
 template <bool FIXED>
 __device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], X_T (&q)[CHUNK], const V_T (&v)[CHUNK], float lo,
-                                               float inv_delta, const float* levels, Accumulators& acc) {
+                                               float inv_delta, Levels levels, Accumulators& acc) {
 #pragma unroll
     for (int e = 0; e < CHUNK; ++e) x[e] = element_and_level<FIXED>(x[e], x_gradient(V_WIDEN(v[e])), lo, inv_delta, levels, acc, q[e]);
 }
@@ -212,7 +214,7 @@ __device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], X_T (&q)[CHUNK],
 // x = 0: they add nothing. v is widened twice rather than held as floats: registers are what limits the
 // resident warps.
 __device__ __forceinline__ void chunk(X_T (&x)[CHUNK], X_T (&q)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta,
-                                      const float* levels, Accumulators& acc) {
+                                      Levels levels, Accumulators& acc) {
     float bound = 0.0f;
 #pragma unroll
     for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, x_gradient(V_WIDEN(v[e])));
@@ -240,7 +242,8 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
         if (INTEGER_BINS) bins[i / 256].counts[i % 256] = 0u;
     }
     __shared__ float levels[WRITE_XQ ? 256 : 1];
-    if (WRITE_XQ) fine_levels(levels, table + group * 256, logits, min_bits);
+    Levels lookup = {levels, 0};
+    if (WRITE_XQ) lookup = load_levels(levels, table + group * 256, logits, min_bits);
     __syncthreads();
     Accumulators acc;
     start(acc, bins + warp, lo, inv_delta);
@@ -273,8 +276,8 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
 #pragma unroll
             for (int e = 0; e < VECTOR; ++e) { x_values[k * VECTOR + e] = x_vector[e]; v_values[k * VECTOR + e] = v_vector[e]; }
         }
-        if (INTEGER_BINS) chunk(x_values, q_values, v_values, lo, inv_delta, levels, acc);
-        else chunk_elements<false>(x_values, q_values, v_values, lo, inv_delta, levels, acc);
+        if (INTEGER_BINS) chunk(x_values, q_values, v_values, lo, inv_delta, lookup, acc);
+        else chunk_elements<false>(x_values, q_values, v_values, lo, inv_delta, lookup, acc);
 #pragma unroll
         for (int k = 0; k < PER_CHUNK; ++k)
             if (j + k * stride < vectors) {
@@ -293,7 +296,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     // time through the float totals: no chunk, so no collective steps.
     for (long long i = vectors * VECTOR + first; i < group_numel; i += stride) {
         X_T quantized;
-        out[i] = element_and_level<false>(xs[i], x_gradient(V_WIDEN(g[i])), lo, inv_delta, levels, acc, quantized);
+        out[i] = element_and_level<false>(xs[i], x_gradient(V_WIDEN(g[i])), lo, inv_delta, lookup, acc, quantized);
         if (WRITE_XQ) quantized_out[i] = quantized;
     }
     __syncthreads();
