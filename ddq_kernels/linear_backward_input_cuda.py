@@ -86,27 +86,22 @@ NARROW_TILE = ColumnTile(128, 32)
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
-// ∂x and the reductions of one tile's chunk; with WEIGHT_GRADIENT also x_q (from the same fine cells) into xq_tile,
-// 0 where the tile is past M or K.
+// ∂x and the reductions of one tile's chunk; with WEIGHT_GRADIENT also x_q (from the same fine cells) into xq_tile.
+// No bounds checks: elements past M or K hold x = 0 (staged zeros) and v = 0 (`zero_outside`), so they add
+// nothing to the reductions, their ∂x is not written back, and their x_q meets only zero dY rows (past M) or
+// lands in ∂W_q columns that are never written (past K).
 template <bool FIXED>
 __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, Levels levels,
-                                              int row0, int col0, int warp_m, int warp_k, int M, int K, float lo,
-                                              float inv_delta, Accumulators& acc) {
+                                              int warp_m, int warp_k, float lo, float inv_delta, Accumulators& acc) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
 #pragma unroll
     for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int row = row0 + warp_m + i * 16 + g + 8 * half;
+        for (int half = 0; half < 2; ++half)
 #pragma unroll
             for (int j = 0; j < J_TILES; ++j) {
-                const int col = col0 + warp_k + j * 8 + 2 * t;
-                const int offset = (row - row0) * X_ROW + col - col0;
-                if (row >= M || col >= K) {
-                    if (WEIGHT_GRADIENT) *reinterpret_cast<unsigned int*>(xq_tile + offset) = 0u;
-                    continue;
-                }
+                const int offset = (warp_m + i * 16 + g + 8 * half) * X_ROW + warp_k + j * 8 + 2 * t;
                 const int e = (i * J_TILES + j) * 4 + 2 * half;
                 unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
                 const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
@@ -118,7 +113,22 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
                     *reinterpret_cast<unsigned int*>(xq_tile + offset) =
                         narrow_pair(cell_level(levels, cell0, X_WIDEN(x0)), cell_level(levels, cell1, X_WIDEN(x1)));
             }
-        }
+}
+
+// v = 0 for the elements of a tile past M or K. Their products are already 0 unless W_q holds a non-finite
+// value (0·inf); this keeps such a v out of the reductions, as the reference has no such elements. K is a
+// multiple of 8, so an element pair lies wholly inside or outside.
+__device__ __forceinline__ void zero_outside(float (&v)[CHUNK], int row0, int col0, int warp_m, int warp_k, int M, int K) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < J_TILES; ++j) {
+                const int e = (i * J_TILES + j) * 4 + 2 * half;
+                if (row0 + warp_m + i * 16 + g + 8 * half >= M || col0 + warp_k + j * 8 + 2 * t >= K) v[e] = v[e + 1] = 0.0f;
+            }
 }
 
 // dW[:, this column tile] += dYᵀ · x_q over the tile's rows; warps split N (N_SLICES slices of 16 rows each) × the
@@ -231,17 +241,17 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                     mma_16816(c[i][j + 1], a[i], b[j / 2][2], b[j / 2][3]);
                 }
         }
-        // v rounded to x's dtype; the rows and columns past M and K hold 0 and add nothing to the bound.
+        // v rounded to x's dtype, 0 past M and K (a block-uniform branch: only edge tiles check their elements).
         float v[CHUNK];
+#pragma unroll
+        for (int e = 0; e < CHUNK; ++e) v[e] = x_gradient((&c[0][0][0])[e]);
+        if (row0 + BLOCK_M > M || col0 + BLOCK_K > K) zero_outside(v, row0, col0, warp_m, warp_k, M, K);
         float bound = 0.0f;
 #pragma unroll
-        for (int e = 0; e < CHUNK; ++e) {
-            v[e] = x_gradient((&c[0][0][0])[e]);
-            bound = chunk_bound(bound, v[e]);
-        }
+        for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, v[e]);
         begin_chunk(acc, bound);
-        if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, lookup, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
-        else tile_elements<false>(v, x_tile, xq_tile, lookup, row0, col0, warp_m, warp_k, M, K, lo, inv_delta, acc);
+        if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
+        else tile_elements<false>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
         end_chunk(acc);
         __syncthreads();
         for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {

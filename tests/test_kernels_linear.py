@@ -478,6 +478,29 @@ def test_fused_backward_every_bitwidth_and_non_finite_x_on_gpu():
     assert grad_x[3, 5] == 0 and grad_x[40, 0] == 0 and grad_x[514, 135] == 0
 
 
+@pytest.mark.gpu
+def test_fused_backward_keeps_tile_padding_out_of_the_reductions_on_gpu():
+    """The fused pass has no per-element bounds checks: elements of a partial tile past M or K get v = 0
+    (`zero_outside`), so they add nothing even where W_q holds inf and their product 0·inf would be NaN. Only the
+    bin that the reference makes non-finite is non-finite: here x's column 7 lies in the last fine cell, far from
+    the cell of the padding's x = 0."""
+    from ddq.functional import reductions_reference
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_backward_input_cuda import linear_backward_shared
+
+    x, weight, _, lo, hi, residuals, logits, *_ = linear_case(515, 136, 64, torch.bfloat16, "unsigned", 4, 4)
+    x = clear_of_boundaries(x, lo, hi)
+    x[:, 7] = hi.to(x.dtype)
+    weight[3, 7] = float("inf")
+    grad_y = torch.randn(515, 64, device=DEVICE).to(torch.bfloat16)
+    table = level_table(lo, hi, residuals, logits, 1)
+    _, histogram, *_ = linear_backward_shared(grad_y, weight, x, lo, hi, table, logits, 1)
+    want = reductions_reference((grad_y.double() @ weight.double()).to(torch.bfloat16), x, lo, hi)[1]
+    finite = torch.isfinite(want)
+    assert not finite.all() and torch.equal(torch.isfinite(histogram), finite)
+    assert relative_error(histogram[finite], want[finite]) <= TOLERANCE[torch.bfloat16]
+
+
 def test_fused_backward_column_tile():
     """The narrow tile (128 × 32) where K ≤ 32 and N > 32 with ∂W_q; the wide one (64 × 64) elsewhere; asking for the
     narrow one with N ≤ 32 is a clear error."""
