@@ -2,9 +2,10 @@
 
 The step runs a few times first, so that `fastest_config` has picked its candidates and everything is compiled;
 then one step runs between cudaProfilerStart and cudaProfilerStop, so that `ncu --profile-from-start off`
-profiles that step's kernels only. Usage on a CUDA machine, from the repository root:
+profiles that step's kernels only (one kernel a report for `ncu_summary.py`: FUSED below, `ddq_linear_forward`
+for the forward). Usage on a CUDA machine, from the repository root:
 
-    ncu --profile-from-start off --set full -k regex:ddq_ -o OUT/fused python3 benchmarks/ncu_step.py 401408 576 64
+    ncu --profile-from-start off --set full -k ddq_backward_input_shared -o OUT/fused python3 benchmarks/ncu_step.py 401408 576 64
     ncu -i OUT/fused.ncu-rep --page raw --csv > OUT/raw.csv
     ncu -i OUT/fused.ncu-rep --page source --csv --print-source sass > OUT/sass.csv
     python3 benchmarks/ncu_summary.py OUT/raw.csv OUT/sass.csv

@@ -1,6 +1,6 @@
 """Where a kernel's time goes, from Nsight Compute's CSV pages (docs/kernels.md, run 16).
 
-Prints, for the first kernel of `ncu -i REP --page raw --csv`: the throughput, issue, stall and pipe metrics that
+Prints, for the first kernel of `ncu -i REP --page raw --csv` (profile one kernel a report, `ncu -k NAME`): the throughput, issue, stall and pipe metrics that
 tell a DRAM-bound kernel from one bound by the SM; and, from `ncu -i REP --page source --csv --print-source sass`
 of the same report, the shared-memory wavefronts by instruction kind (LDS, STS, ATOMS, LDSM and their widths),
 with how many wavefronts each instruction took and how many were bank conflicts beyond the ideal.
