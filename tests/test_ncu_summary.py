@@ -1,17 +1,9 @@
 """benchmarks/ncu_summary.py: metrics and shared-memory wavefronts from Nsight Compute's CSV pages."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ncu_summary.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ncu_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark_script
 
 
 def write_csv(path: Path, rows: list[list[str]]) -> str:
@@ -26,7 +18,7 @@ def test_metrics_come_from_the_first_kernel_row(tmp_path, capsys):
         ["", "", "%", "register/thread"],
         ["0", "fused", "18.4", "80"],
         ["1", "other", "99.0", "32"]])
-    load_script().print_metrics(raw)
+    load_benchmark_script("ncu_summary").print_metrics(raw)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "== fused"
     assert lines[1].split()[-2:] == ["18.4", "%"] and lines[1].startswith("  DRAM throughput")
@@ -44,7 +36,7 @@ def test_shared_wavefronts_group_by_opcode_and_rate(tmp_path, capsys):
         ["0x20", "LDS.128 R4, [R5] ;", "1,000,000", "8,000,000", "4,000,000"],
         ["0x30", "LDS.128 R8, [R5+0x10] ;", "1,000,000", "4,000,000", "0"],
         ["0x40", "LDG.E R9, [R10.64] ;", "1,000,000", "0", "0"]])
-    load_script().print_shared_wavefronts(sass)
+    load_benchmark_script("ncu_summary").print_shared_wavefronts(sass)
     lines = capsys.readouterr().out.splitlines()
     assert "total 19.0M" in lines[0]
     rows = [line.split() for line in lines[1:]]
