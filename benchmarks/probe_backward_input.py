@@ -85,6 +85,11 @@ def fused_weight_gradient_cases(median_ms) -> dict[str, float]:
         times[f"separate_{M}x{K}x{N}"] = median_ms(separate, rep_ms=1000)
         times[f"fused_weight_{M}x{K}x{N}"] = median_ms(
             lambda: linear_backward_shared(grad_y, w_q, x, zero, three, table, logits, 2), rep_ms=1000)
+        # A sparse x (95 % zeros: a tenth of a ReLU output), where most warps' 32 elements all lie in the cell of
+        # 0, which the pass sums in a register: a change to that path (branch-free adds) is timed on both x.
+        sparse = x * (torch.rand_like(x, dtype=torch.float32) < 0.1).to(x.dtype)
+        times[f"fused_weight_sparse_{M}x{K}x{N}"] = median_ms(
+            lambda: linear_backward_shared(grad_y, w_q, sparse, zero, three, table, logits, 2), rep_ms=1000)
     return times
 
 

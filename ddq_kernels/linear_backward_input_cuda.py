@@ -86,6 +86,20 @@ NARROW_TILE = ColumnTile(128, 32)
 ROW_PAD = 8  # elements: 16 bytes
 
 KERNEL = r"""
+// Calls f(e, row, column) for each element pair of a lane's chunk: its index e in v (elements e and e + 1) and
+// its row and column in the block's tile. Accumulator (i, j) holds rows g and g + 8 of the warp's 16-row slice i,
+// columns 2t and 2t + 1 of its 8-column slice j.
+template <typename F>
+__device__ __forceinline__ void for_each_pair(int warp_m, int warp_k, F&& f) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < J_TILES; ++j) f((i * J_TILES + j) * 4 + 2 * half, warp_m + i * 16 + g + 8 * half, warp_k + j * 8 + 2 * t);
+}
+
 // ∂x and the reductions of one tile's chunk; with WEIGHT_GRADIENT also x_q (from the same fine cells) into xq_tile.
 // No bounds checks: elements past M or K hold x = 0 (staged zeros) and v = 0 (`zero_outside`), so they add
 // nothing to the reductions, their ∂x is not written back, and their x_q meets only zero dY rows (past M) or
@@ -93,42 +107,27 @@ KERNEL = r"""
 template <bool FIXED>
 __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, Levels levels,
                                               int warp_m, int warp_k, float lo, float inv_delta, Accumulators& acc) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    // Accumulator (i, j): rows g and g + 8 of the 16-row slice i, columns 2t and 2t + 1 of the 8-column slice j.
-#pragma unroll
-    for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int j = 0; j < J_TILES; ++j) {
-                const int offset = (warp_m + i * 16 + g + 8 * half) * X_ROW + warp_k + j * 8 + 2 * t;
-                const int e = (i * J_TILES + j) * 4 + 2 * half;
-                unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
-                const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
-                int cell0, cell1;
-                const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
-                const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
-                *pair = d0 | (d1 << 16);
-                if (WEIGHT_GRADIENT)
-                    *reinterpret_cast<unsigned int*>(xq_tile + offset) =
-                        narrow_pair(cell_level(levels, cell0, X_WIDEN(x0)), cell_level(levels, cell1, X_WIDEN(x1)));
-            }
+    for_each_pair(warp_m, warp_k, [&](int e, int row, int column) {
+        const int offset = row * X_ROW + column;
+        unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
+        const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
+        int cell0, cell1;
+        const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
+        const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
+        *pair = d0 | (d1 << 16);
+        if (WEIGHT_GRADIENT)
+            *reinterpret_cast<unsigned int*>(xq_tile + offset) =
+                narrow_pair(cell_level(levels, cell0, X_WIDEN(x0)), cell_level(levels, cell1, X_WIDEN(x1)));
+    });
 }
 
 // v = 0 for the elements of a tile past M or K. Their products are already 0 unless W_q holds a non-finite
 // value (0·inf); this keeps such a v out of the reductions, as the reference has no such elements. K is a
 // multiple of 8, so an element pair lies wholly inside or outside.
 __device__ __forceinline__ void zero_outside(float (&v)[CHUNK], int row0, int col0, int warp_m, int warp_k, int M, int K) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-#pragma unroll
-            for (int j = 0; j < J_TILES; ++j) {
-                const int e = (i * J_TILES + j) * 4 + 2 * half;
-                if (row0 + warp_m + i * 16 + g + 8 * half >= M || col0 + warp_k + j * 8 + 2 * t >= K) v[e] = v[e + 1] = 0.0f;
-            }
+    for_each_pair(warp_m, warp_k, [&](int e, int row, int column) {
+        if (row0 + row >= M || col0 + column >= K) v[e] = v[e + 1] = 0.0f;
+    });
 }
 
 // dW[:, this column tile] += dYᵀ · x_q over the tile's rows; warps split N (N_SLICES slices of 16 rows each) × the
@@ -178,7 +177,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     const int warp_m = (warp % 4) * (16 * M_TILES), warp_k = (warp / 4) * (8 * J_TILES);
     const float lo = lo_ptr[0];
     const float inv_delta = 1.0f / ((hi_ptr[0] - lo) / 255.0f);
-    for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) (&bins[0].counts[0])[i] = 0u;
+    for (int i = threadIdx.x; i < WARPS * 512; i += THREADS) reinterpret_cast<unsigned int*>(&bins[i / 512])[i % 512] = 0u;
     Levels lookup = {levels, 0};
     if (WEIGHT_GRADIENT) lookup = load_levels(levels, table, logits, min_bits);
     Accumulators acc;
@@ -241,10 +240,15 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                     mma_16816(c[i][j + 1], a[i], b[j / 2][2], b[j / 2][3]);
                 }
         }
-        // v rounded to x's dtype, 0 past M and K (a block-uniform branch: only edge tiles check their elements).
+        // v rounded to x's dtype (two values a conversion, as x_gradient rounds them), 0 past M and K (a
+        // block-uniform branch: only edge tiles check their elements).
         float v[CHUNK];
 #pragma unroll
-        for (int e = 0; e < CHUNK; ++e) v[e] = x_gradient((&c[0][0][0])[e]);
+        for (int e = 0; e < CHUNK; e += 2) {
+            const unsigned int pair = narrow_pair((&c[0][0][0])[e], (&c[0][0][0])[e + 1]);
+            v[e] = X_WIDEN((X_T)(pair & 0xFFFFu));
+            v[e + 1] = X_WIDEN((X_T)(pair >> 16));
+        }
         if (row0 + BLOCK_M > M || col0 + BLOCK_K > K) zero_outside(v, row0, col0, warp_m, warp_k, M, K);
         float bound = 0.0f;
 #pragma unroll

@@ -44,7 +44,7 @@ THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
 BLOCKS_PER_SM = 4  # with __launch_bounds__(THREADS, 4): 1024 resident threads, each with 4 loads in flight
 FLOAT_BINS_BLOCKS_PER_SM = 5  # a 16-bit x without the integer bins fits 48 registers: 1280 resident threads
-WARP_BINS_BYTES = 2048  # a warp's WarpBins: 256 integer bins and 256 float totals
+WARP_BINS_BYTES = 2176  # a warp's WarpBins: 256 integer bins, 256 float totals, 32 sink slots
 
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f16"), torch.bfloat16: ("unsigned short", "bf16")}
 
@@ -58,6 +58,11 @@ __device__ __forceinline__ float widen_bf16(unsigned short h) { return __uint_as
 __device__ __forceinline__ float narrow_f32(float f) { return f; }
 __device__ __forceinline__ unsigned short narrow_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ unsigned short narrow_bf16(float f) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+// The same for a value that x's dtype holds exactly (no rounding to do): bfloat16 is the top half of its
+// float32, so a shift replaces the conversion, which runs on the SM's narrow conversion pipe.
+__device__ __forceinline__ float narrow_exact_f32(float f) { return f; }
+__device__ __forceinline__ unsigned short narrow_exact_f16(float f) { return narrow_f16(f); }
+__device__ __forceinline__ unsigned short narrow_exact_bf16(float f) { return (unsigned short)(__float_as_uint(f) >> 16); }
 
 // i = clamp(floor(u + 0.5), 0, 255) in one flooring convert and an integer clamp: the convert gives 0 for NaN
 // and saturates ±inf and |u| ≥ 2^31, so every u lands where the float clamp would put it.
@@ -77,14 +82,17 @@ __device__ __forceinline__ float max_keeping_nan(float a, float b) { float m; as
 __device__ __forceinline__ float chunk_bound(float bound, float v) { return max_keeping_nan(bound, fabsf(v)); }
 
 // A warp's 256 histogram bins: integers in fixed point within a chunk (sm_90 adds integers into shared memory
-// in one instruction, floats in a compare-and-swap loop), float totals across chunks.
+// in one instruction, floats in a compare-and-swap loop), float totals across chunks; and a slot a lane, never
+// read, that takes the adds of elements in the hot cell (`element`).
 struct WarpBins {
     unsigned int counts[256];
     float totals[256];
+    unsigned int sink[32];
 };
 
 struct Accumulators {
     unsigned int bins;  // shared-window address of the warp's WarpBins
+    unsigned int sink;  // shared-window address of this lane's sink slot
     int hot_cell;
     bool fixed;         // this chunk goes through the integer bins (warp-uniform)
     float scale, inv_scale;
@@ -93,6 +101,7 @@ struct Accumulators {
 
 __device__ __forceinline__ void start(Accumulators& acc, WarpBins* warp_bins, float lo, float inv_delta) {
     acc.bins = (unsigned int)__cvta_generic_to_shared(warp_bins);
+    acc.sink = (unsigned int)__cvta_generic_to_shared(&warp_bins->sink[threadIdx.x % 32]);
     acc.hot_cell = fine_cell((0.0f - lo) * inv_delta);
     acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
 }
@@ -108,25 +117,31 @@ __device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound) {
     acc.inv_scale = __int_as_float((127 - s) << 23);
 }
 
-// ∂x of one element, its v added to the reductions; `cell` receives x's fine cell.
+// round(v·scale) to the nearest integer, ties to even, as __float2int_rn(v * scale), wherever |v·scale| < 2^22
+// (begin_chunk's scale keeps it below 2^21): adding 1.5·2^23 within the same rounding leaves the integer in the
+// low mantissa bits. A fused multiply-add and an integer add instead of a multiply and a conversion: the
+// conversions ran the narrow conversion pipe at 30 % of its peak in FUSED (Nsight Compute, run 16).
+__device__ __forceinline__ int fixed_point(float v, float scale) { return __float_as_int(fmaf(v, scale, 12582912.0f)) - 0x4B400000; }
+
+// ∂x of one element, its v added to the reductions; `cell` receives x's fine cell. v is exactly representable
+// in x's dtype (x_gradient rounded it, or it was read in that dtype), so ∂x needs no rounding.
 template <bool FIXED>
 __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc, int& cell) {
     const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
     const bool inside = (u >= 0.0f) && (u <= 255.0f);
     cell = fine_cell(u);
     // The cell of x = 0, which holds most of a ReLU activation's elements, sums in a register, so that a
-    // warp's lanes do not serialise on one shared address.
-    const unsigned int cold = cell != acc.hot_cell;
+    // warp's lanes do not serialise on one shared address. Its lanes still add, into their own sink slots: a
+    // predicated add became a branch with a convergence barrier around every element (ptxas, sm_90).
+    const bool cold = cell != acc.hot_cell;
     if (!cold) acc.hot_sum += v;
     if (FIXED) {
-        asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.u32 [%0], %1; }"
-                     :: "r"(acc.bins + 4 * cell), "r"(__float2int_rn(v * acc.scale)), "r"(cold));
+        asm volatile("red.shared.add.u32 [%0], %1;" :: "r"(cold ? acc.bins + 4 * cell : acc.sink), "r"(fixed_point(v, acc.scale)));
     } else {
-        asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p red.shared.add.f32 [%0], %1; }"
-                     :: "r"(acc.bins + 1024 + 4 * cell), "f"(v), "r"(cold));
+        asm volatile("red.shared.add.f32 [%0], %1;" :: "r"(cold ? acc.bins + 1024 + 4 * cell : acc.sink), "f"(v));
     }
     if (inside) acc.sum_vu = fmaf(v, u, acc.sum_vu); else acc.sum_clipped += v;
-    return X_NARROW(inside ? v : 0.0f);
+    return X_NARROW_EXACT(inside ? v : 0.0f);
 }
 
 // Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them, 4 in each
@@ -324,7 +339,8 @@ def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int
     x_type, x_kind = _TYPES[x_dtype]
     v_type, v_kind = _TYPES[v_dtype]
     return (f"#define THREADS {threads}\n#define X_T {x_type}\n#define V_T {v_type}\n#define V_IS_X {int(x_dtype == v_dtype)}\n"
-            f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define V_WIDEN widen_{v_kind}\n")
+            f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define X_NARROW_EXACT narrow_exact_{x_kind}\n"
+            f"#define V_WIDEN widen_{v_kind}\n")
 
 
 @functools.lru_cache(maxsize=None)
