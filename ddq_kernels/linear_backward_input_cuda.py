@@ -191,10 +191,10 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
     const int col0 = (int)(blockIdx.x % tiles_k) * BLOCK_K;
     const long long row_tiles = (M + BLOCK_M - 1) / BLOCK_M, row_step = gridDim.x / tiles_k;
     long long row_tile = blockIdx.x / tiles_k;
-    stage(w_tile, X_ROW, w_q, 0, col0, N_PAD, BLOCK_K, N, K);
+    stage<N_PAD, BLOCK_K>(w_tile, X_ROW, w_q, 0, col0, N, K);
     if (row_tile < row_tiles) {
-        stage(buffers, ROW, grad_y, row_tile * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
-        stage(buffers + BLOCK_M * ROW, X_ROW, x, row_tile * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+        stage<BLOCK_M, N_PAD>(buffers, ROW, grad_y, row_tile * BLOCK_M, 0, M, N);
+        stage<BLOCK_M, BLOCK_K>(buffers + BLOCK_M * ROW, X_ROW, x, row_tile * BLOCK_M, col0, M, K);
     }
     asm volatile("cp.async.commit_group;");
     for (int slot = 0; row_tile < row_tiles; row_tile += row_step, slot = (slot + 1) % STAGES) {
@@ -206,8 +206,8 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         const long long next = row_tile + row_step;
         if (STAGES == 2 && next < row_tiles) {
             X_T* next_dy = buffers + (1 - slot) * BUFFER;
-            stage(next_dy, ROW, grad_y, next * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
-            stage(next_dy + BLOCK_M * ROW, X_ROW, x, next * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+            stage<BLOCK_M, N_PAD>(next_dy, ROW, grad_y, next * BLOCK_M, 0, M, N);
+            stage<BLOCK_M, BLOCK_K>(next_dy + BLOCK_M * ROW, X_ROW, x, next * BLOCK_M, col0, M, K);
         }
         asm volatile("cp.async.commit_group;");
         float c[M_TILES][J_TILES][4];
@@ -258,17 +258,16 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         else tile_elements<false>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
         end_chunk(acc);
         __syncthreads();
-        for (int i = threadIdx.x; i < BLOCK_M * (BLOCK_K / 8); i += THREADS) {
-            const int r = i / (BLOCK_K / 8), c = (i % (BLOCK_K / 8)) * 8;
+        for_each_vector<BLOCK_M, BLOCK_K>([&](int r, int c) {
             if (row0 + r < M && col0 + c < K)
                 *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) =
                     *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
-        }
+        });
         if (WEIGHT_GRADIENT) add_weight_gradient(dw, dy_tile, xq_tile);
         if (STAGES == 1 && next < row_tiles) {
             __syncthreads();
-            stage(dy_tile, ROW, grad_y, next * BLOCK_M, 0, BLOCK_M, N_PAD, M, N);
-            stage(x_tile, X_ROW, x, next * BLOCK_M, col0, BLOCK_M, BLOCK_K, M, K);
+            stage<BLOCK_M, N_PAD>(dy_tile, ROW, grad_y, next * BLOCK_M, 0, M, N);
+            stage<BLOCK_M, BLOCK_K>(x_tile, X_ROW, x, next * BLOCK_M, col0, M, K);
             asm volatile("cp.async.commit_group;");
         }
     }

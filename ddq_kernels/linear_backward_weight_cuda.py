@@ -54,8 +54,8 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
         if (chunk < chunks) {
             const int slot = chunk % STAGES;
             const long long rows = first_row + (long long)chunk * BLOCK_M;
-            stage(dy_stages + slot * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, BLOCK_M, N_PAD, last_row, N);
-            stage(x_stages + slot * BLOCK_M * X_ROW, X_ROW, x, rows, col0, BLOCK_M, BLOCK_K, last_row, K);
+            stage<BLOCK_M, N_PAD>(dy_stages + slot * BLOCK_M * DY_ROW, DY_ROW, grad_y, rows, 0, last_row, N);
+            stage<BLOCK_M, BLOCK_K>(x_stages + slot * BLOCK_M * X_ROW, X_ROW, x, rows, col0, last_row, K);
         }
         asm volatile("cp.async.commit_group;");
     };
@@ -75,7 +75,7 @@ ddq_linear_backward_weight(const X_T* __restrict__ grad_y, const X_T* __restrict
         __syncthreads();
         const X_T* dy_tile = dy_stages + s * BLOCK_M * DY_ROW;
         X_T* x_tile = x_stages + s * BLOCK_M * X_ROW;
-        quantize_tile(x_tile, X_ROW, BLOCK_M, BLOCK_K, lookup, lo, inv_delta);
+        quantize_tile<BLOCK_M, BLOCK_K>(x_tile, X_ROW, lookup, lo, inv_delta);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_M; kk += 16) {

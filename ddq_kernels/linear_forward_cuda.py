@@ -48,8 +48,8 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
     const auto stage_chunk = [&](int chunk) {
         if (chunk < chunks) {
             const int slot = chunk % STAGES;
-            stage(x_stages + slot * BLOCK_M * ROW, ROW, x, row0, chunk * BLOCK_K, BLOCK_M, BLOCK_K, M, K);
-            stage(w_stages + slot * N_PAD * ROW, ROW, w_q, 0, chunk * BLOCK_K, N_PAD, BLOCK_K, N, K);
+            stage<BLOCK_M, BLOCK_K>(x_stages + slot * BLOCK_M * ROW, ROW, x, row0, chunk * BLOCK_K, M, K);
+            stage<N_PAD, BLOCK_K>(w_stages + slot * N_PAD * ROW, ROW, w_q, 0, chunk * BLOCK_K, N, K);
         }
         asm volatile("cp.async.commit_group;");
     };
@@ -69,7 +69,7 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
         __syncthreads();
         X_T* x_tile = x_stages + s * BLOCK_M * ROW;
         const X_T* w_tile = w_stages + s * N_PAD * ROW;
-        quantize_tile(x_tile, ROW, BLOCK_M, BLOCK_K, lookup, lo, inv_delta);
+        quantize_tile<BLOCK_M, BLOCK_K>(x_tile, ROW, lookup, lo, inv_delta);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_K; kk += 16) {
