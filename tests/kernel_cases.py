@@ -47,7 +47,7 @@ def quantizer_params(mode: str, groups: int, bits: int, min_bits: int, device: s
 
 
 def sample_input(shape, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype, groups: int) -> torch.Tensor:
-    """x whose u = (x − lo)/Δ spans [−40, 295] (clipping on both sides), with a few non-finite values."""
+    """x whose u = (x − lo)/Δ spans [−40, 295] (clipping on both sides); tests add non-finite values themselves."""
     n = int(np.prod(shape)) // groups
     span = torch.rand(groups, n, dtype=torch.float64) * 335 - 40
     delta = (hi.double().cpu() - lo.double().cpu()) / qm.FINE_MAX
