@@ -334,7 +334,7 @@ def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
     for got in runs:
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype
-        assert torch.allclose(got[0].double(), want[0].double(), rtol=unit, atol=1e-5 * magnitude.max().item())
+        torch.testing.assert_close(got[0].double(), want[0].double(), rtol=unit, atol=1e-5 * magnitude.max().item())
         assert relative_error(got[1], want[1]) <= TOLERANCE[dtype]
         assert abs(got[2] - want[2]).item() <= unit * 255 * magnitude.sum().item()
         assert abs(got[3] - want[3]).item() <= unit * magnitude.sum().item()
@@ -379,7 +379,7 @@ def check_fused_backward(got, x, weight, grad_y, lo, hi, residuals, logits, min_
     want = reductions_reference(v, x, lo, hi)
     unit = torch.finfo(dtype).eps
     magnitude = v.double().abs()
-    assert torch.allclose(grad_x.double(), want[0].double(), rtol=unit, atol=1e-5 * magnitude.max().item())
+    torch.testing.assert_close(grad_x.double(), want[0].double(), rtol=unit, atol=1e-5 * magnitude.max().item())
     assert relative_error(histogram, want[1]) <= TOLERANCE[dtype]
     assert abs(sum_vu - want[2]).item() <= unit * 255 * magnitude.sum().item()
     assert abs(sum_clipped - want[3]).item() <= unit * magnitude.sum().item()
@@ -606,9 +606,10 @@ def test_cuda_tiles_forward_and_weight_gradient_on_gpu(M, K, N, dtype, act_mode)
     for got in (linear_forward_cuda(x, weight, bias, lo, hi, table, logits, 1),
                 linear_forward(x, weight, bias, lo, hi, table, logits, 1, CUDA_TILES)):
         assert got.shape == (M, N) and got.dtype == dtype
-        assert torch.allclose(got.double(), want_y, rtol=unit, atol=1e-6 * want_y.abs().max().item())
+        torch.testing.assert_close(got.double(), want_y, rtol=unit, atol=1e-6 * want_y.abs().max().item())
     no_bias = linear_forward_cuda(x, weight, None, lo, hi, table, logits, 1)
-    assert torch.allclose(no_bias.double(), x_q @ weight.double().t(), rtol=unit, atol=1e-6 * want_y.abs().max().item())
+    torch.testing.assert_close(no_bias.double(), x_q @ weight.double().t(), rtol=unit,
+                               atol=1e-6 * want_y.abs().max().item())
     want_dw = grad_y.double().t() @ x_q
     bound = grad_y.double().abs().t() @ x_q.abs()
     for got in (linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 1),
@@ -633,7 +634,8 @@ def test_cuda_tiles_every_bitwidth_on_gpu(bits):
     x_q = quantize_reference(x, lo, hi, residuals, logits, min_bits).double()
     want_y = x_q @ weight.double().t() + bias.double()
     got_y = linear_forward_cuda(x, weight, bias, lo, hi, table, logits, min_bits)
-    assert torch.allclose(got_y.double(), want_y, rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6 * want_y.abs().max().item())
+    torch.testing.assert_close(got_y.double(), want_y, rtol=torch.finfo(torch.bfloat16).eps,
+                               atol=1e-6 * want_y.abs().max().item())
     got_dw = linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, min_bits).double()
     assert ((got_dw - grad_y.double().t() @ x_q).abs() <= 2e-5 * (grad_y.double().abs().t() @ x_q.abs()) + 1e-30).all()
 
