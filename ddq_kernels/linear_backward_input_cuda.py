@@ -31,7 +31,8 @@ along K. The wide tile is 64 × 64 (warps of 16 × 32); with ∂W_q, where K ≤
 128 × 32 (warps of 32 × 16), so that no v products or ∂W_q accumulators are spent on columns past K
 (`column_tile`; on 100352×32×192 half of a wide tile is past K). dY rows and the x block are staged with
 cp.async into one of STAGES buffers: with two (N ≤ 128, or N ≤ 64 with the narrow tile; three blocks an SM)
-the next tile's loads are in flight while this one is computed. ∂x is written back through the x block, so global memory sees only whole 16-byte vectors.
+the next tile's loads are in flight while this one is computed. ∂x is written back through the x block, so
+global memory sees only whole 16-byte vectors.
 Shared-memory rows are padded by 16 bytes, so that the fragment loads of 8 rows × 4 lanes hit 32 distinct
 banks. Each tile gives every lane 16 values of v, one chunk of the element math's integer bins; the
 histogram is flushed to global memory once per block, not once per tile.

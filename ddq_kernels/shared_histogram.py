@@ -146,9 +146,8 @@ __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_d
 
 // Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them, 4 in each
 // half of the bins, so that a quarter-warp's 16-byte accesses cover 128 contiguous bytes (one wavefront; lanes
-// 32 bytes apart took two, Nsight Compute, run 16). The
-// additions above are volatile asm without a memory clobber, so that the compiler may interleave the chunk's
-// elements; __syncwarp orders them before these loads.
+// 32 bytes apart took two, Nsight Compute, run 16). The additions above are volatile asm without a memory
+// clobber, so that the compiler may interleave the chunk's elements; __syncwarp orders them before these loads.
 __device__ __forceinline__ void end_chunk(Accumulators& acc) {
     if (!acc.fixed) return;
     __syncwarp();
