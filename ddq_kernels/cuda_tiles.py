@@ -4,7 +4,7 @@ Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backw
 - `for_each_vector`: a thread's 16-byte vectors of a tile whose shape is a compile-time constant;
 - `stage`: a ROWS × COLUMNS block of a row-major matrix into padded shared-memory rows with cp.async
   (16-byte vectors, zero outside the matrix);
-- `shared_word`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
+- `ldmatrix`, `load_a`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
   product itself (float32 accumulation); `narrow_pair`: two float32 values into one word of 16-bit values;
 - `load_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
   staged tile. The bitwidth comes from the gate logits on the device, and `level_table`'s V is laid out in
@@ -19,10 +19,6 @@ The source needs `element_math_header`'s #defines and `shared_histogram.ELEMENT_
 from __future__ import annotations
 
 TILE_HELPERS = r"""
-__device__ __forceinline__ unsigned int shared_word(const X_T* row, int column) {
-    return *reinterpret_cast<const unsigned int*>(row + column);
-}
-
 // Calls f(row, column) for each 16-byte vector of a ROWS × COLUMNS tile (COLUMNS a multiple of 8) that this
 // thread handles, the vectors in row-major order, THREADS apart. Where a row's vectors divide THREADS, a
 // thread's vectors share one column and lie whole rows apart, so their addresses differ by constants: computing
@@ -56,6 +52,26 @@ __device__ __forceinline__ void stage(X_T* shared, int pitch, const X_T* __restr
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                      :: "r"(target), "l"(inside ? corner + (long long)r * row_length + c : global), "r"(inside ? 16 : 0));
     });
+}
+
+// Four (x4) or two (x2) 8 × 8 blocks of 16-bit values as they lie: lanes 8q..8q+7 give the rows of block q, and
+// lane (g, t) receives elements (g, 2t) and (g, 2t + 1) of each block. One load for what took four (two) 32-bit
+// loads a lane: the shared-memory wavefronts are the same, the instructions a quarter.
+__device__ __forceinline__ void ldmatrix(unsigned int (&fragment)[4], const X_T* row) {
+    const unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3]) : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix(unsigned int (&fragment)[2], const X_T* row) {
+    const unsigned int address = (unsigned int)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(fragment[0]), "=r"(fragment[1]) : "r"(address));
+}
+
+// The A fragment of mma m16n8k16 for the 16 × 16 block of a row-major tile at `corner` (rows `pitch` apart).
+__device__ __forceinline__ void load_a(unsigned int (&a)[4], const X_T* corner, int pitch) {
+    const int lane = threadIdx.x % 32;
+    ldmatrix(a, corner + (lane % 16) * pitch + (lane / 16) * 8);
 }
 
 // Four 8 × 8 blocks of 16-bit values, transposed: lanes 8q..8q+7 give the rows of block q, and lane

@@ -222,13 +222,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         for (int kk = 0; kk < N_PAD; kk += 16) {
             unsigned int a[M_TILES][4], b[J_TILES / 2][4];
 #pragma unroll
-            for (int i = 0; i < M_TILES; ++i) {
-                const X_T* top = dy_tile + (warp_m + i * 16 + g) * ROW + kk + 2 * t;
-                a[i][0] = shared_word(top, 0);
-                a[i][1] = shared_word(top, 8 * ROW);
-                a[i][2] = shared_word(top, 8);
-                a[i][3] = shared_word(top, 8 * ROW + 8);
-            }
+            for (int i = 0; i < M_TILES; ++i) load_a(a[i], dy_tile + (warp_m + i * 16) * ROW + kk, ROW);
             // B = W_q rows kk.. of the warp's 8·J_TILES columns, transposed by ldmatrix: two 8-column slices a load.
 #pragma unroll
             for (int j = 0; j < J_TILES; j += 2)

@@ -73,18 +73,24 @@ ddq_linear_forward(const X_T* __restrict__ x, const X_T* __restrict__ w_q, const
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_K; kk += 16) {
+            // B of two 8-column slices a load: W_q rows n (lanes 0-7: slice j, k; 8-15: slice j, k + 8; 16-31 the
+            // same for slice j + 1), as mma's column-major B wants them.
             unsigned int b[N_TILES][2];
 #pragma unroll
-            for (int j = 0; j < N_TILES; ++j) {
-                const X_T* column = w_tile + (warp_n + j * 8 + g) * ROW + kk + 2 * t;
-                b[j][0] = shared_word(column, 0);
-                b[j][1] = shared_word(column, 8);
+            for (int j = 0; j < N_TILES; j += 2) {
+                const X_T* rows = w_tile + (warp_n + j * 8 + lane % 8 + (lane / 16) * 8) * ROW + kk + (lane / 8 % 2) * 8;
+                if (j + 1 < N_TILES) {
+                    unsigned int pair[4];
+                    ldmatrix(pair, rows);
+                    b[j][0] = pair[0], b[j][1] = pair[1], b[j + 1][0] = pair[2], b[j + 1][1] = pair[3];
+                } else {
+                    ldmatrix(b[j], rows);
+                }
             }
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i) {
-                const X_T* top = x_tile + (warp_m + 16 * i + g) * ROW + kk + 2 * t;
-                const unsigned int a[4] = {shared_word(top, 0), shared_word(top, 8 * ROW), shared_word(top, 8),
-                                           shared_word(top, 8 * ROW + 8)};
+                unsigned int a[4];
+                load_a(a, x_tile + (warp_m + 16 * i) * ROW + kk, ROW);
 #pragma unroll
                 for (int j = 0; j < N_TILES; ++j) mma_16816(c[i][j], a, b[j][0], b[j][1]);
             }
