@@ -3,7 +3,7 @@
 Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backward_input_cuda`:
 - `for_each_vector`: a thread's 16-byte vectors of a tile whose shape is a compile-time constant;
 - `stage`: a ROWS × COLUMNS block of a row-major matrix into padded shared-memory rows with cp.async
-  (16-byte vectors, zero outside the matrix);
+  (16-byte vectors, zero outside the matrix: `copy_vector`);
 - `ldmatrix`, `load_a`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
   product itself (float32 accumulation); `narrow_pair`: two float32 values into one word of 16-bit values;
 - `load_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
@@ -12,7 +12,9 @@ Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backw
   besides its arithmetic. Triton's quantize-in-load gathers the level from global memory (L1) instead,
   which made its fused forward 2.8× slower than its bytes allow.
   The element math is `fine_grid`'s: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255) with NaN in
-  cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores.
+  cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores. `quantize_tile`
+  finds the code i >> (8 − b) in one scaled flooring convert (`coarse_code`) and adds x·0 to a pair of
+  rounded levels in one packed fma (`pair_levels`): about 7 instructions an element, 9 before (run 18).
 The source needs `element_math_header`'s #defines and `shared_histogram.ELEMENT_MATH`'s conversions.
 """
 
@@ -39,19 +41,52 @@ __device__ __forceinline__ void for_each_vector(F&& f) {
     }
 }
 
+// One 16-byte cp.async into shared memory, or 16 zero bytes where `inside` is false: the source is then ignored
+// (cp.async's ignore-src operand), so its address may lie past the matrix and needs no select.
+__device__ __forceinline__ void copy_vector(unsigned int target, unsigned long long source, bool inside) {
+    asm volatile("{\n\t.reg .pred outside;\n\tsetp.eq.u32 outside, %2, 0;\n\t"
+                 "cp.async.cg.shared.global [%0], [%1], 16, outside;\n\t}"
+                 :: "r"(target), "l"(source), "r"((unsigned int)inside));
+}
+
 // A ROWS × COLUMNS block at (first_row, first_column) of a (total_rows, row_length) row-major matrix into
 // shared rows of `pitch` elements, zero outside the matrix; asynchronous (cp.async, 16 bytes). row_length
-// and first_column are multiples of 8.
+// and first_column are multiples of 8. Where a row's vectors divide THREADS, a thread's vectors lie a constant
+// number of rows apart: one address, one row bound and one column test a call, and then an add and a compare
+// a vector (each vector's own 64-bit address and bounds cost ~20 instructions, a fifth of the forward's
+// instructions: Nsight Compute, run 18).
 template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void stage(X_T* shared, int pitch, const X_T* __restrict__ global, long long first_row,
                                       int first_column, long long total_rows, int row_length) {
-    const X_T* corner = global + first_row * row_length + first_column;
-    for_each_vector<ROWS, COLUMNS>([&](int r, int c) {
-        const bool inside = first_row + r < total_rows && first_column + c < row_length;
-        const unsigned int target = (unsigned int)__cvta_generic_to_shared(shared + r * pitch + c);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                     :: "r"(target), "l"(inside ? corner + (long long)r * row_length + c : global), "r"(inside ? 16 : 0));
-    });
+    constexpr int VECTORS_PER_ROW = COLUMNS / 8;
+    const unsigned long long corner = (unsigned long long)global + (first_row * row_length + first_column) * sizeof(X_T);
+    const unsigned int shared_corner = (unsigned int)__cvta_generic_to_shared(shared);
+    if constexpr (THREADS % VECTORS_PER_ROW == 0) {
+        constexpr int ROWS_PER_PASS = THREADS / VECTORS_PER_ROW;
+        const int r = threadIdx.x / VECTORS_PER_ROW, c = (threadIdx.x % VECTORS_PER_ROW) * 8;
+        // This thread's rows r + row are inside the matrix for row < rows_inside.
+        const int rows_inside = (int)min(total_rows - first_row - r, (long long)ROWS);
+        const bool column_inside = first_column + c < row_length;
+        unsigned long long source = corner + ((long long)r * row_length + c) * sizeof(X_T);
+        const unsigned long long pass_bytes = (unsigned long long)ROWS_PER_PASS * row_length * sizeof(X_T);
+        const unsigned int target = shared_corner + (r * pitch + c) * sizeof(X_T);
+#pragma unroll
+        for (int row = 0; row < ROWS; row += ROWS_PER_PASS) {
+            if (ROWS % ROWS_PER_PASS == 0 || r + row < ROWS)
+                copy_vector(target + row * pitch * sizeof(X_T), source, column_inside && row < rows_inside);
+            source += pass_bytes;
+        }
+    } else {
+        // The address computed only where inside keeps FUSED within 64 registers at N = 80 (ptxas spills 4 bytes
+        // when every vector's address is computed).
+        for_each_vector<ROWS, COLUMNS>([&](int r, int c) {
+            const bool inside = first_row + r < total_rows && first_column + c < row_length;
+            copy_vector((unsigned int)__cvta_generic_to_shared(shared + r * pitch + c),
+                        (unsigned long long)(inside ? global + first_row * row_length + first_column + (long long)r * row_length + c
+                                                    : global),
+                        inside);
+        });
+    }
 }
 
 // Four (x4) or two (x2) 8 × 8 blocks of 16-bit values as they lie: lanes 8q..8q+7 give the rows of block q, and
@@ -104,17 +139,19 @@ LEVEL_LOOKUP = r"""
 struct Levels {
     const float* levels;
     int shift;
+    float code_scale;  // 2^−shift
 };
 
 // The quantizer's level table V (256 entries, zeros past 2^b) into `levels`, and the shift of b = the number of
-// leading open gates (forced open below min_bits), as fine_grid.bitwidth_from_logits reads it.
+// leading open gates (forced open below min_bits), as fine_grid.bitwidth_from_logits reads it. Entries past
+// 2^b − 1 repeat the top level, for `coarse_code`'s saturation at 255.
 __device__ __forceinline__ Levels load_levels(float* levels, const float* __restrict__ table,
                                               const float* __restrict__ logits, int min_bits) {
     int bits = 8;
     for (int k = 7; k >= 0; --k)
         if (!(logits[k] > 0.0f || k < min_bits)) bits = k;
-    for (int code = threadIdx.x; code < 256; code += THREADS) levels[code] = table[code];
-    return {levels, 8 - bits};
+    for (int code = threadIdx.x; code < 256; code += THREADS) levels[code] = table[min(code, (1 << bits) - 1)];
+    return {levels, 8 - bits, __int_as_float((127 - 8 + bits) << 23)};
 }
 
 // x_q of an element x in fine cell `cell`: its level, plus x·0 so that a non-finite x gives NaN (spec §2).
@@ -122,23 +159,37 @@ __device__ __forceinline__ float cell_level(Levels levels, int cell, float x) { 
 """
 
 QUANTIZE_TILE = LEVEL_LOOKUP + r"""
-__device__ __forceinline__ float quantized(unsigned int raw, Levels levels, float lo, float inv_delta) {
-    const float value = X_WIDEN((X_T)raw);
-    const float u = (value - lo) * inv_delta;
-    return cell_level(levels, fine_cell(u), value);
+// The code i >> (8 − b) of a value's fine cell i = floor(u + 0.5), in one flooring convert: scaling u + 0.5 by
+// 2^−(8−b) is exact, so the scaled floor is the shifted one; past the top code the convert saturates at 255 and
+// load_levels repeats the top level there. `scaled_inv_delta` and `scaled_half` are 1/Δ and 0.5 times 2^−(8−b).
+__device__ __forceinline__ int coarse_code(float value, float lo, float scaled_inv_delta, float scaled_half) {
+    unsigned int code;
+    asm("cvt.rmi.u8.f32 %0, %1;" : "=r"(code) : "f"(fmaf(value - lo, scaled_inv_delta, scaled_half)));
+    return (int)code;
+}
+
+// x_q of two 16-bit elements (`raw`, the low element in the low half) from their float32 levels: the levels
+// rounded to x's dtype plus x·0 in one packed fma. x·0 is ±0 for a finite x, and V + ±0 rounds alike in x's
+// dtype and in float32 (−0 included), so this equals narrowing V + x·0; a non-finite x gives NaN (spec §2).
+__device__ __forceinline__ unsigned int pair_levels(float low_level, float high_level, unsigned int raw) {
+    unsigned int quantized;
+    asm("fma.rn." MMA_TYPE "x2 %0, %1, %2, %3;" : "=r"(quantized) : "r"(raw), "r"(0u), "r"(narrow_pair(low_level, high_level)));
+    return quantized;
 }
 
 // Every element of a staged ROWS × COLUMNS tile replaced by its quantized value (COLUMNS a multiple of 8).
 template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, Levels levels, float lo, float inv_delta) {
+    const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
+    const auto level = [&](unsigned int raw) {
+        return levels.levels[coarse_code(X_WIDEN((X_T)raw), lo, scaled_inv_delta, scaled_half)];
+    };
     for_each_vector<ROWS, COLUMNS>([&](int r, int c) {
         uint4* vector = reinterpret_cast<uint4*>(tile + r * pitch + c);
         uint4 words = *vector;
         unsigned int* word = reinterpret_cast<unsigned int*>(&words);
 #pragma unroll
-        for (int w = 0; w < 4; ++w)
-            word[w] = narrow_pair(quantized(word[w] & 0xFFFFu, levels, lo, inv_delta),
-                                  quantized(word[w] >> 16, levels, lo, inv_delta));
+        for (int w = 0; w < 4; ++w) word[w] = pair_levels(level(word[w] & 0xFFFFu), level(word[w] >> 16), word[w]);
         *vector = words;
     });
 }

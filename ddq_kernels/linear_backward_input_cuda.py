@@ -111,14 +111,15 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
     for_each_pair(warp_m, warp_k, [&](int e, int row, int column) {
         const int offset = row * X_ROW + column;
         unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
-        const X_T x0 = (X_T)(*pair & 0xFFFFu), x1 = (X_T)(*pair >> 16);
+        const unsigned int raw = *pair;
+        const X_T x0 = (X_T)(raw & 0xFFFFu), x1 = (X_T)(raw >> 16);
         int cell0, cell1;
         const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
         const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
         *pair = d0 | (d1 << 16);
         if (WEIGHT_GRADIENT)
             *reinterpret_cast<unsigned int*>(xq_tile + offset) =
-                narrow_pair(cell_level(levels, cell0, X_WIDEN(x0)), cell_level(levels, cell1, X_WIDEN(x1)));
+                pair_levels(levels.levels[cell0 >> levels.shift], levels.levels[cell1 >> levels.shift], raw);
     });
 }
 

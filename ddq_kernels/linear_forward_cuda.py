@@ -9,7 +9,7 @@ accumulation). Output rounded to x's dtype after the float32 bias add, as the Tr
 
 Scope: 16-bit x and W_q of one dtype, N ≤ MAX_N, N and K multiples of 8, dense 16-byte aligned rows, M and
 K < 2^31 (`supports`). The CNN GEMMs of issue 3 (N ≤ 256, M ≈ 10⁵) are memory-bound: this reads x once
-at a cost of one shared-memory load and ~10 instructions an element, where Triton's kernel gathers every
+at a cost of one shared-memory load and ~7 instructions an element, where Triton's kernel gathers every
 level from global memory. `linear_forward` offers it as one more candidate to `fastest_config`.
 """
 
