@@ -59,10 +59,10 @@ template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void stage(X_T* shared, int pitch, const X_T* __restrict__ global, long long first_row,
                                       int first_column, long long total_rows, int row_length) {
     constexpr int VECTORS_PER_ROW = COLUMNS / 8;
-    const unsigned long long corner = (unsigned long long)global + (first_row * row_length + first_column) * sizeof(X_T);
-    const unsigned int shared_corner = (unsigned int)__cvta_generic_to_shared(shared);
     if constexpr (THREADS % VECTORS_PER_ROW == 0) {
         constexpr int ROWS_PER_PASS = THREADS / VECTORS_PER_ROW;
+        const unsigned long long corner = (unsigned long long)global + (first_row * row_length + first_column) * sizeof(X_T);
+        const unsigned int shared_corner = (unsigned int)__cvta_generic_to_shared(shared);
         const int r = threadIdx.x / VECTORS_PER_ROW, c = (threadIdx.x % VECTORS_PER_ROW) * 8;
         // This thread's rows r + row are inside the matrix for row < rows_inside.
         const int rows_inside = (int)min(total_rows - first_row - r, (long long)ROWS);
@@ -154,8 +154,11 @@ __device__ __forceinline__ Levels load_levels(float* levels, const float* __rest
     return {levels, 8 - bits, __int_as_float((127 - 8 + bits) << 23)};
 }
 
+// The level of fine cell `cell`, V[cell >> (8 − b)].
+__device__ __forceinline__ float level_of_cell(Levels levels, int cell) { return levels.levels[cell >> levels.shift]; }
+
 // x_q of an element x in fine cell `cell`: its level, plus x·0 so that a non-finite x gives NaN (spec §2).
-__device__ __forceinline__ float cell_level(Levels levels, int cell, float x) { return levels.levels[cell >> levels.shift] + x * 0.0f; }
+__device__ __forceinline__ float cell_level(Levels levels, int cell, float x) { return level_of_cell(levels, cell) + x * 0.0f; }
 """
 
 QUANTIZE_TILE = LEVEL_LOOKUP + r"""
@@ -163,9 +166,7 @@ QUANTIZE_TILE = LEVEL_LOOKUP + r"""
 // 2^−(8−b) is exact, so the scaled floor is the shifted one; past the top code the convert saturates at 255 and
 // load_levels repeats the top level there. `scaled_inv_delta` and `scaled_half` are 1/Δ and 0.5 times 2^−(8−b).
 __device__ __forceinline__ int coarse_code(float value, float lo, float scaled_inv_delta, float scaled_half) {
-    unsigned int code;
-    asm("cvt.rmi.u8.f32 %0, %1;" : "=r"(code) : "f"(fmaf(value - lo, scaled_inv_delta, scaled_half)));
-    return (int)code;
+    return floor_to_u8(fmaf(value - lo, scaled_inv_delta, scaled_half));
 }
 
 // x_q of two 16-bit elements (`raw`, the low element in the low half) from their float32 levels: the levels

@@ -119,7 +119,7 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
         *pair = d0 | (d1 << 16);
         if (WEIGHT_GRADIENT)
             *reinterpret_cast<unsigned int*>(xq_tile + offset) =
-                pair_levels(levels.levels[cell0 >> levels.shift], levels.levels[cell1 >> levels.shift], raw);
+                pair_levels(level_of_cell(levels, cell0), level_of_cell(levels, cell1), raw);
     });
 }
 

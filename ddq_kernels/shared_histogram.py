@@ -67,11 +67,13 @@ __device__ __forceinline__ unsigned short narrow_exact_bf16(float f) { return (u
 // i = clamp(floor(u + 0.5), 0, 255) in one flooring convert to u8 (SASS F2I.U8): it saturates to [0, 255], ±inf
 // and every out-of-range u included, and gives 0 for NaN, so every u lands where the float clamp would put it.
 // A convert to int32 and two integer clamps took three instructions of the ~11 that quantize an element.
-__device__ __forceinline__ int fine_cell(float u) {
-    unsigned int cell;
-    asm("cvt.rmi.u8.f32 %0, %1;" : "=r"(cell) : "f"(u + 0.5f));
-    return (int)cell;
+__device__ __forceinline__ int floor_to_u8(float f) {
+    unsigned int floor;
+    asm("cvt.rmi.u8.f32 %0, %1;" : "=r"(floor) : "f"(f));
+    return (int)floor;
 }
+
+__device__ __forceinline__ int fine_cell(float u) { return floor_to_u8(u + 0.5f); }
 
 // v as the reference sees it: the gradient of x_q, which has x's dtype.
 __device__ __forceinline__ float x_gradient(float v) {
