@@ -199,7 +199,9 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         stage<BLOCK_M, BLOCK_K>(buffers + BLOCK_M * ROW, X_ROW, x, row_tile * BLOCK_M, col0, M, K);
     }
     asm volatile("cp.async.commit_group;");
-    for (int slot = 0; row_tile < row_tiles; row_tile += row_step, slot = (slot + 1) % STAGES) {
+    // One chunk of the bins (`begin_chunk`) a tile; the tile count also picks the load buffer.
+    for (int tiles = 0; row_tile < row_tiles; row_tile += row_step, ++tiles) {
+        const int slot = tiles % STAGES;
         const int row0 = (int)(row_tile * BLOCK_M);
         X_T* dy_tile = buffers + slot * BUFFER;
         X_T* x_tile = dy_tile + BLOCK_M * ROW;
@@ -249,10 +251,9 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         float bound = 0.0f;
 #pragma unroll
         for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, v[e]);
-        begin_chunk(acc, bound);
+        begin_chunk(acc, bound, tiles % CHUNKS_PER_SCALE == 0);
         if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
         else tile_elements<false>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
-        end_chunk(acc);
         __syncthreads();
         for_each_vector<BLOCK_M, BLOCK_K>([&](int r, int c) {
             if (row0 + r < M && col0 + c < K)
@@ -268,7 +269,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         }
     }
     __syncthreads();
-    flush(acc, bins, partial_sums, histogram, sums);
+    flush(acc, true, bins, partial_sums, histogram, sums);
     if (WEIGHT_GRADIENT) {
         // This block's rows' share of dW[:, column tile] into its slice of the (row groups, N, K) partials.
         // Accumulator (s, j): rows g and g + 8 of the warp's 16-row slice s of N, columns 2t, 2t + 1 of its 8-column slice j.

@@ -12,11 +12,12 @@ NaN in cell 0, v rounded to x's dtype first.
 
 Integer bins (16-bit x, per tensor): sm_90 adds a float into shared memory with a compare-and-swap loop
 (LDS, FADD, ATOMS.CAST.SPIN and a branch, inside a convergence region) but an integer with one ATOMS.ADD.
-So a warp takes its elements in chunks of 16 a lane; each chunk's largest |v| sets a power-of-two scale
-that puts it below 2^21, every v of the chunk is added to an integer bin as round(v·scale), and after the
-chunk the integer bins are added to float totals (2^30 bounds a bin of 512 elements: no overflow). Each v
-thus enters the histogram within 2^-21 of its chunk's largest |v| (rounding that v to bf16 or fp16 alone
-moves it by up to 2^-9 or 2^-12 of itself), and the tests bound the histogram by that. Float32 x,
+So a warp takes its elements in chunks of 16 a lane; a chunk's largest |v| sets a power-of-two scale that
+puts it below 2^18, every v is added to an integer bin as round(v·scale), and up to three later chunks share
+that scale while their largest |v| stays below 2^19 there; then the integer bins are added to float totals
+(2^30 bounds a bin of 4 · 512 elements: no overflow). Each v thus enters the histogram within 2^-18 of the
+largest |v| of the chunks sharing its scale (rounding that v to bf16 or fp16 alone moves it by up to 2^-9 or
+2^-12 of itself), and the tests bound the histogram by that. Float32 x,
 per-channel groups, the elements after the last 16-byte vector, and a chunk that holds ±inf or NaN go
 through the float totals directly (a non-finite v still reaches its bin). Measured on an H100 (401408×576
 bf16, run 9): 0.61 → 0.50 ms on a ReLU x, 0.70 → 0.50 ms on a spread-out one, ~2.8 TB/s, near the card's
@@ -44,7 +45,7 @@ THREADS = 256
 VECTOR = 8  # elements per 16-byte load of a 16-bit tensor (two loads for float32)
 BLOCKS_PER_SM = 4  # with __launch_bounds__(THREADS, 4): 1024 resident threads, each with 4 loads in flight
 FLOAT_BINS_BLOCKS_PER_SM = 5  # a 16-bit x without the integer bins fits 48 registers: 1280 resident threads
-WARP_BINS_BYTES = 2176  # a warp's WarpBins: 256 integer bins, 256 float totals, 32 sink slots
+WARP_BINS_BYTES = 2192  # a warp's WarpBins: 256 integer bins, 256 float totals, 32 sink slots, the bins' scale
 
 _TYPES = {torch.float32: ("float", "f32"), torch.float16: ("unsigned short", "f16"), torch.bfloat16: ("unsigned short", "bf16")}
 
@@ -95,14 +96,18 @@ struct WarpBins {
     unsigned int counts[256];
     float totals[256];
     unsigned int sink[32];
+    float scale;  // the integer bins' scale, kept here so that no register holds it outside the chunks
+    unsigned int padding[3];
 };
+
+#define SCALE_OFFSET 2176  // bytes from a WarpBins to its scale
 
 struct Accumulators {
     unsigned int bins;  // shared-window address of the warp's WarpBins
     unsigned int sink;  // shared-window address of this lane's sink slot
     int hot_cell;
     bool fixed;         // this chunk goes through the integer bins (warp-uniform)
-    float scale, inv_scale;
+    float scale;
     float hot_sum, sum_vu, sum_clipped;
 };
 
@@ -111,21 +116,62 @@ __device__ __forceinline__ void start(Accumulators& acc, WarpBins* warp_bins, fl
     acc.sink = (unsigned int)__cvta_generic_to_shared(&warp_bins->sink[threadIdx.x % 32]);
     acc.hot_cell = fine_cell((0.0f - lo) * inv_delta);
     acc.hot_sum = acc.sum_vu = acc.sum_clipped = 0.0f;
+    // 2^126: the first chunk with integer bins sets its own scale. Every lane stores the same value.
+    asm volatile("st.shared.f32 [%0], %1;" :: "r"(acc.bins + SCALE_OFFSET), "f"(__int_as_float(253 << 23)) : "memory");
 }
 
-// Called by all 32 lanes with their chunk_bound. The chunk's scale 2^s puts its largest |v| below 2^21, so
-// each v enters its bin rounded to a multiple of at most 2^-20 of that |v| and 512 of them cannot overflow.
-// Float x, and a chunk holding ±inf or NaN, go through the float totals instead.
-__device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound) {
+// Called by all 32 lanes after a run of chunks: the integer bins into the float totals at the bins' scale, 8 bins
+// a lane, 32-bit accesses of consecutive words (one wavefront each; 16-byte accesses take as many wavefronts
+// and more live registers: with them the SHARED pass with integer bins and x_q spills 4 bytes under its
+// 64-register cap). The additions are volatile asm without a memory clobber, so that the compiler may
+// interleave a chunk's elements; __syncwarp orders them before these loads.
+__device__ __forceinline__ void empty_bins(Accumulators& acc) {
+    if (sizeof(X_T) != 2) return;
+    __syncwarp();
+    const unsigned int lane = threadIdx.x % 32;
+    float scale;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(scale) : "r"(acc.bins + SCALE_OFFSET) : "memory");
+    const float inv_scale = __uint_as_float((254u << 23) - __float_as_uint(scale));  // 2^−s from 2^s, both normal
+#pragma unroll
+    for (int step = 0; step < 8; ++step) {
+        const unsigned int counts = acc.bins + 4 * lane + 128 * step, totals = counts + 1024;
+        unsigned int c;
+        float t;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(c) : "r"(counts) : "memory");
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(t) : "r"(totals) : "memory");
+        asm volatile("st.shared.f32 [%0], %1;" :: "r"(totals), "f"(fmaf((float)(int)c, inv_scale, t)) : "memory");
+        asm volatile("st.shared.u32 [%0], %1;" :: "r"(counts), "r"(0u) : "memory");
+    }
+    __syncwarp();
+}
+
+// Called by all 32 lanes with their chunk_bound, before the chunk's adds. The integer bins keep one scale 2^s
+// for up to CHUNKS_PER_SCALE chunks: set by the chunk that finds them empty so that its largest |v| lies below
+// 2^18, and kept while each later chunk's largest |v| stays below 2^19 there, so that a bin's 4 · 512 adds
+// stay below 2^30 in magnitude. Each v thus enters its bin within 2^-18 of the largest |v| of the chunks that
+// share the scale. Emptying the bins into the float totals after every chunk was a sixth of FUSED's
+// shared-memory wavefronts (Nsight Compute, run 18). Float x, and a chunk holding ±inf or NaN, go through the
+// float totals instead.
+#define CHUNKS_PER_SCALE 4
+// `fresh`: the caller's chunk count is a multiple of CHUNKS_PER_SCALE (warp-uniform), so that the bins are
+// emptied at least every CHUNKS_PER_SCALE chunks.
+__device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound, bool fresh) {
     for (int offset = 16; offset > 0; offset /= 2) bound = max_keeping_nan(bound, __shfl_xor_sync(0xffffffffu, bound, offset));
     acc.fixed = sizeof(X_T) == 2 && bound <= 3.402823466e38f;
-    const int s = min(147 - (int)(__float_as_uint(bound) >> 23), 126);
-    acc.scale = __int_as_float((127 + s) << 23);
-    acc.inv_scale = __int_as_float((127 - s) << 23);
+    // bound < 2^(exponent − 126), and the bins' scale is 2^(biased − 127): the chunk fits below 2^19 there
+    // where exponent + biased ≤ 272.
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(acc.scale) : "r"(acc.bins + SCALE_OFFSET) : "memory");
+    const int exponent = (int)(__float_as_uint(bound) >> 23), biased = (int)(__float_as_uint(acc.scale) >> 23);
+    const bool rescale = acc.fixed && exponent + biased > 272;
+    if (fresh || rescale) empty_bins(acc);
+    if (acc.fixed && (fresh || rescale)) {
+        acc.scale = __int_as_float((127 + min(144 - exponent, 126)) << 23);
+        asm volatile("st.shared.f32 [%0], %1;" :: "r"(acc.bins + SCALE_OFFSET), "f"(acc.scale) : "memory");
+    }
 }
 
 // round(v·scale) to the nearest integer, ties to even, as __float2int_rn(v * scale), wherever |v·scale| < 2^22
-// (begin_chunk's scale keeps it below 2^21): adding 1.5·2^23 within the same rounding leaves the integer in the
+// (begin_chunk's scale keeps it below 2^19): adding 1.5·2^23 within the same rounding leaves the integer in the
 // low mantissa bits. A fused multiply-add and an integer add instead of a multiply and a conversion: the
 // conversions ran the narrow conversion pipe at 30 % of its peak in FUSED (Nsight Compute, run 16).
 __device__ __forceinline__ int fixed_point(float v, float scale) { return __float_as_int(fmaf(v, scale, 12582912.0f)) - 0x4B400000; }
@@ -151,31 +197,11 @@ __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_d
     return X_NARROW_EXACT(inside ? v : 0.0f);
 }
 
-// Called by all 32 lanes after a chunk: the integer bins into the float totals, each lane 8 of them, 4 in each
-// half of the bins, so that a quarter-warp's 16-byte accesses cover 128 contiguous bytes (one wavefront; lanes
-// 32 bytes apart took two, Nsight Compute, run 16). The additions above are volatile asm without a memory
-// clobber, so that the compiler may interleave the chunk's elements; __syncwarp orders them before these loads.
-__device__ __forceinline__ void end_chunk(Accumulators& acc) {
-    if (!acc.fixed) return;
-    __syncwarp();
-    const unsigned int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const unsigned int counts = acc.bins + 16 * lane + 512 * half, totals = counts + 1024;
-        unsigned int c[4];
-        float t[4];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3]) : "r"(counts) : "memory");
-        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(t[0]), "=f"(t[1]), "=f"(t[2]), "=f"(t[3]) : "r"(totals) : "memory");
-#pragma unroll
-        for (int k = 0; k < 4; ++k) t[k] = fmaf((float)(int)c[k], acc.inv_scale, t[k]);
-        asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" :: "r"(totals), "f"(t[0]), "f"(t[1]), "f"(t[2]), "f"(t[3]) : "memory");
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" :: "r"(counts), "r"(0u) : "memory");
-    }
-    __syncwarp();
-}
-
 // The block's per-warp totals and register sums into the group's global histogram and sums (one atomic each).
-__device__ __forceinline__ void flush(Accumulators& acc, WarpBins* bins, float (*partial)[3], float* histogram, float* sums) {
+// `integer_bins`: the kernel zeroed and used the integer bins (a pass without them never writes their words).
+__device__ __forceinline__ void flush(Accumulators& acc, bool integer_bins, WarpBins* bins, float (*partial)[3], float* histogram,
+                                      float* sums) {
+    if (integer_bins) empty_bins(acc);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int offset = 16; offset > 0; offset /= 2) {
         acc.hot_sum += __shfl_xor_sync(0xffffffffu, acc.hot_sum, offset);
@@ -235,14 +261,13 @@ __device__ __forceinline__ void chunk_elements(X_T (&x)[CHUNK], X_T (&q)[CHUNK],
 // x = 0: they add nothing. v is widened twice rather than held as floats: registers are what limits the
 // resident warps.
 __device__ __forceinline__ void chunk(X_T (&x)[CHUNK], X_T (&q)[CHUNK], const V_T (&v)[CHUNK], float lo, float inv_delta,
-                                      Levels levels, Accumulators& acc) {
+                                      Levels levels, Accumulators& acc, bool fresh) {
     float bound = 0.0f;
 #pragma unroll
     for (int e = 0; e < CHUNK; ++e) bound = chunk_bound(bound, x_gradient(V_WIDEN(v[e])));
-    begin_chunk(acc, bound);
+    begin_chunk(acc, bound, fresh);
     if (acc.fixed) chunk_elements<true>(x, q, v, lo, inv_delta, levels, acc);
     else chunk_elements<false>(x, q, v, lo, inv_delta, levels, acc);
-    end_chunk(acc);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
@@ -279,7 +304,8 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
     constexpr int PER_CHUNK = CHUNK / VECTOR;
     // A chunk is PER_CHUNK vectors a lane, `stride` apart; the warp runs while its first lane has one, so
     // the chunk's collective steps see all 32 lanes. The vectors' loads are in flight together.
-    for (long long j = first; j - lane < vectors; j += PER_CHUNK * stride) {
+    int chunks = 0;
+    for (long long j = first; j - lane < vectors; j += PER_CHUNK * stride, ++chunks) {
         X_T x_values[CHUNK];
         X_T q_values[CHUNK];
         V_T v_values[CHUNK];
@@ -297,7 +323,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
 #pragma unroll
             for (int e = 0; e < VECTOR; ++e) { x_values[k * VECTOR + e] = x_vector[e]; v_values[k * VECTOR + e] = v_vector[e]; }
         }
-        if (INTEGER_BINS) chunk(x_values, q_values, v_values, lo, inv_delta, lookup, acc);
+        if (INTEGER_BINS) chunk(x_values, q_values, v_values, lo, inv_delta, lookup, acc, chunks % CHUNKS_PER_SCALE == 0);
         else chunk_elements<false>(x_values, q_values, v_values, lo, inv_delta, lookup, acc);
 #pragma unroll
         for (int k = 0; k < PER_CHUNK; ++k)
@@ -321,7 +347,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
         if (WRITE_XQ) quantized_out[i] = quantized;
     }
     __syncthreads();
-    flush(acc, bins, partial, histogram + group * 256, sums + group * 2);
+    flush(acc, INTEGER_BINS, bins, partial, histogram + group * 256, sums + group * 2);
 }
 """
 

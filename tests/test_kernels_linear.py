@@ -312,10 +312,10 @@ def test_shared_epilogue_backward_input_on_gpu(M, K, N, dtype, act_mode):
     """The CUDA C backward-input GEMM with the histogram in its epilogue (odd M, partial tiles in M and K,
     contractions not multiples of 16; one and two load buffers) against float64 v = dY·W_q rounded to x's
     dtype and the reference reductions. Its v differs from that only by float32 summation order, and its
-    integer bins round each v by at most 2^-21 of its chunk's largest |v|: each element of ∂x by at most one
-    unit in the last place of x's dtype, the histogram by the 16-bit tolerance in norm, each sum by at most
-    that unit on every term (scale Σ|v|, times 255 for Σv·u). x is cleared of cell boundaries so that the
-    cells agree."""
+    integer bins round each v by at most 2^-18 of the largest |v| of the chunks sharing their scale: each
+    element of ∂x by at most one unit in the last place of x's dtype, the histogram by the 16-bit tolerance in
+    norm, each sum by at most that unit on every term (scale Σ|v|, times 255 for Σv·u). x is cleared of cell
+    boundaries so that the cells agree."""
     from ddq.functional import reductions_reference
     from ddq_kernels.linear_backward_input import SHARED_EPILOGUE, linear_backward_input
     from ddq_kernels.linear_backward_input_cuda import linear_backward_input_shared, supports

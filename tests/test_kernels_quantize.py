@@ -168,8 +168,8 @@ def test_quantize_op_on_gpu_matches_cpu(per_channel, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_shared_pass_integer_bins_stay_within_their_bound(dtype):
-    """The SHARED pass adds each chunk's v (16 a lane, 512 a warp) to integer bins at a power of two that puts
-    the chunk's largest |v| below 2^21, so each v is off by at most 2^-21 of that |v|: checked against float64
+    """The SHARED pass adds each chunk's v (16 a lane, 512 a warp) to integer bins at a power of two that up to
+    four chunks share, so each v is off by at most 2^-18 of the largest |v| among them: checked against float64
     sums on v whose magnitudes span seven decades. A chunk with ±inf or NaN in it takes the float path: the
     non-finite v reaches its own bin, the other bins stay within the bound."""
     from ddq_kernels.shared_histogram import available, reductions_shared
@@ -196,7 +196,7 @@ def test_shared_pass_integer_bins_stay_within_their_bound(dtype):
         want = torch.zeros(256, device="cuda", dtype=torch.float64).index_add_(0, cell[finite], v64[finite])
         count = torch.bincount(cell[finite], minlength=256).double()
         magnitude = torch.zeros_like(want).index_add_(0, cell[finite], v64[finite].abs())
-        bound = count * 2.0**-21 * v64[finite].abs().max() + SUM_TOLERANCE * magnitude
+        bound = count * 2.0**-18 * v64[finite].abs().max() + SUM_TOLERANCE * magnitude
         got = histogram[0].double()
         checked = torch.ones(256, dtype=torch.bool, device="cuda")
         if non_finite:
