@@ -269,7 +269,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         }
     }
     __syncthreads();
-    flush(acc, true, bins, partial_sums, histogram, sums);
+    flush(acc, bins, partial_sums, histogram, sums);
     if (WEIGHT_GRADIENT) {
         // This block's rows' share of dW[:, column tile] into its slice of the (row groups, N, K) partials.
         // Accumulator (s, j): rows g and g + 8 of the warp's 16-row slice s of N, columns 2t, 2t + 1 of its 8-column slice j.
@@ -357,7 +357,7 @@ def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gr
     gradient and one column tile, loaded on one device, its shared memory opted in."""
     # Without the weight gradient the layout is unused; N = 64's keeps its (compiled, never called) code valid.
     warps_n, n_slices, c_tiles = weight_gradient_layout(contraction if weight_gradient else 64, tile.block_k)
-    header = element_math_header(dtype, torch.float32, THREADS) + defines(
+    header = element_math_header(dtype, torch.float32, THREADS, integer_bins=True) + defines(
         BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, M_TILES=tile.m_tiles, J_TILES=tile.j_tiles,
         MIN_BLOCKS=min_blocks(weight_gradient, contraction), N_PAD=contraction, ROW=contraction + ROW_PAD,
         X_ROW=tile.block_k + ROW_PAD, STAGES=stages, WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n,

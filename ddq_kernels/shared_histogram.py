@@ -100,7 +100,7 @@ struct WarpBins {
     unsigned int padding[3];
 };
 
-#define SCALE_OFFSET 2176  // bytes from a WarpBins to its scale
+constexpr unsigned int SCALE_OFFSET = __builtin_offsetof(WarpBins, scale);  // bytes from a WarpBins to its scale
 
 struct Accumulators {
     unsigned int bins;  // shared-window address of the warp's WarpBins
@@ -126,7 +126,7 @@ __device__ __forceinline__ void start(Accumulators& acc, WarpBins* warp_bins, fl
 // 64-register cap). The additions are volatile asm without a memory clobber, so that the compiler may
 // interleave a chunk's elements; __syncwarp orders them before these loads.
 __device__ __forceinline__ void empty_bins(Accumulators& acc) {
-    if (sizeof(X_T) != 2) return;
+    if (!INTEGER_BINS) return;  // a kernel without them never zeroes or writes their words
     __syncwarp();
     const unsigned int lane = threadIdx.x % 32;
     float scale;
@@ -198,10 +198,8 @@ __device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_d
 }
 
 // The block's per-warp totals and register sums into the group's global histogram and sums (one atomic each).
-// `integer_bins`: the kernel zeroed and used the integer bins (a pass without them never writes their words).
-__device__ __forceinline__ void flush(Accumulators& acc, bool integer_bins, WarpBins* bins, float (*partial)[3], float* histogram,
-                                      float* sums) {
-    if (integer_bins) empty_bins(acc);
+__device__ __forceinline__ void flush(Accumulators& acc, WarpBins* bins, float (*partial)[3], float* histogram, float* sums) {
+    empty_bins(acc);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int offset = 16; offset > 0; offset /= 2) {
         acc.hot_sum += __shfl_xor_sync(0xffffffffu, acc.hot_sum, offset);
@@ -347,7 +345,7 @@ ddq_shared_reductions(const V_T* __restrict__ grad, const X_T* __restrict__ x, X
         if (WRITE_XQ) quantized_out[i] = quantized;
     }
     __syncthreads();
-    flush(acc, INTEGER_BINS, bins, partial, histogram + group * 256, sums + group * 2);
+    flush(acc, bins, partial, histogram + group * 256, sums + group * 2);
 }
 """
 
@@ -366,13 +364,14 @@ def available() -> bool:
     return True
 
 
-def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int) -> str:
-    """The #defines that ELEMENT_MATH needs: x's and v's storage types and conversions, the block size."""
+def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int, integer_bins: bool = False) -> str:
+    """The #defines that ELEMENT_MATH needs: x's and v's storage types and conversions, the block size, and
+    whether the kernel's histogram has integer bins (16-bit x only)."""
     x_type, x_kind = _TYPES[x_dtype]
     v_type, v_kind = _TYPES[v_dtype]
     return (f"#define THREADS {threads}\n#define X_T {x_type}\n#define V_T {v_type}\n#define V_IS_X {int(x_dtype == v_dtype)}\n"
             f"#define X_WIDEN widen_{x_kind}\n#define X_NARROW narrow_{x_kind}\n#define X_NARROW_EXACT narrow_exact_{x_kind}\n"
-            f"#define V_WIDEN widen_{v_kind}\n")
+            f"#define V_WIDEN widen_{v_kind}\n#define INTEGER_BINS {int(integer_bins)}\n")
 
 
 @functools.lru_cache(maxsize=None)
@@ -380,8 +379,8 @@ def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bo
                     write_x_q: bool = False):
     """The kernel for (x dtype, v dtype), with or without the integer bins, writing x_q or not, loaded on
     one device (a CUDA module belongs to one context)."""
-    header = element_math_header(x_dtype, v_dtype, THREADS) + (
-        f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n#define INTEGER_BINS {int(integer_bins)}\n"
+    header = element_math_header(x_dtype, v_dtype, THREADS, integer_bins) + (
+        f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n"
         f"#define WRITE_XQ {int(write_x_q)}\n")
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
