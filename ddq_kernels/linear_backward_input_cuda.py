@@ -350,11 +350,10 @@ def min_blocks(weight_gradient: bool, contraction: int) -> int:
     return WEIGHT_GRADIENT_MIN_BLOCKS if contraction <= 64 else WIDE_WEIGHT_GRADIENT_MIN_BLOCKS
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int,
-                    tile: ColumnTile = WIDE_TILE):
-    """The kernel for one dtype, padded contraction, number of load buffers, with or without the weight
-    gradient and one column tile, loaded on one device, its shared memory opted in."""
+def kernel_source(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool,
+                  tile: ColumnTile = WIDE_TILE) -> str:
+    """The CUDA source of the kernel for one dtype, padded contraction, number of load buffers, with or without
+    the weight gradient and one column tile."""
     # Without the weight gradient the layout is unused; N = 64's keeps its (compiled, never called) code valid.
     warps_n, n_slices, c_tiles = weight_gradient_layout(contraction if weight_gradient else 64, tile.block_k)
     header = element_math_header(dtype, torch.float32, THREADS, integer_bins=True) + defines(
@@ -362,8 +361,15 @@ def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gr
         MIN_BLOCKS=min_blocks(weight_gradient, contraction), N_PAD=contraction, ROW=contraction + ROW_PAD,
         X_ROW=tile.block_k + ROW_PAD, STAGES=stages, WEIGHT_GRADIENT=int(weight_gradient), WARPS_N=warps_n,
         N_SLICES=n_slices, C_TILES=c_tiles, MMA_TYPE=mma_type(dtype))
+    return header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel(dtype: torch.dtype, contraction: int, stages: int, weight_gradient: bool, device_index: int,
+                    tile: ColumnTile = WIDE_TILE):
+    """`kernel_source`'s kernel loaded on one device, its shared memory opted in."""
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
+        kernel = torch.cuda._compile_kernel(kernel_source(dtype, contraction, stages, weight_gradient, tile),
                                             "ddq_backward_input_shared")
         kernel.set_shared_memory_config(shared_bytes(contraction, stages, weight_gradient, tile))
         prefer_shared_memory(kernel)

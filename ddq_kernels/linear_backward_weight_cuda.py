@@ -150,17 +150,21 @@ def supports(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
             and 0 < N <= MAX_N and N % 8 == 0 and nvrtc_available())
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_kernel(dtype: torch.dtype, shape_items: tuple, device_index: int):
-    """The kernel for one dtype and tiling (`layout`'s items), loaded on one device, its shared memory opted in."""
+def kernel_source(dtype: torch.dtype, shape_items: tuple) -> str:
+    """The CUDA source of the kernel for one dtype and tiling (`layout`'s items)."""
     shape = dict(shape_items)
     header = element_math_header(dtype, dtype, THREADS) + defines(
         DY_ROW=shape["N_PAD"] + ROW_PAD, X_ROW=shape["BLOCK_K"] + ROW_PAD,
         MMA_TYPE=mma_type(dtype), **shape)
+    return header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel(dtype: torch.dtype, shape_items: tuple, device_index: int):
+    """`kernel_source`'s kernel loaded on one device, its shared memory opted in."""
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(header + ELEMENT_MATH + TILE_HELPERS + QUANTIZE_TILE + KERNEL,
-                                            "ddq_linear_backward_weight")
-        kernel.set_shared_memory_config(shared_bytes(shape))
+        kernel = torch.cuda._compile_kernel(kernel_source(dtype, shape_items), "ddq_linear_backward_weight")
+        kernel.set_shared_memory_config(shared_bytes(dict(shape_items)))
         prefer_shared_memory(kernel)
     return kernel
 

@@ -267,17 +267,24 @@ def shared_bytes(m_tiles: int, row_tiles: int, warps: int, stages: int) -> int:
     return warps * max(stages * (row_tiles + m_tiles) * 2 * 32 * 16, row_tiles * m_tiles * 4 * 32 * 4)
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_kernel(m_tiles: int, signed_x: bool, row_tiles: int, warps_n: int, warps_k: int, stages: int,
-                    l2_prefetch: int, device_index: int):
-    """The kernel for M ≤ 8·m_tiles and int8 (signed_x) or uint8 activations, loaded on one device."""
+def kernel_source(m_tiles: int, signed_x: bool, row_tiles: int, warps_n: int, warps_k: int, stages: int,
+                  l2_prefetch: int) -> str:
+    """The CUDA source of the kernel for M ≤ 8·m_tiles and int8 (signed_x) or uint8 activations."""
     min_blocks = max(1, 16 // (warps_n * warps_k))  # 16 warps per SM: at most 128 registers a thread
     header = (f"#define M_TILES {m_tiles}\n#define ROW_TILES {row_tiles}\n#define WARPS_N {warps_n}\n"
               f"#define WARPS_K {warps_k}\n#define STAGES {stages}\n#define STEP_CODES {STEP_CODES}\n"
               f"#define MIN_BLOCKS {min_blocks}\n#define X_TYPE \"{'s8' if signed_x else 'u8'}\"\n"
               f"#define L2_PREFETCH \"{f'.L2::{l2_prefetch}B' if l2_prefetch else ''}\"\n")
+    return header + SOURCE
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel(m_tiles: int, signed_x: bool, row_tiles: int, warps_n: int, warps_k: int, stages: int,
+                    l2_prefetch: int, device_index: int):
+    """`kernel_source`'s kernel loaded on one device."""
+    source = kernel_source(m_tiles, signed_x, row_tiles, warps_n, warps_k, stages, l2_prefetch)
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(header + SOURCE, "ddq_nibble_mma_gemv")
+        kernel = torch.cuda._compile_kernel(source, "ddq_nibble_mma_gemv")
         size = shared_bytes(m_tiles, row_tiles, warps_n * warps_k, stages)
         if size >= 48 * 1024:
             kernel.set_shared_memory_config(size)

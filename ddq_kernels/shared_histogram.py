@@ -100,7 +100,9 @@ struct WarpBins {
     unsigned int padding[3];
 };
 
-constexpr unsigned int SCALE_OFFSET = __builtin_offsetof(WarpBins, scale);  // bytes from a WarpBins to its scale
+// Bytes from a WarpBins to its scale. NVRTC has no offsetof; the members before `scale` are arrays of 4-byte
+// words, so there is no padding to account for.
+constexpr unsigned int SCALE_OFFSET = sizeof(WarpBins::counts) + sizeof(WarpBins::totals) + sizeof(WarpBins::sink);
 
 struct Accumulators {
     unsigned int bins;  // shared-window address of the warp's WarpBins
@@ -374,16 +376,22 @@ def element_math_header(x_dtype: torch.dtype, v_dtype: torch.dtype, threads: int
             f"#define V_WIDEN widen_{v_kind}\n#define INTEGER_BINS {int(integer_bins)}\n")
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, device_index: int,
-                    write_x_q: bool = False):
-    """The kernel for (x dtype, v dtype), with or without the integer bins, writing x_q or not, loaded on
-    one device (a CUDA module belongs to one context)."""
+def kernel_source(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, write_x_q: bool = False) -> str:
+    """The CUDA source of the kernel for (x dtype, v dtype), with or without the integer bins, writing x_q
+    or not."""
     header = element_math_header(x_dtype, v_dtype, THREADS, integer_bins) + (
         f"#define BLOCKS_PER_SM {blocks_per_sm(integer_bins, x_dtype)}\n#define VECTOR {VECTOR}\n"
         f"#define WRITE_XQ {int(write_x_q)}\n")
+    return header + SOURCE
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_kernel(x_dtype: torch.dtype, v_dtype: torch.dtype, integer_bins: bool, device_index: int,
+                    write_x_q: bool = False):
+    """`kernel_source`'s kernel loaded on one device (a CUDA module belongs to one context)."""
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(header + SOURCE, "ddq_shared_reductions")
+        return torch.cuda._compile_kernel(kernel_source(x_dtype, v_dtype, integer_bins, write_x_q),
+                                          "ddq_shared_reductions")
 
 
 def blocks_per_sm(integer_bins: bool, x_dtype: torch.dtype) -> int:
