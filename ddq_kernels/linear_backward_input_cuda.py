@@ -105,21 +105,41 @@ __device__ __forceinline__ void for_each_pair(int warp_m, int warp_k, F&& f) {
 // No bounds checks: elements past M or K hold x = 0 (staged zeros) and v = 0 (`zero_outside`), so they add
 // nothing to the reductions, their ∂x is not written back, and their x_q meets only zero dY rows (past M) or
 // lands in ∂W_q columns that are never written (past K).
+//
+// ptxas keeps a shared-memory load after an earlier shared-memory add whose address it cannot tell apart (the
+// bins' red.shared), so a pair's x and levels loaded where they are used waited out their latency after the
+// previous pair's adds (Nsight Compute, run 19: the largest short-scoreboard stalls). So x comes first, all of
+// the lane's pairs in two ldmatrix (each 8 × 8 block of the tile is one pair a lane, in the accumulators'
+// layout), and a pair's levels are looked up before its adds.
 template <bool FIXED>
 __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_tile, X_T* xq_tile, Levels levels,
                                               int warp_m, int warp_k, float lo, float inv_delta, Accumulators& acc) {
+    unsigned int raws[CHUNK / 2];  // pair e / 2: rows of block (i, half), columns of slice j, as for_each_pair
+    const int lane = threadIdx.x % 32;
+    auto load_pairs = [&](int load) {
+        const int pair = 4 * load + lane / 8, half = pair % 2, j = pair / 2 % J_TILES, i = pair / 2 / J_TILES;
+        ldmatrix(*reinterpret_cast<unsigned int(*)[4]>(raws + 4 * load),
+                 x_tile + (warp_m + i * 16 + 8 * half + lane % 8) * X_ROW + warp_k + j * 8);
+    };
+    load_pairs(0);
     for_each_pair(warp_m, warp_k, [&](int e, int row, int column) {
+        // Pairs 4–7 before the adds of pair 2, which for_each_pair takes second in either tile, ahead of them
+        // all: loading all eight at once held 8 more registers, and fp16 without ∂W_q spilled under its
+        // 64-register cap.
+        if (e == 4) load_pairs(1);
         const int offset = row * X_ROW + column;
-        unsigned int* pair = reinterpret_cast<unsigned int*>(x_tile + offset);
-        const unsigned int raw = *pair;
+        const unsigned int raw = raws[e / 2];
         const X_T x0 = (X_T)(raw & 0xFFFFu), x1 = (X_T)(raw >> 16);
+        float level0 = 0.0f, level1 = 0.0f;
+        if (WEIGHT_GRADIENT) {
+            level0 = level_of_cell(levels, fine_cell((X_WIDEN(x0) - lo) * inv_delta));
+            level1 = level_of_cell(levels, fine_cell((X_WIDEN(x1) - lo) * inv_delta));
+        }
         int cell0, cell1;
         const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
         const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
-        *pair = d0 | (d1 << 16);
-        if (WEIGHT_GRADIENT)
-            *reinterpret_cast<unsigned int*>(xq_tile + offset) =
-                pair_levels(level_of_cell(levels, cell0), level_of_cell(levels, cell1), raw);
+        *reinterpret_cast<unsigned int*>(x_tile + offset) = d0 | (d1 << 16);
+        if (WEIGHT_GRADIENT) *reinterpret_cast<unsigned int*>(xq_tile + offset) = pair_levels(level0, level1, raw);
     });
 }
 
@@ -163,6 +183,7 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
                           float* __restrict__ histogram, float* __restrict__ sums, const float* __restrict__ table,
                           const float* __restrict__ logits, float* __restrict__ partial, int M, int N, int K, int min_bits) {
     static_assert(M_TILES * J_TILES * 4 == CHUNK, "a tile gives each lane one chunk of v");
+    static_assert(BLOCK_M * BLOCK_K % (8 * THREADS) == 0, "a tile's 16-byte vectors split evenly over the threads");
     extern __shared__ __align__(16) unsigned char shared_bytes[];
     // The block's W_q columns, STAGES buffers of dY rows and x (x in, ∂x out: both cross global memory as whole
     // 16-byte vectors), the per-warp bins; with WEIGHT_GRADIENT the x_q tile and the quantizer's 256-entry level table.
@@ -255,10 +276,16 @@ ddq_backward_input_shared(const X_T* __restrict__ grad_y, const X_T* __restrict_
         if (acc.fixed) tile_elements<true>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
         else tile_elements<false>(v, x_tile, xq_tile, lookup, warp_m, warp_k, lo, inv_delta, acc);
         __syncthreads();
+        // ∂x out: the lane's vectors all read before the first store, so that their reads overlap (each store
+        // waited on its own read, Nsight Compute, run 19); only edge tiles test their vectors.
+        uint4 dx[BLOCK_M * BLOCK_K / 8 / THREADS];
+        int vector = 0;
+        for_each_vector<BLOCK_M, BLOCK_K>([&](int r, int c) { dx[vector++] = *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c); });
+        const bool edge = row0 + BLOCK_M > M || col0 + BLOCK_K > K;
+        vector = 0;
         for_each_vector<BLOCK_M, BLOCK_K>([&](int r, int c) {
-            if (row0 + r < M && col0 + c < K)
-                *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) =
-                    *reinterpret_cast<const uint4*>(x_tile + r * X_ROW + c);
+            if (!edge || (row0 + r < M && col0 + c < K)) *reinterpret_cast<uint4*>(grad_x + (long long)(row0 + r) * K + col0 + c) = dx[vector];
+            ++vector;
         });
         if (WEIGHT_GRADIENT) add_weight_gradient(dw, dy_tile, xq_tile);
         if (STAGES == 1 && next < row_tiles) {

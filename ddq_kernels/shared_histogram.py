@@ -156,18 +156,22 @@ __device__ __forceinline__ void empty_bins(Accumulators& acc) {
 // float totals instead.
 #define CHUNKS_PER_SCALE 4
 // `fresh`: the caller's chunk count is a multiple of CHUNKS_PER_SCALE (warp-uniform), so that the bins are
-// emptied at least every CHUNKS_PER_SCALE chunks.
+// emptied at least every CHUNKS_PER_SCALE chunks. The warp's largest |v| counts only through its exponent, so
+// votes (every lane's bound finite; any lane's outgrowing the scale) and, where a scale is set, one integer
+// maximum (`redux.sync`) stand for a five-step shuffle maximum of the bounds, whose dependent steps were a run
+// of stalls in FUSED (Nsight Compute, run 19).
 __device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound, bool fresh) {
-    for (int offset = 16; offset > 0; offset /= 2) bound = max_keeping_nan(bound, __shfl_xor_sync(0xffffffffu, bound, offset));
-    acc.fixed = sizeof(X_T) == 2 && bound <= 3.402823466e38f;
-    // bound < 2^(exponent − 126), and the bins' scale is 2^(biased − 127): the chunk fits below 2^19 there
-    // where exponent + biased ≤ 272.
+    acc.fixed = sizeof(X_T) == 2 && __all_sync(0xffffffffu, bound <= 3.402823466e38f);
+    // A lane's bound < 2^(exponent − 126), and the bins' scale is 2^(biased − 127): the lane's elements fit
+    // below 2^19 there where exponent + biased ≤ 272. (Without `fixed` an exponent may be a non-finite one's;
+    // unused.)
     asm volatile("ld.shared.f32 %0, [%1];" : "=f"(acc.scale) : "r"(acc.bins + SCALE_OFFSET) : "memory");
-    const int exponent = (int)(__float_as_uint(bound) >> 23), biased = (int)(__float_as_uint(acc.scale) >> 23);
-    const bool rescale = acc.fixed && exponent + biased > 272;
+    const unsigned int exponent = __float_as_uint(bound) >> 23;
+    const int biased = (int)(__float_as_uint(acc.scale) >> 23);
+    const bool rescale = acc.fixed && __any_sync(0xffffffffu, (int)exponent + biased > 272);
     if (fresh || rescale) empty_bins(acc);
     if (acc.fixed && (fresh || rescale)) {
-        acc.scale = __int_as_float((127 + min(144 - exponent, 126)) << 23);
+        acc.scale = __int_as_float((127 + min(144 - (int)__reduce_max_sync(0xffffffffu, exponent), 126)) << 23);
         asm volatile("st.shared.f32 [%0], %1;" :: "r"(acc.bins + SCALE_OFFSET), "f"(acc.scale) : "memory");
     }
 }
@@ -241,13 +245,14 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
 
 // ∂x of one element as `element` computes it; with WRITE_XQ, `quantized` receives x_q = V[i >> (8 − b)] from
 // the fine cell the reductions found.
+// The level is looked up before the element's add: ptxas keeps a shared-memory load after an earlier
+// red.shared whose address it cannot tell apart, so looked up after it, the load waited out its latency there.
 template <bool FIXED>
 __device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, Levels levels,
                                                  Accumulators& acc, X_T& quantized) {
+    if (WRITE_XQ) quantized = X_NARROW(cell_level(levels, fine_cell((X_WIDEN(x_raw) - lo) * inv_delta), X_WIDEN(x_raw)));
     int cell;
-    const X_T dx = element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
-    if (WRITE_XQ) quantized = X_NARROW(cell_level(levels, cell, X_WIDEN(x_raw)));
-    return dx;
+    return element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
 }
 
 template <bool FIXED>
