@@ -130,14 +130,12 @@ __device__ __forceinline__ void tile_elements(const float (&v)[CHUNK], X_T* x_ti
         const int offset = row * X_ROW + column;
         const unsigned int raw = raws[e / 2];
         const X_T x0 = (X_T)(raw & 0xFFFFu), x1 = (X_T)(raw >> 16);
-        float level0 = 0.0f, level1 = 0.0f;
-        if (WEIGHT_GRADIENT) {
-            level0 = level_of_cell(levels, fine_cell((X_WIDEN(x0) - lo) * inv_delta));
-            level1 = level_of_cell(levels, fine_cell((X_WIDEN(x1) - lo) * inv_delta));
-        }
-        int cell0, cell1;
-        const unsigned int d0 = element<FIXED>(x0, v[e], lo, inv_delta, acc, cell0);
-        const unsigned int d1 = element<FIXED>(x1, v[e + 1], lo, inv_delta, acc, cell1);
+        const float u0 = grid_position(x0, lo, inv_delta), u1 = grid_position(x1, lo, inv_delta);
+        const int cell0 = fine_cell(u0), cell1 = fine_cell(u1);
+        const float level0 = WEIGHT_GRADIENT ? level_of_cell(levels, cell0) : 0.0f;
+        const float level1 = WEIGHT_GRADIENT ? level_of_cell(levels, cell1) : 0.0f;
+        const unsigned int d0 = element<FIXED>(u0, cell0, v[e], acc);
+        const unsigned int d1 = element<FIXED>(u1, cell1, v[e + 1], acc);
         *reinterpret_cast<unsigned int*>(x_tile + offset) = d0 | (d1 << 16);
         if (WEIGHT_GRADIENT) *reinterpret_cast<unsigned int*>(xq_tile + offset) = pair_levels(level0, level1, raw);
     });

@@ -182,13 +182,15 @@ __device__ __forceinline__ void begin_chunk(Accumulators& acc, float bound, bool
 // conversions ran the narrow conversion pipe at 30 % of its peak in FUSED (Nsight Compute, run 16).
 __device__ __forceinline__ int fixed_point(float v, float scale) { return __float_as_int(fmaf(v, scale, 12582912.0f)) - 0x4B400000; }
 
-// ∂x of one element, its v added to the reductions; `cell` receives x's fine cell. v is exactly representable
-// in x's dtype (x_gradient rounded it, or it was read in that dtype), so ∂x needs no rounding.
+// x's position on the fine grid, u = (x − lo)/Δ; its fine cell is fine_cell(u).
+__device__ __forceinline__ float grid_position(X_T x_raw, float lo, float inv_delta) { return (X_WIDEN(x_raw) - lo) * inv_delta; }
+
+// ∂x of one element at grid position u in fine cell `cell` (its callers look the cell's level up before the
+// add, see element_and_level), its v added to the reductions. v is exactly representable in x's dtype
+// (x_gradient rounded it, or it was read in that dtype), so ∂x needs no rounding.
 template <bool FIXED>
-__device__ __forceinline__ X_T element(X_T x_raw, float v, float lo, float inv_delta, Accumulators& acc, int& cell) {
-    const float u = (X_WIDEN(x_raw) - lo) * inv_delta;
+__device__ __forceinline__ X_T element(float u, int cell, float v, Accumulators& acc) {
     const bool inside = (u >= 0.0f) && (u <= 255.0f);
-    cell = fine_cell(u);
     // The cell of x = 0, which holds most of a ReLU activation's elements, sums in a register, so that a
     // warp's lanes do not serialise on one shared address. Its lanes still add, into their own sink slots: a
     // predicated add became a branch with a convergence barrier around every element (ptxas, sm_90).
@@ -250,9 +252,10 @@ template <typename T> __device__ __forceinline__ void store_vector(T* target, co
 template <bool FIXED>
 __device__ __forceinline__ X_T element_and_level(X_T x_raw, float v, float lo, float inv_delta, Levels levels,
                                                  Accumulators& acc, X_T& quantized) {
-    if (WRITE_XQ) quantized = X_NARROW(cell_level(levels, fine_cell((X_WIDEN(x_raw) - lo) * inv_delta), X_WIDEN(x_raw)));
-    int cell;
-    return element<FIXED>(x_raw, v, lo, inv_delta, acc, cell);
+    const float u = grid_position(x_raw, lo, inv_delta);
+    const int cell = fine_cell(u);
+    if (WRITE_XQ) quantized = X_NARROW(cell_level(levels, cell, X_WIDEN(x_raw)));
+    return element<FIXED>(u, cell, v, acc);
 }
 
 template <bool FIXED>
