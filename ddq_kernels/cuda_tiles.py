@@ -178,21 +178,63 @@ __device__ __forceinline__ unsigned int pair_levels(float low_level, float high_
     return quantized;
 }
 
+// Eight 16-bit elements (one 16-byte vector) quantized; `scaled_inv_delta` and `scaled_half` as `coarse_code` takes them.
+__device__ __forceinline__ uint4 quantize_vector(uint4 words, Levels levels, float lo, float scaled_inv_delta, float scaled_half) {
+    const auto level = [&](unsigned int raw) {
+        return levels.levels[coarse_code(X_WIDEN((X_T)raw), lo, scaled_inv_delta, scaled_half)];
+    };
+    unsigned int* word = reinterpret_cast<unsigned int*>(&words);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) word[w] = pair_levels(level(word[w] & 0xFFFFu), level(word[w] >> 16), word[w]);
+    return words;
+}
+
 // Every element of a staged ROWS × COLUMNS tile replaced by its quantized value (COLUMNS a multiple of 8).
 template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, Levels levels, float lo, float inv_delta) {
     const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
-    const auto level = [&](unsigned int raw) {
-        return levels.levels[coarse_code(X_WIDEN((X_T)raw), lo, scaled_inv_delta, scaled_half)];
-    };
     for_each_vector<ROWS, COLUMNS>([&](int r, int c) {
         uint4* vector = reinterpret_cast<uint4*>(tile + r * pitch + c);
-        uint4 words = *vector;
-        unsigned int* word = reinterpret_cast<unsigned int*>(&words);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) word[w] = pair_levels(level(word[w] & 0xFFFFu), level(word[w] >> 16), word[w]);
-        *vector = words;
+        *vector = quantize_vector(*vector, levels, lo, scaled_inv_delta, scaled_half);
     });
+}
+
+// A thread's 16-byte vectors of a ROWS × COLUMNS block at (first_row, first_column) of a (total_rows, row_length)
+// row-major matrix, read into registers (zero outside the matrix), for `store_quantized` to quantize on their way
+// into shared memory: the loads stay in flight while the block multiplies the previous chunk, and the tile is
+// written once, where `stage` then `quantize_tile` read and wrote it again behind a barrier. A row's vectors
+// divide THREADS, and a pass of THREADS vectors covers whole rows that divide ROWS.
+template <int ROWS, int COLUMNS> struct TileVectors {
+    static constexpr int PER_ROW = COLUMNS / 8, ROWS_PER_PASS = THREADS / PER_ROW, COUNT = ROWS / ROWS_PER_PASS;
+    static_assert(THREADS % PER_ROW == 0 && ROWS % ROWS_PER_PASS == 0, "a pass of vectors covers whole rows of the tile");
+    uint4 words[COUNT];
+};
+
+template <int ROWS, int COLUMNS>
+__device__ __forceinline__ void load_vectors(TileVectors<ROWS, COLUMNS>& tile, const X_T* __restrict__ global,
+                                             long long first_row, int first_column, long long total_rows, int row_length) {
+    using Tile = TileVectors<ROWS, COLUMNS>;
+    const int r = threadIdx.x / Tile::PER_ROW, c = (threadIdx.x % Tile::PER_ROW) * 8;
+    const int rows_inside = (int)min(total_rows - first_row - r, (long long)ROWS);
+    const bool column_inside = first_column + c < row_length;
+    const uint4* source = reinterpret_cast<const uint4*>(global + (first_row + r) * row_length + first_column + c);
+    const long long pass = (long long)Tile::ROWS_PER_PASS * row_length / 8;
+#pragma unroll
+    for (int i = 0; i < Tile::COUNT; ++i)
+        tile.words[i] = column_inside && i * Tile::ROWS_PER_PASS < rows_inside ? __ldg(source + i * pass) : make_uint4(0, 0, 0, 0);
+}
+
+// `load_vectors`' tile quantized into shared rows of `pitch` elements, as `quantize_tile` quantizes it.
+template <int ROWS, int COLUMNS>
+__device__ __forceinline__ void store_quantized(X_T* shared, int pitch, const TileVectors<ROWS, COLUMNS>& tile,
+                                                Levels levels, float lo, float inv_delta) {
+    using Tile = TileVectors<ROWS, COLUMNS>;
+    const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
+    const int r = threadIdx.x / Tile::PER_ROW, c = (threadIdx.x % Tile::PER_ROW) * 8;
+#pragma unroll
+    for (int i = 0; i < Tile::COUNT; ++i)
+        *reinterpret_cast<uint4*>(shared + (r + i * Tile::ROWS_PER_PASS) * pitch + c) =
+            quantize_vector(tile.words[i], levels, lo, scaled_inv_delta, scaled_half);
 }
 """
 
