@@ -6,13 +6,14 @@ Shared by `linear_forward_cuda`, `linear_backward_weight_cuda` and `linear_backw
   (16-byte vectors, zero outside the matrix: `copy_vector`);
 - `ldmatrix`, `load_a`, `ldmatrix_transposed`, `mma_16816`: operand fragments of mma.sync m16n8k16 and the
   product itself (float32 accumulation); `narrow_pair`: two float32 values into one word of 16-bit values;
-- `load_levels` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied in place to a
-  staged tile. The bitwidth comes from the gate logits on the device, and `level_table`'s V is laid out in
-  shared memory once per block, so quantizing an element costs one shared-memory load (of V[i >> (8 − b)])
-  besides its arithmetic. Triton's quantize-in-load gathers the level from global memory (L1) instead,
+- `load_levels`, `quantize_vector` and `quantize_tile`: spec §2 for a per-tensor activation quantizer applied
+  in place to a staged tile; `load_vectors` and `store_quantized`: the same on a tile's way from global memory
+  through registers into shared memory (run 22). The bitwidth comes from the gate logits on the device, and
+  `level_table`'s V is laid out in shared memory once per block, so quantizing an element costs one
+  shared-memory load (of V[i >> (8 − b)]) besides its arithmetic. Triton's quantize-in-load gathers the level from global memory (L1) instead,
   which made its fused forward 2.8× slower than its bytes allow.
   The element math is `fine_grid`'s: u = (x − lo)·(1/Δ), i = clamp(floor(u + 0.5), 0, 255) with NaN in
-  cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores. `quantize_tile`
+  cell 0, x_q = V + x·0 (NaN for a non-finite x), rounded to x's dtype for the tensor cores. `quantize_vector`
   finds the code i >> (8 − b) in one scaled flooring convert (`coarse_code`) and adds x·0 to a pair of
   rounded levels in one packed fma (`pair_levels`): about 7 instructions an element, 9 before (run 18).
 The source needs `element_math_header`'s #defines and `shared_histogram.ELEMENT_MATH`'s conversions.
@@ -178,8 +179,9 @@ __device__ __forceinline__ unsigned int pair_levels(float low_level, float high_
     return quantized;
 }
 
-// Eight 16-bit elements (one 16-byte vector) quantized; `scaled_inv_delta` and `scaled_half` as `coarse_code` takes them.
-__device__ __forceinline__ uint4 quantize_vector(uint4 words, Levels levels, float lo, float scaled_inv_delta, float scaled_half) {
+// Eight 16-bit elements (one 16-byte vector) quantized.
+__device__ __forceinline__ uint4 quantize_vector(uint4 words, Levels levels, float lo, float inv_delta) {
+    const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
     const auto level = [&](unsigned int raw) {
         return levels.levels[coarse_code(X_WIDEN((X_T)raw), lo, scaled_inv_delta, scaled_half)];
     };
@@ -192,10 +194,9 @@ __device__ __forceinline__ uint4 quantize_vector(uint4 words, Levels levels, flo
 // Every element of a staged ROWS × COLUMNS tile replaced by its quantized value (COLUMNS a multiple of 8).
 template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void quantize_tile(X_T* tile, int pitch, Levels levels, float lo, float inv_delta) {
-    const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
     for_each_vector<ROWS, COLUMNS>([&](int r, int c) {
         uint4* vector = reinterpret_cast<uint4*>(tile + r * pitch + c);
-        *vector = quantize_vector(*vector, levels, lo, scaled_inv_delta, scaled_half);
+        *vector = quantize_vector(*vector, levels, lo, inv_delta);
     });
 }
 
@@ -229,12 +230,11 @@ template <int ROWS, int COLUMNS>
 __device__ __forceinline__ void store_quantized(X_T* shared, int pitch, const TileVectors<ROWS, COLUMNS>& tile,
                                                 Levels levels, float lo, float inv_delta) {
     using Tile = TileVectors<ROWS, COLUMNS>;
-    const float scaled_inv_delta = inv_delta * levels.code_scale, scaled_half = 0.5f * levels.code_scale;
     const int r = threadIdx.x / Tile::PER_ROW, c = (threadIdx.x % Tile::PER_ROW) * 8;
 #pragma unroll
     for (int i = 0; i < Tile::COUNT; ++i)
         *reinterpret_cast<uint4*>(shared + (r + i * Tile::ROWS_PER_PASS) * pitch + c) =
-            quantize_vector(tile.words[i], levels, lo, scaled_inv_delta, scaled_half);
+            quantize_vector(tile.words[i], levels, lo, inv_delta);
 }
 """
 
