@@ -13,8 +13,7 @@ from ddq.functional import FLOAT_INPUT_DTYPES, ddq_quantize, validate_arguments
 RANGE_MODES = ("symmetric", "unsigned", "affine")
 MODES = RANGE_MODES + ("auto",)
 GATE_INIT_STEP = 0.25
-MIN_RANGE = 1e-8
-AFFINE_MIN_RELATIVE_WIDTH = 2.0**-16
+MIN_RANGE = qm.MIN_RANGE
 PERCENTILE_SAMPLE = 1 << 22
 RANGE_INITS = ("spec", "mse")
 RANGE_SEARCH_FRACTIONS = torch.linspace(0.2, 1.0, 33)
@@ -164,19 +163,15 @@ class DDQQuantizer(nn.Module):
 
     def range(self) -> tuple[Tensor, Tensor]:
         """(lo, hi) of the fine grid for the current bitwidth, shape (G,), hi > lo by construction."""
-        top = self.range_top.abs().clamp_min(MIN_RANGE)
-        if self.mode == "symmetric":
-            return -top, top
-        if self.mode == "unsigned":
-            a_s, b_s = qm.unsigned_range_coefficients(self.bits_tensor().detach())
-            return -a_s * top, b_s * top
-        if self.mode == "affine":
-            # An absolute floor of MIN_RANGE vanishes in lo + width once |lo| > ~0.1 (float32), leaving
-            # hi == lo; a floor relative to |lo| keeps hi > lo for every finite lo.
-            lo = self.range_bottom
-            min_width = lo.detach().abs() * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
-            return lo, lo + torch.maximum((self.range_top - lo).abs(), min_width)
-        raise RuntimeError("DDQQuantizer: mode 'auto' is resolved on the first batch; call it on data first")
+        return qm.range_bounds(self.range_mode_code, self.range_bottom, self.range_top,
+                               self.bits_tensor() if self.mode == "unsigned" else None)
+
+    @property
+    def range_mode_code(self) -> int:
+        """The mode as the ops' range parameterization (`quantizer_math.RANGE_PARAMETERIZATIONS`)."""
+        if self.mode == "auto":
+            raise RuntimeError("DDQQuantizer: mode 'auto' is resolved on the first batch; call it on data first")
+        return qm.RANGE_PARAMETERIZATIONS.index(self.mode)
 
     def effective_residuals(self) -> Tensor:
         """The residuals the op sees: zero-anchored in `unsigned` mode, and with `lut_levels` moved (per
@@ -326,6 +321,16 @@ class DDQQuantizer(nn.Module):
         residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
         validate_arguments(x, lo, hi, residuals, gate_logits, self.axis, self.min_bits)
         return lo, hi, residuals, gate_logits
+
+    def range_op_arguments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Spec §2: (range_bottom, range_top, residuals, gate_logits) for the custom ops that take the range
+        parameters themselves with `range_mode_code` and compute (lo, hi) inside their first kernel; checked
+        against x, and the quantizer initialised from x on first use, as its forward would be."""
+        if not self._initialized:
+            self.initialize(x)
+        residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
+        validate_arguments(x, self.range_bottom, self.range_top, residuals, gate_logits, self.axis, self.min_bits)
+        return self.range_bottom, self.range_top, residuals, gate_logits
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:

@@ -99,6 +99,57 @@ def unsigned_range_coefficients(bits: Tensor) -> tuple[Tensor, Tensor]:
     return a_s, b_s
 
 
+# How a custom op reads a quantizer's two range parameters (bottom, top); the index is the op's mode code.
+# "bounds" takes them as lo and hi themselves; the others are `DDQQuantizer`'s modes.
+RANGE_PARAMETERIZATIONS = ("bounds", "symmetric", "unsigned", "affine")
+BOUNDS, SYMMETRIC, UNSIGNED, AFFINE = range(4)
+MIN_RANGE = 1e-8
+AFFINE_MIN_RELATIVE_WIDTH = 2.0**-16
+
+
+def range_bounds(mode: int, bottom: Tensor, top: Tensor, bits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Spec §2: (lo, hi) of the fine grid from the range parameters in `RANGE_PARAMETERIZATIONS[mode]`.
+
+    symmetric: ±max(|top|, MIN_RANGE). unsigned: (−a_s, b_s)·max(|top|, MIN_RANGE) with the coefficients of
+    the current bitwidth `bits` (not differentiated). affine: lo = bottom and hi = lo + max(|top − lo|, w) with
+    w = |lo|·2^−16 + MIN_RANGE (not differentiated): an absolute floor alone vanishes in lo + width once |lo| >
+    ~0.1 in float32, leaving hi == lo. hi > lo in every mode, by construction.
+    """
+    if mode == BOUNDS:
+        return bottom, top
+    if mode == AFFINE:
+        min_width = bottom.detach().abs() * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
+        return bottom, bottom + torch.maximum((top - bottom).abs(), min_width)
+    magnitude = top.abs().clamp_min(MIN_RANGE)
+    if mode == SYMMETRIC:
+        return -magnitude, magnitude
+    if mode == UNSIGNED:
+        a_s, b_s = unsigned_range_coefficients(bits.detach())
+        return -a_s * magnitude, b_s * magnitude
+    raise ValueError(f"range_bounds: mode must be one of 0..3 {RANGE_PARAMETERIZATIONS}, got {mode!r}")
+
+
+def range_bounds_grads(mode: int, bottom: Tensor, top: Tensor, bits: Tensor | None, grad_lo: Tensor, grad_hi: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """(∂bottom, ∂top) from (∂lo, ∂hi) through `range_bounds`: the gradients autograd gives it (clamp_min
+    passes where |top| ≥ MIN_RANGE, |·|' = sign, and torch.maximum splits a tie in halves)."""
+    if mode == BOUNDS:
+        return grad_lo, grad_hi
+    if mode == AFFINE:
+        difference = top - bottom
+        min_width = bottom.abs() * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
+        share = torch.where(difference.abs() > min_width, 1.0, torch.where(difference.abs() == min_width, 0.5, 0.0))
+        grad_top = grad_hi * share * torch.sign(difference)
+        return grad_lo + grad_hi - grad_top, grad_top
+    if mode == SYMMETRIC:
+        grad_magnitude = grad_hi - grad_lo
+    else:
+        a_s, b_s = unsigned_range_coefficients(bits)
+        grad_magnitude = grad_lo * -a_s + grad_hi * b_s
+    passes = top.abs() >= MIN_RANGE
+    return torch.zeros_like(grad_lo), torch.where(passes, grad_magnitude, 0.0) * torch.sign(top)
+
+
 def range_grad_scale(numel_per_group: int, bits: int) -> float:
     """Spec §3: LSQ's gradient scale 1/√(numel_g · max(2^b − 1, 1)) for range parameters.
 

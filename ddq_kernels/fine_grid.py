@@ -31,9 +31,14 @@ def bitwidth_from_logits(logits_ptr, MIN_BITS: tl.constexpr):
 def grid_scalars(lo_ptr, hi_ptr, group):
     """(lo, 1/Δ) of one group, Δ = (hi − lo)/255 (spec §2)."""
     lo = tl.load(lo_ptr + group)
-    hi = tl.load(hi_ptr + group)
+    return lo, inverse_cell_width(lo, tl.load(hi_ptr + group))
+
+
+@triton.jit
+def inverse_cell_width(lo, hi):
+    """1/Δ, Δ = (hi − lo)/255 (spec §2)."""
     delta = (hi - lo) / 255.0
-    return lo, 1.0 / delta
+    return 1.0 / delta
 
 
 @triton.jit

@@ -20,7 +20,8 @@ ONE_WARP = 1
 
 @triton.jit
 def level_table_kernel(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, MIN_BITS: tl.constexpr):
-    group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, tl.program_id(0), MIN_BITS)
+    group = tl.program_id(0)
+    group_levels(tl.load(lo_ptr + group), tl.load(hi_ptr + group), residuals_ptr, logits_ptr, table_ptr, group, MIN_BITS)
 
 
 @triton.jit
@@ -29,18 +30,19 @@ def two_level_tables_kernel(first_lo_ptr, first_hi_ptr, first_residuals_ptr, fir
                             second_table_ptr, FIRST_MIN_BITS: tl.constexpr, SECOND_MIN_BITS: tl.constexpr):
     program = tl.program_id(0)
     if program < first_groups:
-        group_levels(first_lo_ptr, first_hi_ptr, first_residuals_ptr, first_logits_ptr, first_table_ptr, program,
-                     FIRST_MIN_BITS)
+        group_levels(tl.load(first_lo_ptr + program), tl.load(first_hi_ptr + program), first_residuals_ptr,
+                     first_logits_ptr, first_table_ptr, program, FIRST_MIN_BITS)
     else:
-        group_levels(second_lo_ptr, second_hi_ptr, second_residuals_ptr, second_logits_ptr, second_table_ptr,
-                     program - first_groups, SECOND_MIN_BITS)
+        group = program - first_groups
+        group_levels(tl.load(second_lo_ptr + group), tl.load(second_hi_ptr + group), second_residuals_ptr,
+                     second_logits_ptr, second_table_ptr, group, SECOND_MIN_BITS)
 
 
 @triton.jit
-def group_levels(lo_ptr, hi_ptr, residuals_ptr, logits_ptr, table_ptr, group, MIN_BITS: tl.constexpr):
+def group_levels(lo, hi, residuals_ptr, logits_ptr, table_ptr, group, MIN_BITS: tl.constexpr):
+    """Table row `group` from the group's bounds (lo, hi) and its residuals."""
     shift = 8 - bitwidth_from_logits(logits_ptr, MIN_BITS)
-    lo = tl.load(lo_ptr + group)
-    delta = (tl.load(hi_ptr + group) - lo) / 255.0
+    delta = (hi - lo) / 255.0
     residuals = tl.load(residuals_ptr + group * 256 + tl.arange(0, 256))
     # The block size is a run-time value; build the table for every candidate and keep the right one.
     for candidate in tl.static_range(9):

@@ -1,8 +1,10 @@
 """`torch.ops.ddq.quantized_linear`: DDQLinear's quantize-and-matmul as one custom op (DDQ_SPEC.md §2–3).
 
 y = Q_x(x) · Q_w(W)ᵀ + bias with a per-tensor activation quantizer and a per-output-channel weight
-quantizer. The op also returns W_q (weight-sized, computed anyway) and the activation's per-code level
-table (1, 256) so that backward reuses them; x is saved as float training saves it, and x_q is recomputed
+quantizer, each given by its raw range parameters (the op computes lo and hi, and their gradients, inside
+its kernels: a compiled layer then runs no kernels of its own on them). The op also returns W_q
+(weight-sized, computed anyway), the activation's per-code level table (1, 256) and the (lo, hi) bounds of
+both quantizers so that backward reuses them; x is saved as float training saves it, and x_q is recomputed
 where backward needs it, so activation memory stays at float training's level. The bodies here are the
 plain-PyTorch reference (any device); `ddq_kernels.registration` adds the fused Triton bodies for CUDA.
 Importing this module needs no Triton.
@@ -23,18 +25,52 @@ from ddq.functional import autocast_operands, quantize_reference
 @torch.library.custom_op("ddq::quantized_linear", mutates_args=())
 def quantized_linear_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor],
-    act_lo: Tensor, act_hi: Tensor, act_residuals: Tensor, act_logits: Tensor,
-    weight_lo: Tensor, weight_hi: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
+    act_bottom: Tensor, act_top: Tensor, act_residuals: Tensor, act_logits: Tensor,
+    weight_bottom: Tensor, weight_top: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
     act_min_bits: int, weight_min_bits: int, act_grad_scale: bool, weight_grad_scale: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Spec §2: (y = Q_x(x)·W_qᵀ + bias, W_q, the activation's level table) for x (M, K) and weight (N, K).
+    act_mode: int, weight_mode: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Spec §2: (y = Q_x(x)·W_qᵀ + bias, W_q, the activation's level table, the bounds) for x (M, K), weight (N, K).
 
-    The table is `level_table`'s layout: (1, 256) float32, V[c] in column c < 2^b; the reference zero-fills
-    the rest (so does the CUDA body). It is saved for backward, which would otherwise build it again.
+    Each quantizer is given by its range parameters (bottom, top), read in `RANGE_PARAMETERIZATIONS[mode]`
+    (`quantizer_math.range_bounds`; mode 0 takes them as lo and hi), its residuals and gate logits. The op
+    computes (lo, hi) itself, so a compiled layer spends no kernels on them; the bounds output is (2, 1 + N)
+    float32, row 0 lo and row 1 hi, column 0 the activation's and 1 + n output channel n's. The table is
+    `level_table`'s layout: (1, 256) float32, V[c] in column c < 2^b, zeros after. Backward takes both
+    instead of building them again.
     """
+    check_range_modes(act_mode, weight_mode)
+    check_range_shapes(act_bottom, act_top, weight_bottom, weight_top, weight.shape[0])
+    act_lo, act_hi = op_bounds(act_mode, act_bottom, act_top, act_logits, act_min_bits)
+    weight_lo, weight_hi = op_bounds(weight_mode, weight_bottom, weight_top, weight_logits, weight_min_bits)
     w_q = quantize_reference(weight, weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits)
     x_q = quantize_reference(x, act_lo, act_hi, act_residuals, act_logits, act_min_bits)
-    return F.linear(x_q, w_q, bias), w_q, act_level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits)
+    bounds = torch.stack((torch.cat((act_lo, weight_lo)), torch.cat((act_hi, weight_hi))))
+    return (F.linear(x_q, w_q, bias), w_q, act_level_table(act_lo, act_hi, act_residuals, act_logits, act_min_bits),
+            bounds)
+
+
+def op_bounds(mode: int, bottom: Tensor, top: Tensor, gate_logits: Tensor, min_bits: int) -> tuple[Tensor, Tensor]:
+    """`quantizer_math.range_bounds` with the bitwidth from the gate logits where the mode needs it."""
+    return qm.range_bounds(mode, bottom, top, qm.bitwidth(gate_logits, min_bits) if mode == qm.UNSIGNED else None)
+
+
+def check_range_shapes(act_bottom: Tensor, act_top: Tensor, weight_bottom: Tensor, weight_top: Tensor,
+                       out_features: int) -> None:
+    """A clear error unless the activation's range parameters have shape (1,) and the weight's (N,)."""
+    for name, tensor, groups in (("act_bottom", act_bottom, 1), ("act_top", act_top, 1),
+                                 ("weight_bottom", weight_bottom, out_features), ("weight_top", weight_top, out_features)):
+        if tuple(tensor.shape) != (groups,):
+            raise ValueError(f"quantized_linear: {name} must have shape ({groups},) (a per-tensor activation and a "
+                             f"per-output-channel weight quantizer), got {tuple(tensor.shape)}")
+
+
+def check_range_modes(*modes: int) -> None:
+    """A clear error for a mode code that is not one of `RANGE_PARAMETERIZATIONS`' indices."""
+    for mode in modes:
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < len(qm.RANGE_PARAMETERIZATIONS):
+            raise ValueError(f"quantized_linear: a range mode must be an int in [0, {len(qm.RANGE_PARAMETERIZATIONS) - 1}] "
+                             f"{qm.RANGE_PARAMETERIZATIONS}, got {mode!r}")
 
 
 def act_level_table(lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor, min_bits: int) -> Tensor:
@@ -44,31 +80,46 @@ def act_level_table(lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tens
 
 
 @quantized_linear_op.register_fake
-def _quantized_linear_fake(x, weight, bias, act_lo, *params_and_flags):
-    table = torch.empty(1, 256, device=act_lo.device, dtype=torch.float32)
-    return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(weight), table
+def _quantized_linear_fake(x, weight, bias, act_bottom, *params_and_flags):
+    table = torch.empty(1, 256, device=act_bottom.device, dtype=torch.float32)
+    bounds = torch.empty(2, 1 + weight.shape[0], device=act_bottom.device, dtype=torch.float32)
+    return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(weight), table, bounds
 
 
 @torch.library.custom_op("ddq::quantized_linear_backward", mutates_args=())
 def quantized_linear_backward_op(
-    grad_y: Tensor, x: Tensor, weight: Tensor, w_q: Tensor, act_table: Tensor,
-    act_lo: Tensor, act_hi: Tensor, act_residuals: Tensor, act_logits: Tensor,
-    weight_lo: Tensor, weight_hi: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
-    act_min_bits: int, weight_min_bits: int, act_grad_scale: bool, weight_grad_scale: bool, has_bias: bool,
+    grad_y: Tensor, x: Tensor, weight: Tensor, w_q: Tensor, act_table: Tensor, bounds: Tensor,
+    act_bottom: Tensor, act_top: Tensor, act_residuals: Tensor, act_logits: Tensor,
+    weight_bottom: Tensor, weight_top: Tensor, weight_residuals: Tensor, weight_logits: Tensor,
+    act_min_bits: int, weight_min_bits: int, act_grad_scale: bool, weight_grad_scale: bool,
+    act_mode: int, weight_mode: int, has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Spec §3: (∂x, ∂W, ∂bias, ∂act lo/hi/residuals/logits, ∂weight lo/hi/residuals/logits).
+    """Spec §3: (∂x, ∂W, ∂bias, ∂act bottom/top/residuals/logits, ∂weight bottom/top/residuals/logits).
 
-    ∂bias is an empty tensor when the layer has no bias (a reduction over dY saved). `act_table` is the
-    forward's third output; this reference recomputes x_q from the parameters instead.
+    ∂bias is an empty tensor when the layer has no bias (a reduction over dY saved). `act_table` and `bounds`
+    are the forward's third and fourth outputs; this reference recomputes them, and x_q, from the parameters.
     """
     check_act_table(act_table, x.device)
+    check_bounds(bounds, weight.shape[0], x.device)
+    check_range_modes(act_mode, weight_mode)
+    act_lo, act_hi = op_bounds(act_mode, act_bottom, act_top, act_logits, act_min_bits)
+    weight_lo, weight_hi = op_bounds(weight_mode, weight_bottom, weight_top, weight_logits, weight_min_bits)
     x_q = quantize_reference(x, act_lo, act_hi, act_residuals, act_logits, act_min_bits)
     grad_x_q = grad_y @ w_q
     grad_w_q = grad_y.t() @ x_q
     act = torch.ops.ddq.quantize_backward(grad_x_q, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale)
     wgt = torch.ops.ddq.quantize_backward(grad_w_q, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
                                           weight_min_bits, weight_grad_scale)
-    return act[0], wgt[0], bias_grad(grad_y, has_bias), *act[1:], *wgt[1:]
+    act_range = op_bounds_grads(act_mode, act_bottom, act_top, act_logits, act_min_bits, *act[1:3])
+    weight_range = op_bounds_grads(weight_mode, weight_bottom, weight_top, weight_logits, weight_min_bits, *wgt[1:3])
+    return act[0], wgt[0], bias_grad(grad_y, has_bias), *act_range, *act[3:], *weight_range, *wgt[3:]
+
+
+def op_bounds_grads(mode: int, bottom: Tensor, top: Tensor, gate_logits: Tensor, min_bits: int, grad_lo: Tensor,
+                    grad_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantizer_math.range_bounds_grads` with the bitwidth from the gate logits where the mode needs it."""
+    bits = qm.bitwidth(gate_logits, min_bits) if mode == qm.UNSIGNED else None
+    return qm.range_bounds_grads(mode, bottom, top, bits, grad_lo, grad_hi)
 
 
 def check_act_table(act_table: Tensor, device: torch.device) -> None:
@@ -76,6 +127,14 @@ def check_act_table(act_table: Tensor, device: torch.device) -> None:
     if act_table.shape != (1, qm.FINE_CELLS) or act_table.dtype != torch.float32 or act_table.device != device:
         raise ValueError(f"quantized_linear_backward: act_table must be the forward's (1, 256) float32 level table on "
                          f"{device}, got {tuple(act_table.shape)} {act_table.dtype} on {act_table.device}")
+
+
+def check_bounds(bounds: Tensor, out_features: int, device: torch.device) -> None:
+    """A clear error for bounds that are not the forward's: (2, 1 + N) float32 on x's device, contiguous."""
+    if (bounds.shape != (2, 1 + out_features) or bounds.dtype != torch.float32 or bounds.device != device
+            or not bounds.is_contiguous()):
+        raise ValueError(f"quantized_linear_backward: bounds must be the forward's contiguous (2, {1 + out_features}) "
+                         f"float32 tensor on {device}, got {tuple(bounds.shape)} {bounds.dtype} on {bounds.device}")
 
 
 def bias_grad(grad_y: Tensor, has_bias: bool) -> Tensor:
@@ -86,13 +145,13 @@ def bias_grad(grad_y: Tensor, has_bias: bool) -> Tensor:
 
 
 @quantized_linear_backward_op.register_fake
-def _quantized_linear_backward_fake(grad_y, x, weight, w_q, act_table, act_lo, act_hi, act_residuals, act_logits,
-                                    weight_lo, weight_hi, weight_residuals, weight_logits, *flags):
+def _quantized_linear_backward_fake(grad_y, x, weight, w_q, act_table, bounds, act_bottom, act_top, act_residuals,
+                                    act_logits, weight_bottom, weight_top, weight_residuals, weight_logits, *flags):
     has_bias = flags[-1]
     return (torch.empty_like(x), torch.empty_like(weight), grad_y.new_empty(grad_y.shape[1] if has_bias else 0),
-            torch.empty_like(act_lo), torch.empty_like(act_hi), torch.empty_like(act_residuals), torch.empty_like(act_logits),
-            torch.empty_like(weight_lo), torch.empty_like(weight_hi), torch.empty_like(weight_residuals),
-            torch.empty_like(weight_logits))
+            torch.empty_like(act_bottom), torch.empty_like(act_top), torch.empty_like(act_residuals),
+            torch.empty_like(act_logits), torch.empty_like(weight_bottom), torch.empty_like(weight_top),
+            torch.empty_like(weight_residuals), torch.empty_like(weight_logits))
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,20 +160,20 @@ def _setup_context(ctx, inputs, output):
     # W_q is rarely used by the caller: its gradient stays None instead of a weight-sized tensor of zeros.
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(x, weight, output[1], output[2], *params)
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(x, weight, output[1], output[2], output[3], *params)
 
 
-def _backward(ctx, grad_y, grad_w_q, _grad_table):
-    x, weight, w_q, act_table, *params = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_w_q, _grad_table, _grad_bounds):
+    x, weight, w_q, act_table, bounds, *params = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-    grads = torch.ops.ddq.quantized_linear_backward(grad_y.contiguous(), x, weight, w_q, act_table, *params, *ctx.flags,
-                                                    ctx.has_bias)
+    grads = torch.ops.ddq.quantized_linear_backward(grad_y.contiguous(), x, weight, w_q, act_table, bounds, *params,
+                                                    *ctx.flags, ctx.has_bias)
     grad_x, grad_weight, grad_bias, *param_grads = grads
     if grad_w_q is not None:
         grad_weight = grad_weight + grad_w_q
-    return (grad_x, grad_weight, grad_bias if ctx.has_bias else None, *param_grads, None, None, None, None)
+    return (grad_x, grad_weight, grad_bias if ctx.has_bias else None, *param_grads, *(None,) * len(ctx.flags))
 
 
 quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -134,9 +193,10 @@ def quantized_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act_quan
     if x.dtype != weight.dtype:
         raise TypeError(f"quantized_linear: x is {x.dtype} but the weight is {weight.dtype}")
     flat = x.reshape(-1, x.shape[-1])
-    y, _, _ = torch.ops.ddq.quantized_linear(
-        flat.contiguous(), weight.contiguous(), bias, *act_quantizer.op_arguments(flat),
-        *weight_quantizer.op_arguments(weight),
+    y, *_ = torch.ops.ddq.quantized_linear(
+        flat.contiguous(), weight.contiguous(), bias, *act_quantizer.range_op_arguments(flat),
+        *weight_quantizer.range_op_arguments(weight),
         act_quantizer.min_bits, weight_quantizer.min_bits, act_quantizer.grad_scale, weight_quantizer.grad_scale,
+        act_quantizer.range_mode_code, weight_quantizer.range_mode_code,
     )
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -18,7 +18,9 @@ compiled for that b (s = 2^(8−b)), so no host sync is needed:
   same-address atomics serialised in one L2 slice, ~35 µs per call on H100 at 4096 channels.)
 Kernel 2, one program: ∂g_k = Σ over groups of the terms, in a fixed order (deterministic), then
 ∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones. Per tensor (one group)
-kernel 1's single program does this itself: on the small CNN GEMMs each launch of a step costs a few µs.
+kernel 1's single program does this itself: on the small CNN GEMMs each launch of a step costs a few µs; and
+given a zeroed done counter, `two_parameter_grads` has the second quantizer's last program to finish do it
+(`ddq::quantized_linear_backward`, whose bins buffer carries the counter).
 The sums Σv·u·in and Σv·(1 − in) are read in place from wherever the reductions put them (strided views
 of one (G, 2) buffer): no concatenation kernel. `two_parameter_grads` runs kernel 1 for two quantizers (a
 DDQLinear's activation and weight) in one launch, the first's groups before the second's: on 100352×32×192
@@ -29,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ddq import quantizer_math as qm
 from ddq_kernels.fine_grid import bitwidth_from_logits
+from ddq_kernels.range_bounds import group_bound_grads
 
 
 @triton.jit
@@ -48,9 +52,11 @@ def half_block_sums(values, CODES: tl.constexpr, ABOVE: tl.constexpr, BELOW: tl.
 
 
 @triton.jit
-def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr, grad_lo_ptr,
-                grad_hi_ptr, grad_residuals_ptr, group, numel_per_group, GRAD_SCALE: tl.constexpr, BITS: tl.constexpr):
-    """Stores ∂lo, ∂hi and ∂residuals of one group; returns its 8 gate terms."""
+def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
+                bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr, group, numel_per_group, bits,
+                GRAD_SCALE: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+    """Stores ∂bottom, ∂top (from ∂lo, ∂hi through the range parameterization MODE) and ∂residuals of one
+    group; returns its 8 gate terms. `bits` is BITS as a run-time value."""
     BLOCK: tl.constexpr = 1 << (8 - BITS)
     CODES: tl.constexpr = 1 << BITS
     cells = tl.arange(0, 256)
@@ -68,8 +74,11 @@ def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride
     range_scale = 1.0
     if GRAD_SCALE:
         range_scale = 1.0 / tl.sqrt(tl.maximum(numel_per_group, 1).to(tl.float32) * max(CODES - 1, 1))
-    tl.store(grad_hi_ptr + group, (sum_vt - sum_vu) / 255.0 * range_scale)
-    tl.store(grad_lo_ptr + group, (sum_vu - sum_vt + 255.0 * sum_clipped) / 255.0 * range_scale)
+    grad_hi = (sum_vt - sum_vu) / 255.0 * range_scale
+    grad_lo = (sum_vu - sum_vt + 255.0 * sum_clipped) / 255.0 * range_scale
+    grad_bottom, grad_top = group_bound_grads(bottom_ptr, top_ptr, group, bits, grad_lo, grad_hi, MODE)
+    tl.store(grad_bottom_ptr + group, grad_bottom)
+    tl.store(grad_top_ptr + group, grad_top)
     per_cell = tl.reshape(tl.broadcast_to(block_hist[:, None], (CODES, BLOCK)), (256,))
     tl.store(grad_residuals_ptr + group * 256 + cells, delta * per_cell)
 
@@ -93,38 +102,49 @@ def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride
 
 @triton.jit
 def range_residual_gate_kernel(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
-                               logits_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, gate_terms_ptr, grad_logits_ptr,
-                               numel_per_group, MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr,
-                               ONE_GROUP: tl.constexpr):
+                               logits_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
+                               gate_terms_ptr, grad_logits_ptr, numel_per_group, MIN_BITS: tl.constexpr,
+                               GRAD_SCALE: tl.constexpr, ONE_GROUP: tl.constexpr, MODE: tl.constexpr):
     quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
-                          logits_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, gate_terms_ptr, grad_logits_ptr,
-                          tl.program_id(0), numel_per_group, MIN_BITS, GRAD_SCALE, ONE_GROUP)
+                          logits_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
+                          gate_terms_ptr, grad_logits_ptr, tl.program_id(0), numel_per_group, MIN_BITS, GRAD_SCALE,
+                          ONE_GROUP, MODE)
 
 
 @triton.jit
 def two_range_residual_gate_kernel(
-        hist_1, sum_vu_1, sum_clipped_1, vu_stride_1, clipped_stride_1, lo_1, hi_1, residuals_1, logits_1, grad_lo_1,
-        grad_hi_1, grad_residuals_1, gate_terms_1, grad_logits_1, numel_per_group_1, groups_1,
-        hist_2, sum_vu_2, sum_clipped_2, vu_stride_2, clipped_stride_2, lo_2, hi_2, residuals_2, logits_2, grad_lo_2,
-        grad_hi_2, grad_residuals_2, gate_terms_2, grad_logits_2, numel_per_group_2,
-        MIN_BITS_1: tl.constexpr, GRAD_SCALE_1: tl.constexpr, ONE_GROUP_1: tl.constexpr,
-        MIN_BITS_2: tl.constexpr, GRAD_SCALE_2: tl.constexpr, ONE_GROUP_2: tl.constexpr):
+        hist_1, sum_vu_1, sum_clipped_1, vu_stride_1, clipped_stride_1, lo_1, hi_1, residuals_1, logits_1, bottom_1,
+        top_1, grad_bottom_1, grad_top_1, grad_residuals_1, gate_terms_1, grad_logits_1, numel_per_group_1, groups_1,
+        hist_2, sum_vu_2, sum_clipped_2, vu_stride_2, clipped_stride_2, lo_2, hi_2, residuals_2, logits_2, bottom_2,
+        top_2, grad_bottom_2, grad_top_2, grad_residuals_2, gate_terms_2, grad_logits_2, numel_per_group_2, groups_2,
+        done_ptr, MIN_BITS_1: tl.constexpr, GRAD_SCALE_1: tl.constexpr, ONE_GROUP_1: tl.constexpr, MODE_1: tl.constexpr,
+        MIN_BITS_2: tl.constexpr, GRAD_SCALE_2: tl.constexpr, ONE_GROUP_2: tl.constexpr, MODE_2: tl.constexpr,
+        FINISH_2: tl.constexpr, BLOCK_GROUPS_2: tl.constexpr):
     program = tl.program_id(0)
     if program < groups_1:
         quantizer_group_grads(hist_1, sum_vu_1, sum_clipped_1, vu_stride_1, clipped_stride_1, lo_1, hi_1, residuals_1,
-                              logits_1, grad_lo_1, grad_hi_1, grad_residuals_1, gate_terms_1, grad_logits_1, program,
-                              numel_per_group_1, MIN_BITS_1, GRAD_SCALE_1, ONE_GROUP_1)
+                              logits_1, bottom_1, top_1, grad_bottom_1, grad_top_1, grad_residuals_1, gate_terms_1,
+                              grad_logits_1, program, numel_per_group_1, MIN_BITS_1, GRAD_SCALE_1, ONE_GROUP_1, MODE_1)
     else:
         quantizer_group_grads(hist_2, sum_vu_2, sum_clipped_2, vu_stride_2, clipped_stride_2, lo_2, hi_2, residuals_2,
-                              logits_2, grad_lo_2, grad_hi_2, grad_residuals_2, gate_terms_2, grad_logits_2,
-                              program - groups_1, numel_per_group_2, MIN_BITS_2, GRAD_SCALE_2, ONE_GROUP_2)
+                              logits_2, bottom_2, top_2, grad_bottom_2, grad_top_2, grad_residuals_2, gate_terms_2,
+                              grad_logits_2, program - groups_1, numel_per_group_2, MIN_BITS_2, GRAD_SCALE_2,
+                              ONE_GROUP_2, MODE_2)
+        if FINISH_2:
+            # Kernel 2's work in the program that finishes last: each program counts itself done after its
+            # terms are stored (the barrier orders its lanes' stores before the release); the last one sums
+            # all the terms in kernel 2's fixed order, whichever program it is.
+            tl.debug_barrier()
+            finished_before = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+            if finished_before == groups_2 - 1:
+                sum_gate_terms(gate_terms_2, groups_2, logits_2, grad_logits_2, MIN_BITS_2, BLOCK_GROUPS_2)
 
 
 @triton.jit
 def quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
-                          logits_ptr, grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, gate_terms_ptr, grad_logits_ptr,
-                          group, numel_per_group, MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr,
-                          ONE_GROUP: tl.constexpr):
+                          logits_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
+                          gate_terms_ptr, grad_logits_ptr, group, numel_per_group, MIN_BITS: tl.constexpr,
+                          GRAD_SCALE: tl.constexpr, ONE_GROUP: tl.constexpr, MODE: tl.constexpr):
     """Kernel 1's work for one group of one quantizer."""
     bits = bitwidth_from_logits(logits_ptr, MIN_BITS)
     terms = tl.zeros((8,), dtype=tl.float32)
@@ -132,9 +152,9 @@ def quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clip
     # and the host never waits for the GPU.
     for candidate in tl.static_range(9):
         if bits == candidate:
-            terms = group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
-                                grad_lo_ptr, grad_hi_ptr, grad_residuals_ptr, group, numel_per_group, GRAD_SCALE,
-                                candidate)
+            terms = group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr,
+                                residuals_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
+                                group, numel_per_group, bits, GRAD_SCALE, candidate, MODE)
     if ONE_GROUP:
         store_logit_grads(terms, logits_ptr, grad_logits_ptr, MIN_BITS)
     else:
@@ -144,6 +164,13 @@ def quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clip
 @triton.jit
 def gate_logit_grads_kernel(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr,
                             BLOCK_GROUPS: tl.constexpr):
+    sum_gate_terms(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS, BLOCK_GROUPS)
+
+
+@triton.jit
+def sum_gate_terms(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr,
+                   BLOCK_GROUPS: tl.constexpr):
+    """Kernel 2: ∂g as the sum of the groups' gate terms in a fixed order, then ∂θ."""
     j = tl.arange(0, 8)
     rows = tl.arange(0, BLOCK_GROUPS)
     grad_gates = tl.zeros((8,), dtype=tl.float32)
@@ -175,6 +202,8 @@ def store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS: tl.cons
 ONE_WARP = 1
 
 QuantizerReductions = tuple  # (histogram, Σv·u·in, Σv·(1 − in), lo, hi, residuals, gate_logits, min_bits, grad_scale, N)
+# (mode, bottom, top): the range parameters that gave (lo, hi), read as `range_bounds.group_bounds` reads them.
+RangeParameters = tuple[int, torch.Tensor, torch.Tensor]
 
 
 def parameter_grads(histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits: int,
@@ -190,27 +219,35 @@ def parameter_grads(histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, 
     return operands.finished()
 
 
-def two_parameter_grads(first: QuantizerReductions, second: QuantizerReductions) -> tuple[tuple, tuple]:
+def two_parameter_grads(first: QuantizerReductions, second: QuantizerReductions,
+                        ranges: tuple[RangeParameters | None, RangeParameters | None] = (None, None),
+                        done_counter: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     """`parameter_grads` of two quantizers, each given as its ten arguments, in one launch of kernel 1 (a
     layer's activation and weight: on the small CNN GEMMs each launch costs a few µs of a step); kernel 2
-    runs for each per-channel one."""
-    operands_1, operands_2 = KernelOperands(first), KernelOperands(second)
+    runs for each per-channel one. Where `ranges` gives a quantizer's range parameters, its first two
+    gradients are theirs (∂bottom, ∂top, `quantizer_math.range_bounds_grads`) instead of ∂lo and ∂hi.
+    `done_counter`, a zeroed int32 scalar, lets the second quantizer's last program do its kernel 2 in the
+    same launch (one launch fewer: the layer's bins buffer carries it, `zeroed_bins_with_counter`)."""
+    operands_1, operands_2 = KernelOperands(first, ranges[0]), KernelOperands(second, ranges[1])
+    finish_2 = done_counter is not None and operands_2.groups > 1
     two_range_residual_gate_kernel[(operands_1.groups + operands_2.groups,)](
-        *operands_1.pointers, operands_1.groups, *operands_2.pointers, **operands_1.constants("_1"),
-        **operands_2.constants("_2"), num_warps=ONE_WARP)
-    return operands_1.finished(), operands_2.finished()
+        *operands_1.pointers, operands_1.groups, *operands_2.pointers, operands_2.groups,
+        done_counter if finish_2 else operands_2.grad_logits, **operands_1.constants("_1"),
+        **operands_2.constants("_2"), FINISH_2=finish_2, BLOCK_GROUPS_2=operands_2.block_groups, num_warps=ONE_WARP)
+    return operands_1.finished(), operands_2.finished(summed=finish_2)
 
 
 class KernelOperands:
     """One quantizer's inputs and outputs of kernel 1, and kernel 2 where it has several groups."""
 
-    def __init__(self, reductions: QuantizerReductions):
+    def __init__(self, reductions: QuantizerReductions, ranges: RangeParameters | None = None):
         histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits, grad_scale, numel = reductions
+        self.mode, bottom, top = (qm.BOUNDS, lo, hi) if ranges is None else ranges
         self.groups = lo.shape[0]
         self.min_bits, self.grad_scale = min_bits, grad_scale
         device = lo.device
-        self.grad_lo = torch.empty(self.groups, device=device, dtype=torch.float32)
-        self.grad_hi = torch.empty_like(self.grad_lo)
+        self.grad_bottom = torch.empty(self.groups, device=device, dtype=torch.float32)
+        self.grad_top = torch.empty_like(self.grad_bottom)
         self.grad_residuals = torch.empty(self.groups, 256, device=device, dtype=torch.float32)
         self.grad_logits = torch.empty(8, device=device, dtype=torch.float32)
         # Per tensor the one program finishes ∂θ itself and never writes gate terms.
@@ -220,16 +257,22 @@ class KernelOperands:
         self.gate_logits = gate_logits.contiguous()
         self.pointers = (histogram.to(torch.float32).contiguous(), sum_vu, sum_clipped, sum_vu.stride(0),
                          sum_clipped.stride(0), lo.contiguous(), hi.contiguous(), residuals.contiguous(),
-                         self.gate_logits, self.grad_lo, self.grad_hi, self.grad_residuals, self.gate_terms,
-                         self.grad_logits, numel)
+                         self.gate_logits, bottom.contiguous(), top.contiguous(), self.grad_bottom, self.grad_top,
+                         self.grad_residuals, self.gate_terms, self.grad_logits, numel)
 
     def constants(self, suffix: str) -> dict:
         return {f"MIN_BITS{suffix}": self.min_bits, f"GRAD_SCALE{suffix}": self.grad_scale,
-                f"ONE_GROUP{suffix}": self.groups == 1}
+                f"ONE_GROUP{suffix}": self.groups == 1, f"MODE{suffix}": self.mode}
 
-    def finished(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.groups > 1:
-            block_groups = min(1024, triton.next_power_of_2(self.groups))
+    @property
+    def block_groups(self) -> int:
+        return min(1024, triton.next_power_of_2(self.groups))
+
+    def finished(self, summed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four gradients, after kernel 2 where the groups' gate terms are not `summed` yet."""
+        if self.groups > 1 and not summed:
+            # One warp, as kernel 1's programs: the sum's order depends on the warps, and with the same layout
+            # kernel 2 gives what the last program of `two_parameter_grads` gives, bit for bit.
             gate_logit_grads_kernel[(1,)](self.gate_terms, self.groups, self.gate_logits, self.grad_logits,
-                                          MIN_BITS=self.min_bits, BLOCK_GROUPS=block_groups)
-        return self.grad_lo, self.grad_hi, self.grad_residuals, self.grad_logits
+                                          MIN_BITS=self.min_bits, BLOCK_GROUPS=self.block_groups, num_warps=ONE_WARP)
+        return self.grad_bottom, self.grad_top, self.grad_residuals, self.grad_logits

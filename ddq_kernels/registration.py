@@ -3,15 +3,17 @@
 - ddq::quantize → `level_table` + `quantize` (one pass over x).
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
   (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
-- ddq::quantized_linear → W_q (once per step) and the activation's level table in one launch
-  (`weight_and_tables`; on large weights `level_tables` then `quantize`), y by the GEMM with the
-  activation quantizer in its A-operand load; W_q and the activation's table are returned for backward.
+- ddq::quantized_linear → both quantizers' bounds from their range parameters, W_q (once per step) and
+  the activation's level table in one launch (`weight_and_tables`; on large weights `range_bounds`,
+  `level_tables`, then `quantize`), y by the GEMM with the activation quantizer in its A-operand load;
+  W_q, the activation's table and the bounds are returned for backward.
 - ddq::quantized_linear_backward → ∂x, the activation reductions and ∂W_q by `linear_backward`: the
   backward-input GEMM (reductions in its epilogue) then the backward-weight GEMM (x re-quantized on load),
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
   quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q);
-  both quantizers' parameter gradients in one launch (`two_parameter_grads`). Both quantizers' bins are
-  rows of one buffer, zeroed by one fill.
+  both quantizers' parameter gradients in one launch (`two_parameter_grads`, which also takes ∂lo and ∂hi
+  on to the range parameters, and sums the weight's gate terms in its last program). Both quantizers' bins
+  are rows of one buffer, zeroed by one fill with that launch's done counter.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -26,13 +28,13 @@ import torch
 
 from ddq.functional import check_parameter_values, restored, storage_order
 # linear_op also defines ddq::quantized_linear(_backward) before their CUDA bodies are registered here.
-from ddq_kernels.linear_op import bias_grad, check_act_table
+from ddq_kernels.linear_op import bias_grad, check_act_table, check_bounds, check_range_modes, check_range_shapes
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
-from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins
-from ddq_kernels.weight_and_tables import weight_and_act_table
+from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins_with_counter
+from ddq_kernels.weight_and_tables import bound_views, weight_and_act_table
 from ddq_kernels.weight_reductions import weight_reductions
 
 
@@ -70,28 +72,35 @@ def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, gr
 
 
 @torch.library.register_kernel("ddq::quantized_linear", "cuda")
-def quantized_linear_cuda(x, weight, bias, act_lo, act_hi, act_residuals, act_logits,
-                          weight_lo, weight_hi, weight_residuals, weight_logits,
-                          act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale):
-    check_groups(weight_lo, "the weight")
+def quantized_linear_cuda(x, weight, bias, act_bottom, act_top, act_residuals, act_logits,
+                          weight_bottom, weight_top, weight_residuals, weight_logits,
+                          act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, act_mode, weight_mode):
+    check_range_modes(act_mode, weight_mode)
+    check_range_shapes(act_bottom, act_top, weight_bottom, weight_top, weight.shape[0])
+    check_groups(weight_top, "the weight")
+    w_q, table, bounds = weight_and_act_table(
+        weight, (weight_bottom, weight_top, weight_residuals, weight_logits, weight_min_bits, weight_mode),
+        (act_bottom, act_top, act_residuals, act_logits, act_min_bits, act_mode))
+    act_lo, act_hi, weight_lo, weight_hi = bound_views(bounds)
     check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
     check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
-    w_q, table = weight_and_act_table(weight, (weight_lo, weight_hi, weight_residuals, weight_logits, weight_min_bits),
-                                      (act_lo, act_hi, act_residuals, act_logits, act_min_bits))
-    y = linear_forward(x.contiguous(), w_q, bias, act_lo.contiguous(), act_hi.contiguous(), table,
-                       act_logits.contiguous(), act_min_bits)
-    return y, w_q, table
+    y = linear_forward(x.contiguous(), w_q, bias, act_lo, act_hi, table, act_logits.contiguous(), act_min_bits)
+    return y, w_q, table, bounds
 
 
 @torch.library.register_kernel("ddq::quantized_linear_backward", "cuda")
-def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, act_lo, act_hi, act_residuals, act_logits,
-                                   weight_lo, weight_hi, weight_residuals, weight_logits,
-                                   act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, has_bias):
+def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, bounds, act_bottom, act_top, act_residuals,
+                                   act_logits, weight_bottom, weight_top, weight_residuals, weight_logits,
+                                   act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, act_mode,
+                                   weight_mode, has_bias):
     check_act_table(act_table, x.device)
+    check_bounds(bounds, weight.shape[0], x.device)
+    check_range_modes(act_mode, weight_mode)
     grad_y = grad_y.contiguous()
-    act_lo, act_hi, act_logits = act_lo.contiguous(), act_hi.contiguous(), act_logits.contiguous()
+    act_lo, act_hi, weight_lo, weight_hi = bound_views(bounds)
+    act_logits = act_logits.contiguous()
     # Both quantizers' bins are rows of one buffer: one fill kernel for the step instead of two.
-    histogram, sums = zeroed_bins(1 + weight_lo.shape[0], x.device)
+    histogram, sums, done_counter = zeroed_bins_with_counter(1 + weight_lo.shape[0], x.device)
     reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, act_table, act_logits,
                                                       act_min_bits, weight_gradient_parts=True,
                                                       bins=(histogram[:1], sums[:1]))
@@ -99,5 +108,6 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, act_lo, ac
     act, wgt = two_parameter_grads(
         parameter_grad_arguments(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale),
         parameter_grad_arguments(weight_grads, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
-                                 weight_min_bits, weight_grad_scale))
+                                 weight_min_bits, weight_grad_scale),
+        ranges=((act_mode, act_bottom, act_top), (weight_mode, weight_bottom, weight_top)), done_counter=done_counter)
     return reductions[0], weight_grads[0], bias_grad(grad_y, has_bias), *act, *wgt

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from ddq import quantizer_math as qm
 from ddq.functional import quantize_reference
 from kernel_cases import DEVICE, DTYPES, ambiguous, clear_of_boundaries, levels_differ, quantizer_params, relative_error, sample_input
 
@@ -35,7 +36,8 @@ def linear_case(M: int, K: int, N: int, dtype: torch.dtype, act_mode: str, act_b
     x = sample_input((M, K), act[0], act[1], dtype, 1)
     weight = sample_input((N, K), weight_params[0], weight_params[1], dtype, N)
     bias = torch.randn(N, device=DEVICE).to(dtype)
-    return (x, weight, bias, *act, *weight_params, act_min, weight_min, True, True)
+    # Range mode 0 ("bounds"): the op takes (lo, hi) as the range parameters; the other modes are tested below.
+    return (x, weight, bias, *act, *weight_params, act_min, weight_min, True, True, qm.BOUNDS, qm.BOUNDS)
 
 
 def on_cpu(args):
@@ -52,8 +54,9 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
     args = linear_case(M, K, N, dtype, act_mode, act_bits, weight_bits)
     x, weight, bias = args[:3]
     tolerance = TOLERANCE[dtype]
-    y, w_q, table = cuda_bodies.quantized_linear_cuda(*args)
-    want_y, want_w_q, want_table = torch.ops.ddq.quantized_linear(*on_cpu(args))
+    y, w_q, table, bounds = cuda_bodies.quantized_linear_cuda(*args)
+    want_y, want_w_q, want_table, want_bounds = torch.ops.ddq.quantized_linear(*on_cpu(args))
+    assert torch.equal(bounds.cpu(), want_bounds)
     # The forward's activation level table (saved for backward): block sums of residuals in another order, and
     # zeros past 2^b in both (an op output must be defined whole).
     level_scale = float(want_table.abs().max())
@@ -72,15 +75,15 @@ def check_linear(M, K, N, dtype, act_mode, act_bits, weight_bits):
 
     # Every row, and the gradients (sums over every element), on inputs with no element on a boundary.
     x, weight = clear_of_boundaries(x, args[3], args[4]), clear_of_boundaries(weight, args[7], args[8])
-    y, w_q, table = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
-    want_y, _, _ = torch.ops.ddq.quantized_linear(*on_cpu((x, weight, *args[2:])))
+    y, w_q, table, bounds = cuda_bodies.quantized_linear_cuda(x, weight, *args[2:])
+    want_y, *_ = torch.ops.ddq.quantized_linear(*on_cpu((x, weight, *args[2:])))
     assert relative_error(y, want_y.float()) <= tolerance
     grad_y = torch.randn(M, N, device=x.device).to(dtype)
-    backward_args = (grad_y, x, weight, w_q, table, *args[3:], True)
+    backward_args = (grad_y, x, weight, w_q, table, bounds, *args[3:], True)
     got = cuda_bodies.quantized_linear_backward_cuda(*backward_args)
     want = torch.ops.ddq.quantized_linear_backward(*on_cpu(backward_args))
     # Gate gradients are differences of sums over every element: their rounding scales with Σ|v|·max|level|.
-    cpu = on_cpu(backward_args[:4] + backward_args[5:])  # without the table: the parameters' indices
+    cpu = on_cpu(backward_args[:4] + backward_args[6:])  # without the table and bounds: the parameters' indices
     x_q = quantize_reference(cpu[1], *cpu[4:8], cpu[12])
     v_act, v_weight = cpu[0].float() @ cpu[3].float(), cpu[0].float().t() @ x_q.float()
     gate_scale = {
@@ -213,13 +216,13 @@ def test_op_autograd_matches_separate_quantizers_on_cpu(with_bias):
     if not with_bias:
         args[2] = None
     leaves = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-    y, _, _ = torch.ops.ddq.quantized_linear(*leaves)
+    y, *_ = torch.ops.ddq.quantized_linear(*leaves)
     grad_y = torch.randn_like(y)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     got = torch.autograd.grad(y, tensors, grad_y)
 
     plain = [a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
-    x, weight, bias, a_lo, a_hi, a_res, a_log, w_lo, w_hi, w_res, w_log, a_min, w_min, a_gs, w_gs = plain
+    x, weight, bias, a_lo, a_hi, a_res, a_log, w_lo, w_hi, w_res, w_log, a_min, w_min, a_gs, w_gs, *_ = plain
     want_y = torch.nn.functional.linear(ddq_quantize(x, a_lo, a_hi, a_res, a_log, None, a_min, a_gs),
                                         ddq_quantize(weight, w_lo, w_hi, w_res, w_log, 0, w_min, w_gs), bias)
     want = torch.autograd.grad(want_y, [a for a in plain if isinstance(a, torch.Tensor)], grad_y)
@@ -232,7 +235,8 @@ def test_op_autograd_matches_separate_quantizers_on_cpu(with_bias):
 def test_backward_rejects_a_table_that_is_not_the_forwards(bad_table):
     args = on_cpu(linear_case(9, 8, 5, torch.float32, "affine", 3, 4))
     x, weight = args[:2]
-    backward_args = (torch.randn(9, 5), x, weight, weight.clone(), bad_table, *args[3:], True)
+    bounds = torch.zeros(2, 6)
+    backward_args = (torch.randn(9, 5), x, weight, weight.clone(), bad_table, bounds, *args[3:], True)
     with pytest.raises(ValueError, match="act_table must be the forward's"):
         torch.ops.ddq.quantized_linear_backward(*backward_args)
 
@@ -249,7 +253,7 @@ def test_op_compiles_fullgraph_on_cpu():
     x = args[0].clone().requires_grad_(True)
 
     def step(x):
-        y, _, _ = torch.ops.ddq.quantized_linear(x, *args[1:])
+        y, *_ = torch.ops.ddq.quantized_linear(x, *args[1:])
         return y.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -90,3 +90,29 @@ def test_two_quantizers_in_one_launch_equal_two_launches(first, second):
     got_1, got_2 = two_parameter_grads(args_1, args_2)
     for got, want in zip(got_1 + got_2, parameter_grads(*args_1) + parameter_grads(*args_2)):
         assert torch.equal(got, want)
+
+
+def check_last_program_sums(second: tuple) -> None:
+    """With a done counter, the second quantizer's last program sums its gate terms (kernel 2 in kernel 1's
+    launch) in kernel 2's order: equal bit for bit to two launches, and the counter counts every program."""
+    from ddq_kernels.quantize_backward import zeroed_bins_with_counter
+
+    args_1, args_2 = random_reductions(3, 1, 1), random_reductions(*second)
+    counter = zeroed_bins_with_counter(2, DEVICE)[2]
+    got_1, got_2 = two_parameter_grads(args_1, args_2, done_counter=counter)
+    for got, want in zip(got_1 + got_2, parameter_grads(*args_1) + parameter_grads(*args_2)):
+        assert torch.equal(got, want)
+    assert counter.dtype == torch.int32 and int(counter) == (second[2] if second[2] > 1 else 0)
+
+
+@pytest.mark.parametrize("second", [(4, 2, 5, 32), (2, 0, 37, 9), (5, 1, 1, 64)])
+def test_last_program_sums_the_gate_terms(second):
+    check_last_program_sums(second)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [2, 192, 1100, 4096])
+def test_last_program_sums_the_gate_terms_on_gpu(groups):
+    """Many programs finishing at once: the last one must see every other program's terms."""
+    for _ in range(20):
+        check_last_program_sums((4, 2, groups, 100))
