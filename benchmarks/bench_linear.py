@@ -13,9 +13,10 @@ Variants beyond the issue's four, for the evidence in docs/kernels.md:
 - ddq_compiled_graph, lsq_compiled_graph: the layer under torch.compile (Inductor fuses the quantizers'
   parameter math around the ops), its whole step captured the same way: the GPU work of a network
   compiled and replayed as CUDA graphs, the mode bench_models measures;
-- ddq_compiled_combo_graph: the same with Inductor's horizontal fusion (`combo_kernels`), which may put the
+- ddq_compiled_combo_graph: the same with Inductor's horizontal fusion (`combo_kernels`), which put the
   activation's and the weight's range math (two small kernels in the forward, two in the backward on the
-  small shapes, docs/kernels.md run 14) into one launch each.
+  small shapes, docs/kernels.md run 14) into one launch each; since run 23 the op computes the ranges in its
+  own kernels, so there is nothing of DDQ's left for it to merge.
 """
 
 from __future__ import annotations
