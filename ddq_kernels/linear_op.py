@@ -52,7 +52,12 @@ def quantized_linear_op(
 
 def op_bounds(mode: int, bottom: Tensor, top: Tensor, gate_logits: Tensor, min_bits: int) -> tuple[Tensor, Tensor]:
     """`quantizer_math.range_bounds` with the bitwidth from the gate logits where the mode needs it."""
-    return qm.range_bounds(mode, bottom, top, qm.bitwidth(gate_logits, min_bits) if mode == qm.UNSIGNED else None)
+    return qm.range_bounds(mode, bottom, top, bits_for_range(mode, gate_logits, min_bits))
+
+
+def bits_for_range(mode: int, gate_logits: Tensor, min_bits: int) -> Optional[Tensor]:
+    """The bitwidth where the range depends on it (unsigned mode), else None: no kernels spent on it."""
+    return qm.bitwidth(gate_logits, min_bits) if mode == qm.UNSIGNED else None
 
 
 def check_range_shapes(act_bottom: Tensor, act_top: Tensor, weight_bottom: Tensor, weight_top: Tensor,
@@ -118,8 +123,7 @@ def quantized_linear_backward_op(
 def op_bounds_grads(mode: int, bottom: Tensor, top: Tensor, gate_logits: Tensor, min_bits: int, grad_lo: Tensor,
                     grad_hi: Tensor) -> tuple[Tensor, Tensor]:
     """`quantizer_math.range_bounds_grads` with the bitwidth from the gate logits where the mode needs it."""
-    bits = qm.bitwidth(gate_logits, min_bits) if mode == qm.UNSIGNED else None
-    return qm.range_bounds_grads(mode, bottom, top, bits, grad_lo, grad_hi)
+    return qm.range_bounds_grads(mode, bottom, top, bits_for_range(mode, gate_logits, min_bits), grad_lo, grad_hi)
 
 
 def check_act_table(act_table: Tensor, device: torch.device) -> None:

@@ -78,6 +78,11 @@ def clear_of_boundaries(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> 
     return cleared
 
 
+def on_cpu(args):
+    """A call's arguments with every tensor moved to the CPU (for the reference bodies)."""
+    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double().cpu(), want.double().cpu()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))

@@ -19,7 +19,8 @@ import torch
 
 from ddq import quantizer_math as qm
 from ddq.functional import quantize_reference
-from kernel_cases import DEVICE, DTYPES, ambiguous, clear_of_boundaries, levels_differ, quantizer_params, relative_error, sample_input
+from kernel_cases import (DEVICE, DTYPES, ambiguous, clear_of_boundaries, levels_differ, on_cpu, quantizer_params,
+                          relative_error, sample_input)
 
 import ddq_kernels.registration as cuda_bodies  # noqa: E402  (the Triton bodies, callable on CPU in the interpreter)
 
@@ -38,10 +39,6 @@ def linear_case(M: int, K: int, N: int, dtype: torch.dtype, act_mode: str, act_b
     bias = torch.randn(N, device=DEVICE).to(dtype)
     # Range mode 0 ("bounds"): the op takes (lo, hi) as the range parameters; the other modes are tested below.
     return (x, weight, bias, *act, *weight_params, act_min, weight_min, True, True, qm.BOUNDS, qm.BOUNDS)
-
-
-def on_cpu(args):
-    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def range_term_scale(v: torch.Tensor, groups: int, bits: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddq import quantizer_math as qm
-from kernel_cases import DEVICE, clear_of_boundaries, levels_differ, logits_for_bits, relative_error, sample_input
+from kernel_cases import DEVICE, clear_of_boundaries, levels_differ, logits_for_bits, on_cpu, relative_error, sample_input
 
 import ddq_kernels.registration as cuda_bodies  # noqa: E402  (the Triton bodies, callable on CPU in the interpreter)
 
@@ -78,10 +78,6 @@ def ranged_case(M: int, K: int, N: int, dtype: torch.dtype, act_mode: int, weigh
     args = (x, weight, torch.randn(N).to(dtype), *act, *wgt, act_min, weight_min, True, True, act_mode, weight_mode)
     on_device = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     return on_device, act_bounds, weight_bounds
-
-
-def on_cpu(args):
-    return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def check_ranged_op(M: int, K: int, N: int, dtype: torch.dtype, act_mode: int, weight_mode: int) -> None:
