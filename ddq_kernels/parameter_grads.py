@@ -16,11 +16,12 @@ compiled for that b (s = 2^(8−b)), so no host sync is needed:
   term is Σ_halves H_half·Q_half − Σ_c H_c·B_c. Each program stores its 8 terms in its row of a (G, 8)
   buffer. (They used to be added atomically into 8 floats: with thousands of per-channel groups those
   same-address atomics serialised in one L2 slice, ~35 µs per call on H100 at 4096 channels.)
-Kernel 2, one program: ∂g_k = Σ over groups of the terms, in a fixed order (deterministic), then
-∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced ones. Per tensor (one group)
-kernel 1's single program does this itself: on the small CNN GEMMs each launch of a step costs a few µs; and
-given a zeroed done counter, `two_parameter_grads` has the second quantizer's last program to finish do it
-(`ddq::quantized_linear_backward`, whose bins buffer carries the counter).
+Kernel 2, one program: ∂g_k = Σ over groups of the terms, in a fixed order (deterministic: chunks of up to 256
+groups, then the chunks' sums), then ∂θ_j = Σ_{k ≥ j} ∂g_k·Π_{l ≤ k, l ≠ j} h_l for free gates, 0 for forced
+ones. Per tensor (one group) kernel 1's single program does this itself: on the small CNN GEMMs each launch of a
+step costs a few µs; and given zeroed done counters, `two_parameter_grads` has the second quantizer's programs
+that finish last do it, the last of each chunk its chunk's sum and the last of those the rest
+(`ddq::quantized_linear_backward`, whose bins buffer carries the counters).
 The sums Σv·u·in and Σv·(1 − in) are read in place from wherever the reductions put them (strided views
 of one (G, 2) buffer): no concatenation kernel. `two_parameter_grads` runs kernel 1 for two quantizers (a
 DDQLinear's activation and weight) in one launch, the first's groups before the second's: on 100352×32×192
@@ -103,12 +104,17 @@ def group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride
 @triton.jit
 def range_residual_gate_kernel(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
                                logits_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
-                               gate_terms_ptr, grad_logits_ptr, numel_per_group, MIN_BITS: tl.constexpr,
-                               GRAD_SCALE: tl.constexpr, ONE_GROUP: tl.constexpr, MODE: tl.constexpr):
+                               gate_terms_ptr, grad_logits_ptr, numel_per_group, groups, done_ptr,
+                               MIN_BITS: tl.constexpr, GRAD_SCALE: tl.constexpr, ONE_GROUP: tl.constexpr,
+                               MODE: tl.constexpr, FINISH: tl.constexpr, CHUNK: tl.constexpr,
+                               PARTIAL_BLOCK: tl.constexpr):
     quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clipped_stride, lo_ptr, hi_ptr, residuals_ptr,
                           logits_ptr, bottom_ptr, top_ptr, grad_bottom_ptr, grad_top_ptr, grad_residuals_ptr,
                           gate_terms_ptr, grad_logits_ptr, tl.program_id(0), numel_per_group, MIN_BITS, GRAD_SCALE,
                           ONE_GROUP, MODE)
+    if FINISH:
+        finish_gate_sum(gate_terms_ptr, tl.program_id(0), groups, done_ptr, logits_ptr, grad_logits_ptr, MIN_BITS,
+                        CHUNK, PARTIAL_BLOCK)
 
 
 @triton.jit
@@ -119,7 +125,7 @@ def two_range_residual_gate_kernel(
         top_2, grad_bottom_2, grad_top_2, grad_residuals_2, gate_terms_2, grad_logits_2, numel_per_group_2, groups_2,
         done_ptr, MIN_BITS_1: tl.constexpr, GRAD_SCALE_1: tl.constexpr, ONE_GROUP_1: tl.constexpr, MODE_1: tl.constexpr,
         MIN_BITS_2: tl.constexpr, GRAD_SCALE_2: tl.constexpr, ONE_GROUP_2: tl.constexpr, MODE_2: tl.constexpr,
-        FINISH_2: tl.constexpr, BLOCK_GROUPS_2: tl.constexpr):
+        FINISH_2: tl.constexpr, CHUNK_2: tl.constexpr, PARTIAL_BLOCK_2: tl.constexpr):
     program = tl.program_id(0)
     if program < groups_1:
         quantizer_group_grads(hist_1, sum_vu_1, sum_clipped_1, vu_stride_1, clipped_stride_1, lo_1, hi_1, residuals_1,
@@ -131,13 +137,8 @@ def two_range_residual_gate_kernel(
                               grad_logits_2, program - groups_1, numel_per_group_2, MIN_BITS_2, GRAD_SCALE_2,
                               ONE_GROUP_2, MODE_2)
         if FINISH_2:
-            # Kernel 2's work in the program that finishes last: each program counts itself done after its
-            # terms are stored (the barrier orders its lanes' stores before the release); the last one sums
-            # all the terms in kernel 2's fixed order, whichever program it is.
-            tl.debug_barrier()
-            finished_before = tl.atomic_add(done_ptr, 1, sem="acq_rel")
-            if finished_before == groups_2 - 1:
-                sum_gate_terms(gate_terms_2, groups_2, logits_2, grad_logits_2, MIN_BITS_2, BLOCK_GROUPS_2)
+            finish_gate_sum(gate_terms_2, program - groups_1, groups_2, done_ptr, logits_2, grad_logits_2, MIN_BITS_2,
+                            CHUNK_2, PARTIAL_BLOCK_2)
 
 
 @triton.jit
@@ -163,22 +164,59 @@ def quantizer_group_grads(hist_ptr, sum_vu_ptr, sum_clipped_ptr, vu_stride, clip
 
 @triton.jit
 def gate_logit_grads_kernel(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr,
-                            BLOCK_GROUPS: tl.constexpr):
-    sum_gate_terms(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS, BLOCK_GROUPS)
+                            CHUNK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
+    """Kernel 2: ∂g as the sum of the groups' gate terms, chunk by chunk, then ∂θ."""
+    if PARTIAL_BLOCK == 0:
+        grad_gates = sum_rows(gate_terms_ptr, groups, CHUNK)
+    else:
+        chunks = tl.cdiv(groups, CHUNK)
+        for chunk in range(0, chunks):
+            store_chunk_sum(gate_terms_ptr, chunk, groups, CHUNK)
+        tl.debug_barrier()
+        grad_gates = sum_rows(gate_terms_ptr + groups * 8, chunks, PARTIAL_BLOCK)
+    store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS)
 
 
 @triton.jit
-def sum_gate_terms(gate_terms_ptr, groups, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr,
-                   BLOCK_GROUPS: tl.constexpr):
-    """Kernel 2: ∂g as the sum of the groups' gate terms in a fixed order, then ∂θ."""
+def finish_gate_sum(gate_terms_ptr, group, groups, counters_ptr, logits_ptr, grad_logits_ptr, MIN_BITS: tl.constexpr,
+                    CHUNK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
+    """Kernel 2's work, in kernel 1's programs that finish last: the last of each chunk of groups sums the chunk
+    and the last chunk to finish sums the chunks' sums, in kernel 2's order whichever programs they are. Each
+    program counts itself done after its stores (the barrier orders its lanes' stores before the release)."""
+    chunk = group // CHUNK
+    tl.debug_barrier()
+    finished_before = tl.atomic_add(counters_ptr + chunk, 1, sem="acq_rel")
+    if finished_before == tl.minimum(CHUNK, groups - chunk * CHUNK) - 1:
+        if PARTIAL_BLOCK == 0:
+            store_logit_grads(sum_rows(gate_terms_ptr, groups, CHUNK), logits_ptr, grad_logits_ptr, MIN_BITS)
+        else:
+            chunks = tl.cdiv(groups, CHUNK)
+            store_chunk_sum(gate_terms_ptr, chunk, groups, CHUNK)
+            tl.debug_barrier()
+            chunks_before = tl.atomic_add(counters_ptr + chunks, 1, sem="acq_rel")
+            if chunks_before == chunks - 1:
+                grad_gates = sum_rows(gate_terms_ptr + groups * 8, chunks, PARTIAL_BLOCK)
+                store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS)
+
+
+@triton.jit
+def store_chunk_sum(gate_terms_ptr, chunk, groups, CHUNK: tl.constexpr):
+    """The sum of one chunk's rows of gate terms, stored in the row after the groups' that belongs to the chunk."""
+    first = chunk * CHUNK
+    partial = sum_rows(gate_terms_ptr + first * 8, tl.minimum(CHUNK, groups - first), CHUNK)
+    tl.store(gate_terms_ptr + (groups + chunk) * 8 + tl.arange(0, 8), partial)
+
+
+@triton.jit
+def sum_rows(rows_ptr, count, BLOCK_ROWS: tl.constexpr):
+    """The sum of `count` rows of 8 floats, BLOCK_ROWS at a time, in a fixed order."""
     j = tl.arange(0, 8)
-    rows = tl.arange(0, BLOCK_GROUPS)
-    grad_gates = tl.zeros((8,), dtype=tl.float32)
-    for first in range(0, groups, BLOCK_GROUPS):
-        group = first + rows
-        terms = tl.load(gate_terms_ptr + group[:, None] * 8 + j[None, :], mask=(group < groups)[:, None], other=0.0)
-        grad_gates += tl.sum(terms, axis=0)
-    store_logit_grads(grad_gates, logits_ptr, grad_logits_ptr, MIN_BITS)
+    rows = tl.arange(0, BLOCK_ROWS)
+    total = tl.zeros((8,), dtype=tl.float32)
+    for first in range(0, count, BLOCK_ROWS):
+        row = first + rows
+        total += tl.sum(tl.load(rows_ptr + row[:, None] * 8 + j[None, :], mask=(row < count)[:, None], other=0.0), axis=0)
+    return total
 
 
 @triton.jit
@@ -207,34 +245,60 @@ RangeParameters = tuple[int, torch.Tensor, torch.Tensor]
 
 
 def parameter_grads(histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits: int,
-                    grad_scale: bool, numel_per_group: int):
+                    grad_scale: bool, numel_per_group: int, done_counters: torch.Tensor | None = None):
     """Spec §3: (∂lo, ∂hi, ∂residuals, ∂θ); same contract as `ddq.quantizer_math.parameter_grads`.
 
     The two sums may be strided views of one (G, 2) tensor, as the reductions return them (read in place).
-    One launch per tensor; per channel a second one sums the gate terms over the groups.
+    One launch per tensor; per channel a second one sums the gate terms over the groups, unless
+    `done_counters` (at least `gate_sum_counters(G)` zeroed int32) let kernel 1's last programs do it.
     """
     operands = KernelOperands((histogram, sum_vu_inside, sum_v_clipped, lo, hi, residuals, gate_logits, min_bits,
                                grad_scale, numel_per_group))
-    range_residual_gate_kernel[(operands.groups,)](*operands.pointers, **operands.constants(""), num_warps=ONE_WARP)
-    return operands.finished()
+    finish = operands.finishes_in_kernel_1(done_counters)
+    range_residual_gate_kernel[(operands.groups,)](
+        *operands.pointers, operands.groups, done_counters if finish else operands.grad_logits,
+        **operands.constants(""), FINISH=finish, CHUNK=operands.chunk, PARTIAL_BLOCK=operands.partial_block,
+        num_warps=ONE_WARP)
+    return operands.finished(summed=finish)
 
 
 def two_parameter_grads(first: QuantizerReductions, second: QuantizerReductions,
                         ranges: tuple[RangeParameters | None, RangeParameters | None] = (None, None),
-                        done_counter: torch.Tensor | None = None) -> tuple[tuple, tuple]:
+                        done_counters: torch.Tensor | None = None) -> tuple[tuple, tuple]:
     """`parameter_grads` of two quantizers, each given as its ten arguments, in one launch of kernel 1 (a
     layer's activation and weight: on the small CNN GEMMs each launch costs a few µs of a step); kernel 2
     runs for each per-channel one. Where `ranges` gives a quantizer's range parameters, its first two
     gradients are theirs (∂bottom, ∂top, `quantizer_math.range_bounds_grads`) instead of ∂lo and ∂hi.
-    `done_counter`, a zeroed int32 scalar, lets the second quantizer's last program do its kernel 2 in the
-    same launch (one launch fewer: the layer's bins buffer carries it, `zeroed_bins_with_counter`)."""
+    `done_counters`, at least `gate_sum_counters(G)` zeroed int32 for the second quantizer's G groups, lets its
+    programs that finish last do its kernel 2 in the same launch (one launch fewer: the layer's bins buffer
+    carries them, `zeroed_bins_with_counters`)."""
     operands_1, operands_2 = KernelOperands(first, ranges[0]), KernelOperands(second, ranges[1])
-    finish_2 = done_counter is not None and operands_2.groups > 1
+    finish_2 = operands_2.finishes_in_kernel_1(done_counters)
     two_range_residual_gate_kernel[(operands_1.groups + operands_2.groups,)](
         *operands_1.pointers, operands_1.groups, *operands_2.pointers, operands_2.groups,
-        done_counter if finish_2 else operands_2.grad_logits, **operands_1.constants("_1"),
-        **operands_2.constants("_2"), FINISH_2=finish_2, BLOCK_GROUPS_2=operands_2.block_groups, num_warps=ONE_WARP)
+        done_counters if finish_2 else operands_2.grad_logits, **operands_1.constants("_1"),
+        **operands_2.constants("_2"), FINISH_2=finish_2, CHUNK_2=operands_2.chunk,
+        PARTIAL_BLOCK_2=operands_2.partial_block, num_warps=ONE_WARP)
     return operands_1.finished(), operands_2.finished(summed=finish_2)
+
+
+# Kernel 2 sums the gate terms in chunks of up to this many groups, then the chunks' sums: one warp holds a
+# chunk's rows in registers (64 floats a lane), and with thousands of groups the chunks are summed by as many
+# programs of kernel 1 at once instead of one warp looping over all of them.
+MAX_CHUNK = 256
+
+
+def gate_sum_chunks(groups: int) -> tuple[int, int]:
+    """(chunk, number of chunks) of kernel 2's sum over `groups` rows of gate terms."""
+    chunk = min(MAX_CHUNK, triton.next_power_of_2(groups))
+    return chunk, triton.cdiv(groups, chunk)
+
+
+def gate_sum_counters(groups: int) -> int:
+    """The done counters `two_parameter_grads` needs for a quantizer of `groups` groups: one a chunk, and one
+    for the chunks where there are several."""
+    chunks = gate_sum_chunks(groups)[1]
+    return chunks + (chunks > 1)
 
 
 class KernelOperands:
@@ -250,9 +314,12 @@ class KernelOperands:
         self.grad_top = torch.empty_like(self.grad_bottom)
         self.grad_residuals = torch.empty(self.groups, 256, device=device, dtype=torch.float32)
         self.grad_logits = torch.empty(8, device=device, dtype=torch.float32)
+        self.chunk, chunks = gate_sum_chunks(self.groups)
+        # Several chunks: kernel 2 sums each into the row after the groups' rows that belongs to it, then those.
+        self.partial_block = 0 if chunks == 1 else min(MAX_CHUNK, triton.next_power_of_2(chunks))
         # Per tensor the one program finishes ∂θ itself and never writes gate terms.
         self.gate_terms = (self.grad_logits if self.groups == 1
-                           else torch.empty(self.groups, 8, device=device, dtype=torch.float32))
+                           else torch.empty(self.groups + (chunks > 1) * chunks, 8, device=device, dtype=torch.float32))
         sum_vu, sum_clipped = (s.to(torch.float32) for s in (sum_vu_inside, sum_v_clipped))
         self.gate_logits = gate_logits.contiguous()
         self.pointers = (histogram.to(torch.float32).contiguous(), sum_vu, sum_clipped, sum_vu.stride(0),
@@ -264,9 +331,18 @@ class KernelOperands:
         return {f"MIN_BITS{suffix}": self.min_bits, f"GRAD_SCALE{suffix}": self.grad_scale,
                 f"ONE_GROUP{suffix}": self.groups == 1, f"MODE{suffix}": self.mode}
 
-    @property
-    def block_groups(self) -> int:
-        return min(1024, triton.next_power_of_2(self.groups))
+    def finishes_in_kernel_1(self, done_counters: torch.Tensor | None) -> bool:
+        """Whether kernel 1's last programs sum the gate terms, with `done_counters`: where they are given and
+        there are several groups."""
+        if done_counters is None or self.groups == 1:
+            return False
+        needed = gate_sum_counters(self.groups)
+        device = self.grad_logits.device
+        if done_counters.dtype != torch.int32 or done_counters.numel() < needed or done_counters.device != device:
+            raise ValueError(f"parameter gradients: done_counters must hold {needed} int32 for {self.groups} groups "
+                             f"on {device}, got {done_counters.numel()} {done_counters.dtype} on "
+                             f"{done_counters.device}")
+        return True
 
     def finished(self, summed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The four gradients, after kernel 2 where the groups' gate terms are not `summed` yet."""
@@ -274,5 +350,6 @@ class KernelOperands:
             # One warp, as kernel 1's programs: the sum's order depends on the warps, and with the same layout
             # kernel 2 gives what the last program of `two_parameter_grads` gives, bit for bit.
             gate_logit_grads_kernel[(1,)](self.gate_terms, self.groups, self.gate_logits, self.grad_logits,
-                                          MIN_BITS=self.min_bits, BLOCK_GROUPS=self.block_groups, num_warps=ONE_WARP)
+                                          MIN_BITS=self.min_bits, CHUNK=self.chunk, PARTIAL_BLOCK=self.partial_block,
+                                          num_warps=ONE_WARP)
         return self.grad_bottom, self.grad_top, self.grad_residuals, self.grad_logits

@@ -156,15 +156,16 @@ def output_bins(groups: int, device: torch.device, bins: Bins | None = None) -> 
 def zeroed_bins(groups: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(histogram (G, 256), sums (G, 2)), float32 zeros, both contiguous views of one buffer: one fill
     kernel instead of two (on the small GEMMs every launch of a step costs a few µs of GPU time)."""
-    return zeroed_bins_with_counter(groups, device)[:2]
+    return zeroed_bins_with_counters(groups, device, 0)[:2]
 
 
-def zeroed_bins_with_counter(groups: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`zeroed_bins` and a zeroed int32 scalar (`parameter_grads.two_parameter_grads`' done counter), all
+def zeroed_bins_with_counters(groups: int, device: torch.device,
+                              counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`zeroed_bins` and `counters` zeroed int32 (`parameter_grads.two_parameter_grads`' done counters), all
     views of one buffer zeroed by one fill."""
-    buffer = torch.zeros(groups * 258 + 1, device=device, dtype=torch.float32)
-    counter = buffer[groups * 258:].view(torch.int32)
-    return buffer[:groups * 256].view(groups, 256), buffer[groups * 256:groups * 258].view(groups, 2), counter
+    buffer = torch.zeros(groups * 258 + counters, device=device, dtype=torch.float32)
+    done = buffer[groups * 258:].view(torch.int32)
+    return buffer[:groups * 256].view(groups, 256), buffer[groups * 256:groups * 258].view(groups, 2), done
 
 
 CELLS_BLOCK = 2048

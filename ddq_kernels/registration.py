@@ -13,7 +13,7 @@
   quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q);
   both quantizers' parameter gradients in one launch (`two_parameter_grads`, which also takes ∂lo and ∂hi
   on to the range parameters, and sums the weight's gate terms in its last program). Both quantizers' bins
-  are rows of one buffer, zeroed by one fill with that launch's done counter.
+  are rows of one buffer, zeroed by one fill with that launch's done counters.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
 
@@ -31,9 +31,9 @@ from ddq.functional import check_parameter_values, restored, storage_order
 from ddq_kernels.linear_op import bias_grad, check_act_table, check_bounds, check_range_modes, check_range_shapes
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
-from ddq_kernels.parameter_grads import parameter_grads, two_parameter_grads
+from ddq_kernels.parameter_grads import gate_sum_counters, parameter_grads, two_parameter_grads
 from ddq_kernels.quantize import quantize
-from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins_with_counter
+from ddq_kernels.quantize_backward import quantize_reductions, zeroed_bins_with_counters
 from ddq_kernels.weight_and_tables import bound_views, weight_and_act_table
 from ddq_kernels.weight_reductions import weight_reductions
 
@@ -66,9 +66,11 @@ def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
 def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
     check_groups(lo)
     order = storage_order(x, lo.shape[0])
-    grad_x, *group_sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi)
+    # The gate terms' done counters ride in the bins' buffer, zeroed by its one fill.
+    histogram, sums, done_counters = zeroed_bins_with_counters(lo.shape[0], x.device, gate_sum_counters(lo.shape[0]))
+    grad_x, *group_sums = quantize_reductions(grad.permute(order), x.permute(order), lo, hi, bins=(histogram, sums))
     arguments = parameter_grad_arguments((grad_x, *group_sums), x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
-    return (restored(grad_x, order), *parameter_grads(*arguments))
+    return (restored(grad_x, order), *parameter_grads(*arguments, done_counters=done_counters))
 
 
 @torch.library.register_kernel("ddq::quantized_linear", "cuda")
@@ -100,7 +102,8 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, bounds, ac
     act_lo, act_hi, weight_lo, weight_hi = bound_views(bounds)
     act_logits = act_logits.contiguous()
     # Both quantizers' bins are rows of one buffer: one fill kernel for the step instead of two.
-    histogram, sums, done_counter = zeroed_bins_with_counter(1 + weight_lo.shape[0], x.device)
+    histogram, sums, done_counters = zeroed_bins_with_counters(1 + weight_lo.shape[0], x.device,
+                                                               gate_sum_counters(weight_lo.shape[0]))
     reductions, grad_w_q = linear_backward_activation(grad_y, w_q, x, act_lo, act_hi, act_table, act_logits,
                                                       act_min_bits, weight_gradient_parts=True,
                                                       bins=(histogram[:1], sums[:1]))
@@ -109,5 +112,5 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, bounds, ac
         parameter_grad_arguments(reductions, x, act_lo, act_hi, act_residuals, act_logits, act_min_bits, act_grad_scale),
         parameter_grad_arguments(weight_grads, weight, weight_lo, weight_hi, weight_residuals, weight_logits,
                                  weight_min_bits, weight_grad_scale),
-        ranges=((act_mode, act_bottom, act_top), (weight_mode, weight_bottom, weight_top)), done_counter=done_counter)
+        ranges=((act_mode, act_bottom, act_top), (weight_mode, weight_bottom, weight_top)), done_counters=done_counters)
     return reductions[0], weight_grads[0], bias_grad(grad_y, has_bias), *act, *wgt

@@ -28,19 +28,21 @@ def test_parameter_grads_match_reference(bits, min_bits, groups):
 
 @pytest.mark.gpu
 def test_gate_terms_of_more_groups_than_one_reduction_block_on_gpu():
-    """The gate terms of 1100 per-channel groups are summed in two blocks of 1024 rows (gate_logit_grads_kernel),
+    """The gate terms of 1100 per-channel groups are summed in five chunks of up to 256 rows (gate_logit_grads_kernel),
     end to end (in the interpreter, 1100 programs of kernel 1 take over a minute: the next test covers kernel 2)."""
     check_against_reference(3, 2, 1100)
 
 
 def test_kernel_two_sums_more_groups_than_one_reduction_block():
-    """Kernel 2 alone, through its launcher: the gate terms of 1100 groups, summed in two blocks of 1024 rows, then
+    """Kernel 2 alone, through its launcher: the gate terms of 1100 groups, summed in five chunks, then
     the logit gradients, against the reference on the sum (float32, another order: 1e-5 of Σ|terms|)."""
     operands = KernelOperands(random_reductions(3, 2, 1100))
-    operands.gate_terms.copy_(torch.randn(1100, 8, device=DEVICE))
+    terms = torch.randn(1100, 8, device=DEVICE)
+    assert operands.gate_terms.shape == (1100 + 5, 8)  # a row for each chunk's sum after the groups' rows
+    operands.gate_terms[:1100].copy_(terms)
     got = operands.finished()[3]
-    want = qm.gate_logit_grads(operands.gate_terms.sum(dim=0), operands.gate_logits, 2)
-    assert (got - want).abs().max() <= 1e-5 * operands.gate_terms.abs().sum(dim=0).max()
+    want = qm.gate_logit_grads(terms.sum(dim=0), operands.gate_logits, 2)
+    assert (got - want).abs().max() <= 1e-5 * terms.abs().sum(dim=0).max()
 
 
 def random_reductions(bits: int, min_bits: int, groups: int, numel_per_group: int = 1001) -> tuple:
@@ -93,16 +95,32 @@ def test_two_quantizers_in_one_launch_equal_two_launches(first, second):
 
 
 def check_last_program_sums(second: tuple) -> None:
-    """With a done counter, the second quantizer's last program sums its gate terms (kernel 2 in kernel 1's
-    launch) in kernel 2's order: equal bit for bit to two launches, and the counter counts every program."""
-    from ddq_kernels.quantize_backward import zeroed_bins_with_counter
+    """With done counters, the second quantizer's programs that finish last sum its gate terms (kernel 2 in kernel
+    1's launch) in kernel 2's order: equal bit for bit to two launches, and the counters count every program of
+    each chunk and, where there are several, every chunk. The same for one quantizer (`parameter_grads`)."""
+    from ddq_kernels.parameter_grads import gate_sum_counters
+    from ddq_kernels.quantize_backward import zeroed_bins_with_counters
 
     args_1, args_2 = random_reductions(3, 1, 1), random_reductions(*second)
-    counter = zeroed_bins_with_counter(2, DEVICE)[2]
-    got_1, got_2 = two_parameter_grads(args_1, args_2, done_counter=counter)
-    for got, want in zip(got_1 + got_2, parameter_grads(*args_1) + parameter_grads(*args_2)):
+    want_1, want_2 = parameter_grads(*args_1), parameter_grads(*args_2)
+    counters = zeroed_bins_with_counters(2, DEVICE, gate_sum_counters(second[2]))[2]
+    got_1, got_2 = two_parameter_grads(args_1, args_2, done_counters=counters)
+    for got, want in zip(got_1 + got_2, want_1 + want_2):
         assert torch.equal(got, want)
-    assert counter.dtype == torch.int32 and int(counter) == (second[2] if second[2] > 1 else 0)
+    check_done_counters(counters, second[2])
+    counters.zero_()
+    for got, want in zip(parameter_grads(*args_2, done_counters=counters), want_2):
+        assert torch.equal(got, want)
+    check_done_counters(counters, second[2])
+
+
+def check_done_counters(counters: torch.Tensor, groups: int) -> None:
+    from ddq_kernels.parameter_grads import gate_sum_chunks
+
+    chunk, chunks = gate_sum_chunks(groups)
+    per_chunk = [min(chunk, groups - first) for first in range(0, groups, chunk)] if groups > 1 else [0]
+    assert counters.dtype == torch.int32
+    assert counters.tolist() == per_chunk + ([chunks] if chunks > 1 else [])
 
 
 @pytest.mark.parametrize("second", [(4, 2, 5, 32), (2, 0, 37, 9), (5, 1, 1, 64)])
@@ -110,9 +128,31 @@ def test_last_program_sums_the_gate_terms(second):
     check_last_program_sums(second)
 
 
+@pytest.mark.parametrize("groups", [9, 16])
+def test_last_programs_sum_the_gate_terms_in_chunks(monkeypatch, groups):
+    """Chunks of 4 groups here (256 on the device), so that the interpreter runs the two levels on a few programs:
+    the last program of each chunk sums it, the last chunk the chunks' sums (a partial last chunk of 9)."""
+    from ddq_kernels import parameter_grads as kernels
+
+    monkeypatch.setattr(kernels, "MAX_CHUNK", 4)
+    check_last_program_sums((4, 2, groups, 100))
+
+
+def test_too_few_done_counters_are_rejected():
+    from ddq_kernels.parameter_grads import gate_sum_counters
+
+    args_1, args_2 = random_reductions(3, 1, 1), random_reductions(4, 2, 300)
+    counters = torch.zeros(gate_sum_counters(300) - 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="done_counters must hold 3 int32 for 300 groups"):
+        two_parameter_grads(args_1, args_2, done_counters=counters)
+    with pytest.raises(ValueError, match="done_counters must hold 3 int32"):
+        parameter_grads(*args_2, done_counters=counters.float())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("groups", [2, 192, 1100, 4096])
 def test_last_program_sums_the_gate_terms_on_gpu(groups):
-    """Many programs finishing at once: the last one must see every other program's terms."""
+    """Many programs finishing at once: the last of a chunk must see the chunk's terms, the last chunk every
+    chunk's sum (1100 and 4096 groups: 5 and 16 chunks)."""
     for _ in range(20):
         check_last_program_sums((4, 2, groups, 100))

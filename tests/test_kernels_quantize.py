@@ -165,6 +165,29 @@ def test_quantize_op_on_gpu_matches_cpu(per_channel, shape):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
 
 
+@pytest.mark.parametrize("groups", [1, 9])
+def test_backward_body_sums_the_gate_terms_in_kernel_1(monkeypatch, groups):
+    """The op's device backward (`registration.quantize_backward_cuda`; in the interpreter here) zeroes the gate
+    terms' done counters with its bins, so kernel 1's last programs sum the terms: in chunks of 4 groups here
+    (256 on the device), so that both levels run. Against the reference op on CPU."""
+    import ddq_kernels.registration as cuda_bodies
+    from ddq_kernels import parameter_grads as kernels
+
+    class NoSecondLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("kernel 2 was launched: kernel 1's last programs should have summed the terms")
+
+    monkeypatch.setattr(kernels, "MAX_CHUNK", 4)
+    monkeypatch.setattr(kernels, "gate_logit_grads_kernel", NoSecondLaunch())
+    x, lo, hi, residuals, logits, min_bits = case("symmetric", groups > 1, 3, (9, 23), torch.float32)
+    v = torch.where(ambiguous(x, lo, hi).to(x.device), 0.0, torch.randn_like(x))
+    args = (x, lo, hi, residuals, logits, min_bits, True)
+    got = cuda_bodies.quantize_backward_cuda(v, *args)
+    want = torch.ops.ddq.quantize_backward(v.cpu(), *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4 * float(w.abs().max().clamp_min(1)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_shared_pass_integer_bins_stay_within_their_bound(dtype):
