@@ -57,9 +57,11 @@ def test_quantize_bandwidth(benchmark, op, granularity):
 
 @pytest.mark.parametrize("groups", [1, 4096])
 def test_parameter_grads_time(benchmark, groups):
-    """The quantizer's parameter gradients from its reductions: two launches, constant in the tensor's size
-    but linear in the groups (a per-channel weight quantizer of a 4096-row GEMM has 4096)."""
-    from ddq_kernels.parameter_grads import parameter_grads
+    """The quantizer's parameter gradients from its reductions as the quantize op runs them: one launch whose
+    last programs sum the gate terms, and the fill of their done counters (which the op shares with its bins);
+    constant in the tensor's size but linear in the groups (a per-channel weight quantizer of a 4096-row GEMM
+    has 4096)."""
+    from ddq_kernels.parameter_grads import gate_sum_counters, parameter_grads
 
     torch.manual_seed(0)
     histogram = torch.rand(groups, 256, device="cuda")
@@ -67,6 +69,12 @@ def test_parameter_grads_time(benchmark, groups):
     lo, hi = -torch.ones(groups, device="cuda"), torch.ones(groups, device="cuda")
     residuals = torch.randn(groups, 256, device="cuda") * 0.1
     logits = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0], device="cuda")
-    step = lambda: parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, 2, True, 4096)
+    counters = torch.zeros(gate_sum_counters(groups), device="cuda", dtype=torch.int32)
+
+    def step():
+        counters.zero_()
+        return parameter_grads(histogram, sum_vu, sum_clipped, lo, hi, residuals, logits, 2, True, 4096,
+                               done_counters=counters)
+
     step()
     record(benchmark, step, kernel="parameter_grads", case=f"{groups} groups")
