@@ -295,8 +295,8 @@ def gate_sum_chunks(groups: int) -> tuple[int, int]:
 
 
 def gate_sum_counters(groups: int) -> int:
-    """The done counters `two_parameter_grads` needs for a quantizer of `groups` groups: one a chunk, and one
-    for the chunks where there are several."""
+    """How many done counters `parameter_grads` and `two_parameter_grads` need for a quantizer of `groups` groups:
+    one a chunk, and one for the chunks where there are several."""
     chunks = gate_sum_chunks(groups)[1]
     return chunks + (chunks > 1)
 
