@@ -317,10 +317,7 @@ class DDQQuantizer(nn.Module):
         the quantizer is initialised from x on first use, as its forward would be."""
         if not self._initialized:
             self.initialize(x)
-        lo, hi = self.range()
-        residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
-        validate_arguments(x, lo, hi, residuals, gate_logits, self.axis, self.min_bits)
-        return lo, hi, residuals, gate_logits
+        return self._checked_op_arguments(x, *self.range())
 
     def range_op_arguments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Spec §2: (range_bottom, range_top, residuals, gate_logits) for the custom ops that take the range
@@ -328,9 +325,13 @@ class DDQQuantizer(nn.Module):
         against x, and the quantizer initialised from x on first use, as its forward would be."""
         if not self._initialized:
             self.initialize(x)
+        return self._checked_op_arguments(x, self.range_bottom, self.range_top)
+
+    def _checked_op_arguments(self, x: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(first, second, residuals, gate_logits), the two range tensors checked against x like lo and hi."""
         residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
-        validate_arguments(x, self.range_bottom, self.range_top, residuals, gate_logits, self.axis, self.min_bits)
-        return self.range_bottom, self.range_top, residuals, gate_logits
+        validate_arguments(x, first, second, residuals, gate_logits, self.axis, self.min_bits)
+        return first, second, residuals, gate_logits
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:

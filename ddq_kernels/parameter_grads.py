@@ -348,7 +348,7 @@ class KernelOperands:
         """The four gradients, after kernel 2 where the groups' gate terms are not `summed` yet."""
         if self.groups > 1 and not summed:
             # One warp, as kernel 1's programs: the sum's order depends on the warps, and with the same layout
-            # kernel 2 gives what the last program of `two_parameter_grads` gives, bit for bit.
+            # kernel 2 gives what the last programs of kernel 1 give with done counters, bit for bit.
             gate_logit_grads_kernel[(1,)](self.gate_terms, self.groups, self.gate_logits, self.grad_logits,
                                           MIN_BITS=self.min_bits, CHUNK=self.chunk, PARTIAL_BLOCK=self.partial_block,
                                           num_warps=ONE_WARP)

@@ -161,8 +161,8 @@ def zeroed_bins(groups: int, device: torch.device) -> tuple[torch.Tensor, torch.
 
 def zeroed_bins_with_counters(groups: int, device: torch.device,
                               counters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`zeroed_bins` and `counters` zeroed int32 (`parameter_grads.two_parameter_grads`' done counters), all
-    views of one buffer zeroed by one fill."""
+    """`zeroed_bins` and `counters` zeroed int32 (the parameter gradients' done counters,
+    `parameter_grads.gate_sum_counters`), all views of one buffer zeroed by one fill."""
     buffer = torch.zeros(groups * 258 + counters, device=device, dtype=torch.float32)
     done = buffer[groups * 258:].view(torch.int32)
     return buffer[:groups * 256].view(groups, 256), buffer[groups * 256:groups * 258].view(groups, 2), done

@@ -2,7 +2,8 @@
 
 - ddq::quantize → `level_table` + `quantize` (one pass over x).
 - ddq::quantize_backward → `quantize_reductions` (one pass over v and x) + `parameter_grads` on the
-  (G, 256) tables (one launch per tensor, two per channel; `ddq.quantizer_math.parameter_grads` is its reference).
+  (G, 256) tables (one launch, whose last programs sum a per-channel quantizer's gate terms with done counters
+  zeroed with the bins; `ddq.quantizer_math.parameter_grads` is its reference).
 - ddq::quantized_linear → both quantizers' bounds from their range parameters, W_q (once per step) and
   the activation's level table in one launch (`weight_and_tables`; on large weights `range_bounds`,
   `level_tables`, then `quantize`), y by the GEMM with the activation quantizer in its A-operand load;
@@ -12,7 +13,7 @@
   one CUDA C pass for both, or cuBLAS around one SHARED pass that also writes x_q; then the weight
   quantizer's reductions over ∂W_q (`weight_reductions`, which adds the fused pass's partial sums of ∂W_q);
   both quantizers' parameter gradients in one launch (`two_parameter_grads`, which also takes ∂lo and ∂hi
-  on to the range parameters, and sums the weight's gate terms in its last program). Both quantizers' bins
+  on to the range parameters, and sums the weight's gate terms in its last programs). Both quantizers' bins
   are rows of one buffer, zeroed by one fill with that launch's done counters.
 Each GEMM and reduction launcher picks, per shape class, the faster of its fused kernel and the
 quantize kernels around cuBLAS (`ddq_kernels.launch.fastest_config`).
