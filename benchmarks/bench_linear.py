@@ -181,18 +181,19 @@ def test_backward_input_strategy(benchmark, shape, strategy):
     record(benchmark, step, kernel=f"backward_input_{strategy}", case="×".join(map(str, shape)))
 
 
-@pytest.mark.parametrize("strategy", ["triton", "unfused", "cuda_tiles"])
+@pytest.mark.parametrize("strategy", ["triton", "unfused", "cuda_tiles", "wgmma"])
 @pytest.mark.parametrize("gemm", ["forward", "backward_weight"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_quantized_operand_strategy(benchmark, shape, gemm, strategy):
     """The GEMMs that quantize x in their operand load, one strategy each: the first Triton tile, a quantize
-    pass around cuBLAS, or the CUDA C GEMM with the level table in shared memory (where it supports
-    the shape)."""
+    pass around cuBLAS, the CUDA C GEMM with the level table in shared memory (where it supports the shape), or
+    (forward, sm_90) the same staging feeding Hopper's warpgroup MMA."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward_weight import backward_weight_configs, linear_backward_weight
     from ddq_kernels.linear_backward_weight_cuda import supports as weight_supports
-    from ddq_kernels.linear_forward import CUDA_TILES, UNFUSED, forward_configs, linear_forward
+    from ddq_kernels.linear_forward import CUDA_TILES, UNFUSED, WGMMA, forward_configs, linear_forward
     from ddq_kernels.linear_forward_cuda import supports as forward_supports
+    from ddq_kernels.linear_forward_wgmma import supports as wgmma_supports
 
     M, K, N = shape
     x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
@@ -201,8 +202,11 @@ def test_quantized_operand_strategy(benchmark, shape, gemm, strategy):
     supported = forward_supports(x, w_q) if gemm == "forward" else weight_supports(grad_y, x)
     if strategy == "cuda_tiles" and not supported:
         pytest.skip("outside the CUDA C kernel's scope")
+    if strategy == "wgmma" and not (gemm == "forward" and wgmma_supports(x, w_q)):
+        pytest.skip("outside the wgmma kernel's scope (the forward on an sm_90 device)")
     if gemm == "forward":
-        config = {"triton": forward_configs(M, N, K)[0], "unfused": UNFUSED, "cuda_tiles": CUDA_TILES}[strategy]
+        config = {"triton": forward_configs(M, N, K)[0], "unfused": UNFUSED, "cuda_tiles": CUDA_TILES,
+                  "wgmma": WGMMA}[strategy]
         step = lambda: linear_forward(x, w_q, None, lo, hi, table, logits, 2, config)
     else:
         config = {"triton": backward_weight_configs(M, N, K)[0], "unfused": UNFUSED, "cuda_tiles": CUDA_TILES}[strategy]

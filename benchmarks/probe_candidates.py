@@ -33,12 +33,13 @@ def operations(M: int, K: int, N: int):
     from ddq_kernels.linear_backward_weight_cuda import supports as weight_supports
     from ddq_kernels.linear_forward import forward_configs, linear_forward
     from ddq_kernels.linear_forward_cuda import supports as forward_supports
+    from ddq_kernels.linear_forward_wgmma import supports as wgmma_supports
 
     x, w_q, grad_y, lo, hi = gemm_operands(M, K, N)
     logits = torch.tensor([3.0] * 4 + [-3.0] * 4, device="cuda")
     table = level_table(lo, hi, torch.zeros(1, 256, device="cuda"), logits, 2)
     ops = [
-        ("forward", forward_configs(M, N, K, forward_supports(x, w_q)),
+        ("forward", forward_configs(M, N, K, forward_supports(x, w_q), wgmma_supports(x, w_q)),
          lambda c: linear_forward(x, w_q, None, lo, hi, table, logits, 2, c)),
         ("backward_input", backward_input_configs(M, N, K, supports(grad_y, w_q, x)),
          lambda c: linear_backward_input(grad_y, w_q, x, lo, hi, c)),

@@ -16,6 +16,7 @@ from ddq_kernels.fine_grid import bitwidth_from_logits, cast_rounded, grid_scala
 from ddq_kernels.gemm_tiles import dot_operand, grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as cuda_tiles_supports
+from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports as wgmma_supports
 from ddq_kernels.quantize import quantize
 
 
@@ -65,14 +66,16 @@ def block_size(extent: int, cap: int) -> int:
 
 UNFUSED = {"unfused": True}
 CUDA_TILES = {"cuda_tiles": True}
+WGMMA = {"wgmma": True}
 
 
-def forward_configs(M: int, N: int, K: int, cuda_tiles: bool = False) -> list[dict]:
+def forward_configs(M: int, N: int, K: int, cuda_tiles: bool = False, wgmma: bool = False) -> list[dict]:
     """Candidate tiles for the forward GEMM (block_m × block_n output, block_k deep), heuristic first.
 
     Then, where it `supports` the call, CUDA_TILES: the CUDA C GEMM that quantizes x in shared memory with
-    the level table beside it (`linear_forward_cuda`; N ≤ 256, 16-bit). The last candidate, UNFUSED,
-    quantizes x in its own pass and multiplies with cuBLAS: where the GEMM is large (N in the thousands) a
+    the level table beside it (`linear_forward_cuda`; N ≤ 256, 16-bit); and where the device is an sm_90
+    one, WGMMA: the same staging feeding Hopper's warpgroup MMA (`linear_forward_wgmma`). The last candidate,
+    UNFUSED, quantizes x in its own pass and multiplies with cuBLAS: where the GEMM is large (N in the thousands) a
     separate memory-bound pass costs less than re-quantizing each A tile for every column of tiles; the
     timing in `fastest_config` decides per shape class.
     """
@@ -83,7 +86,7 @@ def forward_configs(M: int, N: int, K: int, cuda_tiles: bool = False) -> list[di
                       num_warps=num_warps, num_stages=3)
         if config not in candidates:
             candidates.append(config)
-    return candidates + ([CUDA_TILES] if cuda_tiles else []) + [UNFUSED]
+    return candidates + ([CUDA_TILES] if cuda_tiles else []) + ([WGMMA] if wgmma else []) + [UNFUSED]
 
 
 def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor,
@@ -94,11 +97,13 @@ def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None
     if config is None:
         def run(candidate):
             return linear_forward(x, w_q, bias, lo, hi, table, gate_logits, min_bits, candidate)
-        cuda_tiles = cuda_tiles_supports(x, w_q)
-        key = (size_class(M), N, K, x.dtype, bias is not None, cuda_tiles)
-        config = fastest_config("linear_forward", key, forward_configs(M, N, K, cuda_tiles), run)
+        cuda_tiles, wgmma = cuda_tiles_supports(x, w_q), wgmma_supports(x, w_q)
+        key = (size_class(M), N, K, x.dtype, bias is not None, cuda_tiles, wgmma)
+        config = fastest_config("linear_forward", key, forward_configs(M, N, K, cuda_tiles, wgmma), run)
     if config.get("cuda_tiles"):
         return linear_forward_cuda(x, w_q, bias, lo, hi, table, gate_logits, min_bits)
+    if config.get("wgmma"):
+        return linear_forward_wgmma(x, w_q, bias, lo, hi, table, gate_logits, min_bits)
     if config.get("unfused"):
         x_q = quantize(x, lo, hi, None, gate_logits, min_bits, table=table)
         return torch.addmm(bias, x_q, w_q.t()) if bias is not None else x_q @ w_q.t()

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from ddq_kernels import (linear_backward_input_cuda, linear_backward_weight_cuda, linear_forward_cuda,
-                         nibble_mma_gemv, shared_histogram)
+                         linear_forward_wgmma, nibble_mma_gemv, shared_histogram)
 
 # What torch.cuda._compile_kernel adds to the architecture: torch.utils.cpp_extension.COMMON_NVCC_FLAGS
 # less the one NVRTC does not take (--expt-relaxed-constexpr).
 TORCH_NVRTC_OPTIONS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 ARCHITECTURE = "--gpu-architecture=sm_90"  # the kernels' target (H100/H200); sm_90 SASS also checks ptxas
+WGMMA_ARCHITECTURE = "--gpu-architecture=sm_90a"  # wgmma needs the architecture-specific target
 
 
 def load_nvrtc() -> ctypes.CDLL | None:
@@ -44,9 +45,9 @@ NVRTC = load_nvrtc()
 needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason="no NVRTC library (pip install nvidia-cuda-nvrtc)")
 
 
-def compile_for_sm90(source: str) -> tuple[bool, str]:
-    """(compiled, NVRTC's log) for one source, compiled to sm_90 SASS as on the device."""
-    options = [option.encode() for option in (ARCHITECTURE, *TORCH_NVRTC_OPTIONS)]
+def compile_for_sm90(source: str, architecture: str = ARCHITECTURE) -> tuple[bool, str]:
+    """(compiled, NVRTC's log) for one source, compiled to sm_90 (or sm_90a) SASS as on the device."""
+    options = [option.encode() for option in (architecture, *TORCH_NVRTC_OPTIONS)]
     program = ctypes.c_void_p()
     assert NVRTC.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu", 0, None, None) == 0
     try:
@@ -115,6 +116,24 @@ SOURCES = {
 def test_kernel_source_compiles_for_sm90(name):
     compiled, log = compile_for_sm90(SOURCES[name]())
     assert compiled, f"{name} does not compile under NVRTC:\n{log}"
+
+
+WGMMA_SOURCES = {
+    "wgmma-bf16-N256": lambda: linear_forward_wgmma.kernel_source(BF16, 256),
+    "wgmma-fp16-N96": lambda: linear_forward_wgmma.kernel_source(FP16, 96),
+    "wgmma-bf16-N8": lambda: linear_forward_wgmma.kernel_source(BF16, 8),
+    "wgmma-bf16-N200": lambda: linear_forward_wgmma.kernel_source(BF16, 200),
+}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", sorted(WGMMA_SOURCES))
+def test_wgmma_source_compiles_for_sm90a(name):
+    """The wgmma forward compiles for sm_90a without a ptxas note that its products are serialized (C7514/C7515:
+    an instruction other than wgmma touching the accumulators between a product and its wait)."""
+    compiled, log = compile_for_sm90(WGMMA_SOURCES[name](), WGMMA_ARCHITECTURE)
+    assert compiled, f"{name} does not compile under NVRTC:\n{log}"
+    assert "serialized" not in log, log
 
 
 @needs_nvrtc

@@ -580,6 +580,27 @@ def test_fused_backward_rejects_what_it_cannot_run():
 CUDA_TILE_SHAPES = [(1031, 200, 40), (259, 72, 256), (4099, 16, 8), (130, 1032, 64), (7, 8, 24), (300, 32, 192)]
 
 
+def assert_forward_matches_reference(kernel, config: dict, x, weight, bias, lo, hi, residuals, logits):
+    """A forward GEMM kernel, called directly and through `linear_forward` with `config`, with and without bias,
+    against float64 products of the reference x_q: y differs from them only by float32 summation order before
+    rounding to x's dtype, at most one unit in its last place. Returns the level table and x_q."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_forward import linear_forward
+
+    table = level_table(lo, hi, residuals, logits, 1)
+    x_q = quantize_reference(x, lo, hi, residuals, logits, 1).double()
+    unit = torch.finfo(x.dtype).eps
+    want_y = x_q @ weight.double().t() + bias.double()
+    for got in (kernel(x, weight, bias, lo, hi, table, logits, 1),
+                linear_forward(x, weight, bias, lo, hi, table, logits, 1, config)):
+        assert got.shape == want_y.shape and got.dtype == x.dtype
+        torch.testing.assert_close(got.double(), want_y, rtol=unit, atol=1e-6 * want_y.abs().max().item())
+    no_bias = kernel(x, weight, None, lo, hi, table, logits, 1)
+    torch.testing.assert_close(no_bias.double(), x_q @ weight.double().t(), rtol=unit,
+                               atol=1e-6 * want_y.abs().max().item())
+    return table, x_q
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("act_mode", ("unsigned", "affine"))
@@ -590,27 +611,17 @@ def test_cuda_tiles_forward_and_weight_gradient_on_gpu(M, K, N, dtype, act_mode)
     summation order before rounding to x's dtype: at most one unit in its last place. ∂W_q is float32: each
     element within 2e-5 of the sum of its terms' magnitudes, far below one wrong term (M ≤ 4099 terms). x is
     cleared of cell boundaries so that the cells agree; both kernels are also called through their launchers."""
-    from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward_weight import linear_backward_weight
     from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda, supports as weight_supports
-    from ddq_kernels.linear_forward import CUDA_TILES, linear_forward
+    from ddq_kernels.linear_forward import CUDA_TILES
     from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as forward_supports
 
     x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
     x = clear_of_boundaries(x, lo, hi)
     grad_y = torch.randn(M, N, device=DEVICE).to(dtype)
     assert forward_supports(x, weight) and weight_supports(grad_y, x)
-    table = level_table(lo, hi, residuals, logits, 1)
-    x_q = quantize_reference(x, lo, hi, residuals, logits, 1).double()
-    unit = torch.finfo(dtype).eps
-    want_y = x_q @ weight.double().t() + bias.double()
-    for got in (linear_forward_cuda(x, weight, bias, lo, hi, table, logits, 1),
-                linear_forward(x, weight, bias, lo, hi, table, logits, 1, CUDA_TILES)):
-        assert got.shape == (M, N) and got.dtype == dtype
-        torch.testing.assert_close(got.double(), want_y, rtol=unit, atol=1e-6 * want_y.abs().max().item())
-    no_bias = linear_forward_cuda(x, weight, None, lo, hi, table, logits, 1)
-    torch.testing.assert_close(no_bias.double(), x_q @ weight.double().t(), rtol=unit,
-                               atol=1e-6 * want_y.abs().max().item())
+    table, x_q = assert_forward_matches_reference(linear_forward_cuda, CUDA_TILES, x, weight, bias, lo, hi, residuals,
+                                                  logits)
     want_dw = grad_y.double().t() @ x_q
     bound = grad_y.double().abs().t() @ x_q.abs()
     for got in (linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 1),
@@ -619,13 +630,56 @@ def test_cuda_tiles_forward_and_weight_gradient_on_gpu(M, K, N, dtype, act_mode)
         assert ((got.double() - want_dw).abs() <= 2e-5 * bound + 1e-30).all()
 
 
+needs_sm90 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                                reason="wgmma needs a compute capability 9.0 device")
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("act_mode", ("unsigned", "affine"))
+@pytest.mark.parametrize("M,K,N", CUDA_TILE_SHAPES + [(517, 1000, 256), (333, 136, 96), (130, 1032, 8)])
+def test_wgmma_forward_on_gpu(M, K, N, dtype, act_mode):
+    """The wgmma forward GEMM as the CUDA C forward is checked (x cleared of cell boundaries); chunks of K: one
+    (K ≤ 64) to seventeen."""
+    from ddq_kernels.linear_forward import WGMMA
+    from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports
+
+    x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(M, K, N, dtype, act_mode, 4, 4)
+    x = clear_of_boundaries(x, lo, hi)
+    assert supports(x, weight)
+    assert_forward_matches_reference(linear_forward_wgmma, WGMMA, x, weight, bias, lo, hi, residuals, logits)
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_wgmma_forward_sums_small_integers_exactly_on_gpu():
+    """Integer x (an 8-bit grid of unit cells from 0, so x_q = x) and W_q whose products and sums are exact in
+    float32 and in fp16: y must equal the integer product element for element, which pins the operand layouts
+    (swizzle, descriptors, the accumulators' rows and columns) where a rounding tolerance could hide a swap."""
+    from ddq_kernels.level_table import level_table
+    from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma
+
+    lo, hi = torch.zeros(1, device=DEVICE), torch.full((1,), 255.0, device=DEVICE)
+    logits = torch.full((8,), 3.0, device=DEVICE)
+    table = level_table(lo, hi, torch.zeros(1, 256, device=DEVICE), logits, 2)
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+    for M, K, N in ((129, 40, 24), (1000, 136, 200), (517, 1000, 256), (2049, 72, 128), (64, 520, 8)):
+        x = torch.randint(0, 4, (M, K), device=DEVICE, generator=generator).half()
+        weight = torch.randint(-2, 3, (N, K), device=DEVICE, generator=generator).half()
+        want = (x.float() @ weight.float().t()).half()
+        assert torch.equal(linear_forward_wgmma(x, weight, None, lo, hi, table, logits, 2), want), (M, K, N)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_cuda_tiles_every_bitwidth_on_gpu(bits):
-    """Both CUDA C GEMMs read the bitwidth from the gate logits on the device, like the Triton kernels."""
+    """The CUDA C GEMMs (and the wgmma forward on an sm_90 device) read the bitwidth from the gate logits on
+    the device, like the Triton kernels."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda
     from ddq_kernels.linear_forward_cuda import linear_forward_cuda
+    from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports as wgmma_supports
 
     x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(515, 136, 72, torch.bfloat16, "unsigned", bits, 4)
     min_bits = min(bits, 1)
@@ -634,31 +688,37 @@ def test_cuda_tiles_every_bitwidth_on_gpu(bits):
     table = level_table(lo, hi, residuals, logits, min_bits)
     x_q = quantize_reference(x, lo, hi, residuals, logits, min_bits).double()
     want_y = x_q @ weight.double().t() + bias.double()
-    got_y = linear_forward_cuda(x, weight, bias, lo, hi, table, logits, min_bits)
-    torch.testing.assert_close(got_y.double(), want_y, rtol=torch.finfo(torch.bfloat16).eps,
-                               atol=1e-6 * want_y.abs().max().item())
+    forwards = [linear_forward_cuda] + ([linear_forward_wgmma] if wgmma_supports(x, weight) else [])
+    for forward in forwards:
+        got_y = forward(x, weight, bias, lo, hi, table, logits, min_bits)
+        torch.testing.assert_close(got_y.double(), want_y, rtol=torch.finfo(torch.bfloat16).eps,
+                                   atol=1e-6 * want_y.abs().max().item())
     got_dw = linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, min_bits).double()
     assert ((got_dw - grad_y.double().t() @ x_q).abs() <= 2e-5 * (grad_y.double().abs().t() @ x_q.abs()) + 1e-30).all()
 
 
 @pytest.mark.gpu
 def test_cuda_tiles_forward_keeps_non_finite_inputs_on_gpu():
-    """A NaN or ±inf activation quantizes to NaN (spec: never a silent level), so its output row is NaN."""
+    """A NaN or ±inf activation quantizes to NaN (spec: never a silent level), so its output row is NaN (the
+    wgmma forward's too on an sm_90 device)."""
     from ddq_kernels.level_table import level_table
     from ddq_kernels.linear_forward_cuda import linear_forward_cuda
+    from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports as wgmma_supports
 
     x, weight, bias, lo, hi, residuals, logits, *_ = linear_case(70, 24, 16, torch.bfloat16, "affine", 4, 4)
     x[3, 5], x[40, 0], x[69, 23] = float("nan"), float("inf"), -float("inf")
     table = level_table(lo, hi, residuals, logits, 1)
-    y = linear_forward_cuda(x, weight, bias, lo, hi, table, logits, 1)
     bad = torch.zeros(70, dtype=torch.bool, device=DEVICE)
     bad[[3, 40, 69]] = True
-    assert y[bad].isnan().all() and torch.isfinite(y[~bad]).all()
+    for forward in [linear_forward_cuda] + ([linear_forward_wgmma] if wgmma_supports(x, weight) else []):
+        y = forward(x, weight, bias, lo, hi, table, logits, 1)
+        assert y[bad].isnan().all() and torch.isfinite(y[~bad]).all()
 
 
 def test_cuda_tiles_reject_what_they_cannot_run():
     from ddq_kernels.linear_backward_weight_cuda import linear_backward_weight_cuda, supports as weight_supports
     from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as forward_supports
+    from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports as wgmma_supports
 
     cases = [(torch.float32, 64, 64), (torch.bfloat16, 264, 64), (torch.bfloat16, 60, 64), (torch.bfloat16, 64, 60)]
     lo, hi = torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE)
@@ -667,8 +727,10 @@ def test_cuda_tiles_reject_what_they_cannot_run():
         x = torch.randn(33, K, device=DEVICE).to(dtype)
         weight = torch.randn(N, K, device=DEVICE).to(dtype)
         grad_y = torch.randn(33, N, device=DEVICE).to(dtype)
-        assert not forward_supports(x, weight) and not weight_supports(grad_y, x)
+        assert not forward_supports(x, weight) and not weight_supports(grad_y, x) and not wgmma_supports(x, weight)
         with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
             linear_forward_cuda(x, weight, None, lo, hi, table, logits, 1)
+        with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
+            linear_forward_wgmma(x, weight, None, lo, hi, table, logits, 1)
         with pytest.raises(ValueError, match="N ≤ 256 and N, K multiples of 8"):
             linear_backward_weight_cuda(grad_y, x, lo, hi, table, logits, 1)
