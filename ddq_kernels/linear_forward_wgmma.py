@@ -19,10 +19,11 @@ from `linear_forward_cuda`'s by one unit in its last place after rounding to x's
 
 Measured (H200, GPU time, run 25, docs/kernels.md): 50176×576×96 (MobileNetV2's 576 → 96 projection at batch 256)
 36 µs against 42 for `linear_forward_cuda` and 51 for UNFUSED; within 6 % of the better of those on 100352×192×32,
-401408×576×64 and 12544×960×160; on 25088×1024×256 63 µs against UNFUSED's 51. With the products removed it
-still took 54 µs there: one block an SM (N = 256 holds 128 accumulators a thread), whose staging (x through
-registers, W_q re-read from L2 by every block) bounds it, not the tensor cores. A TMA-fed ring of stages would be
-the next step.
+401408×576×64 and 12544×960×160; on 25088×1024×256 63 µs against UNFUSED's 51. There, without W_q's copies,
+x's DRAM reads and the products all at once, it still took 38 µs (`benchmarks/probe_wgmma_ablations.py`): at
+N = 256 a thread holds 128 accumulators, one block of 8 warps fits an SM, and quantizing a chunk into the tiles is
+bound by latency on them. Warp specialization with register reallocation (setmaxnreg) and TMA-fed stages would be
+the next steps.
 
 Scope: `linear_forward_cuda`'s (16-bit x and W_q of one dtype, N ≤ 256, N and K multiples of 8, dense 16-byte
 aligned rows, M and K < 2^31) on a device of compute capability 9.0, compiled for sm_90a (`supports`).
