@@ -62,11 +62,11 @@ def sign(value):
 @triton.jit
 def group_bound_grads(bottom_ptr, top_ptr, group, bits, grad_lo, grad_hi, MODE: tl.constexpr):
     """(∂bottom, ∂top) of one group from its (∂lo, ∂hi), as autograd differentiates `range_bounds`."""
-    top = tl.load(top_ptr + group)
     if MODE == BOUNDS:
         grad_bottom = grad_lo
         grad_top = grad_hi
     elif MODE == AFFINE:
+        top = tl.load(top_ptr + group)
         bottom = tl.load(bottom_ptr + group)
         difference = top - bottom
         min_width = tl.abs(bottom) * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
@@ -75,6 +75,7 @@ def group_bound_grads(bottom_ptr, top_ptr, group, bits, grad_lo, grad_hi, MODE: 
         grad_top = grad_hi * share * sign(difference)
         grad_bottom = grad_lo + grad_hi - grad_top
     else:
+        top = tl.load(top_ptr + group)
         if MODE == SYMMETRIC:
             grad_magnitude = grad_hi - grad_lo
         else:
