@@ -16,7 +16,7 @@ from ddq_kernels.fine_grid import bitwidth_from_logits, cast_rounded, grid_scala
 from ddq_kernels.gemm_tiles import dot_operand, grouped_tile
 from ddq_kernels.launch import fastest_config, interpreting, size_class
 from ddq_kernels.linear_forward_cuda import linear_forward_cuda, supports as cuda_tiles_supports
-from ddq_kernels.linear_forward_wgmma import linear_forward_wgmma, supports as wgmma_supports
+from ddq_kernels.linear_forward_wgmma import has_wgmma, linear_forward_wgmma
 from ddq_kernels.quantize import quantize
 
 
@@ -97,7 +97,8 @@ def linear_forward(x: torch.Tensor, w_q: torch.Tensor, bias: torch.Tensor | None
     if config is None:
         def run(candidate):
             return linear_forward(x, w_q, bias, lo, hi, table, gate_logits, min_bits, candidate)
-        cuda_tiles, wgmma = cuda_tiles_supports(x, w_q), wgmma_supports(x, w_q)
+        cuda_tiles = cuda_tiles_supports(x, w_q)
+        wgmma = cuda_tiles and has_wgmma(x.device)  # the wgmma kernel's scope is the CUDA C one's on sm_90
         key = (size_class(M), N, K, x.dtype, bias is not None, cuda_tiles, wgmma)
         config = fastest_config("linear_forward", key, forward_configs(M, N, K, cuda_tiles, wgmma), run)
     if config.get("cuda_tiles"):

@@ -37,10 +37,9 @@ import functools
 import torch
 
 from ddq_kernels.cuda_tiles import QUANTIZE_TILE, TILE_HELPERS, defines, mma_type, prefer_shared_memory
-from ddq_kernels.linear_forward_cuda import supports as cuda_tiles_supports
+from ddq_kernels.linear_forward_cuda import MAX_N, supports as cuda_tiles_supports
 from ddq_kernels.shared_histogram import ELEMENT_MATH, element_math_header
 
-MAX_N = 256
 BLOCK_M = 128  # two warpgroups of 64 rows
 BLOCK_K = 64  # 128 bytes of 16-bit values: one swizzle row
 THREADS = 256
@@ -203,8 +202,12 @@ def shared_bytes(n: int) -> int:
 
 def supports(x: torch.Tensor, w_q: torch.Tensor) -> bool:
     """Whether this kernel can run the call (see the module docstring for the scope)."""
-    return (cuda_tiles_supports(x, w_q) and w_q.shape[0] <= MAX_N
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
+    return cuda_tiles_supports(x, w_q) and has_wgmma(x.device)
+
+
+def has_wgmma(device: torch.device) -> bool:
+    """Whether the CUDA device is one this kernel is compiled for (compute capability 9.0, sm_90a)."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def kernel_source(dtype: torch.dtype, n: int) -> str:
