@@ -198,8 +198,15 @@ def test_unfused_strategies_match_fused():
     fused = forward_configs(35, 23, 41)[0]
     assert relative_error(linear_forward(x, weight, bias, lo, hi, table, logits, 1, UNFUSED),
                           linear_forward(x, weight, bias, lo, hi, table, logits, 1, fused)) <= 1e-5
-    for got, want in zip(linear_backward_input(grad_y, weight, x, lo, hi, UNFUSED), linear_backward_input(grad_y, weight, x, lo, hi)):
+    unfused = linear_backward_input(grad_y, weight, x, lo, hi, UNFUSED)
+    fused_input = linear_backward_input(grad_y, weight, x, lo, hi)
+    for got, want in zip(unfused[:2], fused_input[:2]):  # ∂x and the histogram
         assert relative_error(got, want) <= 1e-5
+    # Σv·u·in and Σv·(1 − in): one sum each over all elements, whose terms may cancel (a relative error of 8e-5 in
+    # one of 60 seeded draws), so the bound is float32 rounding of the terms' magnitudes, |v|·u with u ≤ 256.
+    magnitude = 256 * (grad_y @ weight).abs().sum().item()
+    for got, want in zip(unfused[2:], fused_input[2:]):
+        assert (got - want).abs().max().item() <= 1e-5 * magnitude
     assert relative_error(linear_backward_weight(grad_y, x, lo, hi, table, logits, 1, config=UNFUSED),
                           linear_backward_weight(grad_y, x, lo, hi, table, logits, 1)) <= 1e-5
 
