@@ -83,14 +83,22 @@ def initialize_quantizers(model: nn.Module, batch: Tensor) -> None:
     The pass runs in training mode, so BatchNorm normalises with the batch's own statistics: the quantizers
     see the activations that QAT will feed them (running statistics of an untrained model would scale
     them arbitrarily, and every later activation would clip). BatchNorm's running statistics are restored
-    afterwards, so the pass leaves no trace but the quantizers' ranges.
+    afterwards, so the pass leaves no trace but the quantizers' ranges. A model with BatchNorm needs a batch of
+    at least two samples (training-mode BatchNorm of one sample fails where a feature map is 1 × 1, and the
+    ranges of one sample are a poor calibration anyway).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and batch.shape[0] < 2:
+        raise ValueError(f"initialize_quantizers: the batch has {batch.shape[0]} sample(s), and the model's BatchNorm "
+                         "layers normalise by batch statistics in this pass: give at least 2 (a few dozen calibrate "
+                         "the ranges better)")
     saved = [{name: buffer.clone() for name, buffer in m.named_buffers(recurse=False)} for m in norms]
     was_training = model.training
     model.train()
-    model(batch)
-    model.train(was_training)
-    for module, buffers in zip(norms, saved):
-        for name, value in buffers.items():
-            getattr(module, name).copy_(value)
+    try:
+        model(batch)
+    finally:
+        model.train(was_training)
+        for module, buffers in zip(norms, saved):
+            for name, value in buffers.items():
+                getattr(module, name).copy_(value)

@@ -114,10 +114,22 @@ def test_torchvision_models_convert_when_available():
     tv = pytest.importorskip("torchvision")
     for build in (tv.models.mobilenet_v2, tv.models.resnet18):
         model = ddq.quantize_model(build(num_classes=10))
-        x = torch.randn(1, 3, 32, 32)
+        x = torch.randn(2, 3, 32, 32)  # MobileNetV2's last feature map is 1 × 1 here
         ddq.initialize_quantizers(model, x)
-        assert model(x).shape == (1, 10)
+        assert model(x).shape == (2, 10)
         assert all(type(m) not in (nn.Conv2d, nn.Linear) for m in model.modules())
+
+
+def test_initialize_quantizers_rejects_one_sample_where_batchnorm_needs_more():
+    """Training-mode BatchNorm of one sample fails inside PyTorch where a feature map is 1 × 1; the pass says what
+    to give instead, and leaves the model as it was."""
+    model = ddq.quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)),
+                               4, 4, first_last_bits=None)
+    model.eval()
+    with pytest.raises(ValueError, match="batch has 1 sample.*at least 2"):
+        ddq.initialize_quantizers(model, torch.randn(1, 3, 3, 3))
+    assert not model.training
+    ddq.initialize_quantizers(model, torch.randn(2, 3, 3, 3))
 
 
 def test_quantizer_types_in_a_converted_model_are_ddq():
