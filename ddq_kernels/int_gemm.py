@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.compiler.errors import CompilationError
 
 from ddq_kernels import nibble_mma_gemv
 from ddq_kernels.nibble_ptx import decode_nibble_words, dot_nibble_words, signed_byte_sum, word_slots
@@ -617,10 +618,19 @@ def int_gemm_packed(codes_x: Tensor, lut_x: Tensor, packed_w: Tensor, lut_w: Ten
     x_base = 128 if lut_x.dtype == torch.uint8 else 0
     scalars = (1 << (shift - 1), shift, 8 - bits_out)
     codes = torch.empty((m, n), dtype=torch.uint8, device=device)
-    if config.decode_once:
-        return _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config)
-    return _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config,
-                           True if predecode is None else predecode)
+    try:
+        if config.decode_once:
+            return _decode_once(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config)
+        return _decode_in_load(codes_x, lut_x, packed_w, lut_w, epilogue, scalars, codes, width, k, x_base, config,
+                               True if predecode is None else predecode)
+    except (CompilationError, RuntimeError) as error:
+        if not (isinstance(error, CompilationError) or "PassManager::run failed" in str(error)):
+            raise
+        # Some tiles the interpreter runs do not compile for a GPU (Triton 3.6: the register-LUT gather in narrow
+        # tiles, int8 dots with K < 32); say which config, not only the compiler's internals.
+        reason = str(error).strip().splitlines()[-1]
+        raise ValueError(f"int_gemm_packed: Triton cannot compile the kernel of {config} for {device} ({reason}); "
+                         "choose other tiles, or config=None for default_config's") from error
 
 
 def _check_nibble_mma(width: int, packed_w: Tensor, m: int, device: torch.device, config: TileConfig) -> None:

@@ -108,6 +108,29 @@ def test_triton_gpu_nibble_ptx_paths(path):
     check_path(path, m, config, ((4, False), (3, True)), shapes)
 
 
+UNCOMPILABLE_ON_GPU = {
+    "gemv register LUT": (1, 1, TileConfig(1, 32, 32, decode=DECODE_GATHER)),
+    "dot split-K register LUT": (5, 1, TileConfig(16, 32, 32, split_k=4, decode=DECODE_GATHER)),
+    "dot register LUT": (5, 1, TileConfig(16, 16, 32, decode=DECODE_GATHER)),
+    "nibble dot, K step of 8 words": (5, 4, TileConfig(16, 16, 32, split_k=2, decode=DECODE_NIBBLE_PTX)),
+    "nibble dot weights as A, K step of 8 words": (5, 4, TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX,
+                                                                      weights_as_a=True)),
+}
+
+
+@pytest.mark.parametrize("path", list(UNCOMPILABLE_ON_GPU))
+def test_tiles_triton_cannot_compile_for_the_gpu_get_a_clear_error(path):
+    """Tiles that the interpreter tests force (test_int_gemm_backends.py) but Triton 3.6 does not compile for the
+    GPU (run 26: a pass-manager failure of the register-LUT gather in narrow tiles of 1-bit containers; int8 dots
+    need K ≥ 32) are a ValueError naming the config, not the compiler's internals."""
+    m, bits_w, config = UNCOMPILABLE_ON_GPU[path]
+    case = random_case(np.random.default_rng(3), m, 5, 64, 4, bits_w, True)
+    codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+    tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+    with pytest.raises(ValueError, match="Triton cannot compile the kernel of TileConfig"):
+        int_gemm_packed(*tensors, shift, torch.from_numpy(i_min).cuda(), bits_out, bits_w, 64, config=config)
+
+
 def test_triton_gpu_maximum_magnitude_at_the_k_limit():
     k = 65536
     case = [np.zeros((3, k), np.uint8), np.array([255, 0], np.uint8), np.full((5, k), 15, np.uint8),

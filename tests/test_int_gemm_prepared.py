@@ -57,7 +57,8 @@ def test_prepared_maximum_magnitude_at_the_k_limit(signed_x):
     args = check_int_gemm_args(codes_x, lut_x, codes_w, lut_w, np.full(3, (1 << 30) - 1, np.int32),
                                np.array([(1 << 61) - 1, -(1 << 61) + 1, 0], np.int64), 61,
                                np.array([0, 100, 255], np.int32), 8)
-    _assert_golden(args, c_backend.PreparedWeights(codes_w, lut_w), _paths())
+    paths = _paths()  # skips first where the arm_ref library is not built
+    _assert_golden(args, c_backend.PreparedWeights(codes_w, lut_w), paths)
 
 
 def test_prepared_errors():
