@@ -145,7 +145,10 @@ def test_kernel_range_grads_at_the_edges(mode):
                                two_parameter_grads(per_tensor, reductions))
     want = qm.range_bounds_grads(mode, bottom, top, qm.bitwidth(logits, min_bits), plain[0], plain[1])
     for got, expected in zip(ranged[:2], want):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-30)
+        # AFFINE's ∂bottom = ∂lo + ∂hi − ∂top rounds once more in another order (on the GPU the kernel's product
+        # and sum fuse into an fma): a float32 rounding of |∂lo| + |∂hi| (3.9e-6 relative seen there, run 26).
+        bound = 1e-6 * expected.abs() + 2 * torch.finfo(torch.float32).eps * (plain[0].abs() + plain[1].abs())
+        assert ((got - expected).abs() <= bound).all(), (got, expected)
     torch.testing.assert_close(ranged[2], plain[2], rtol=0, atol=0)
 
 
