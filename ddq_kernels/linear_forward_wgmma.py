@@ -22,8 +22,10 @@ Measured (H200, GPU time, run 25, docs/kernels.md): 50176×576×96 (MobileNetV2'
 401408×576×64 and 12544×960×160; on 25088×1024×256 63 µs against UNFUSED's 51. There, without W_q's copies,
 x's DRAM reads and the products all at once, it still took 38 µs (`benchmarks/probe_wgmma_ablations.py`): at
 N = 256 a thread holds 128 accumulators, one block of 8 warps fits an SM, and quantizing a chunk into the tiles is
-bound by latency on them. Warp specialization with register reallocation (setmaxnreg) and TMA-fed stages would be
-the next steps.
+bound by latency on them. Two ways round that measured slower (run 26): splitting the columns between more
+warpgroups, and producer/consumer warp specialization. ptxas allocates the whole kernel's registers within the
+launch bounds, so at N = 256 (154 registers a consumer thread) one producer warpgroup of 4 warps fits beside the
+two consumers, fewer quantizing warps than here.
 
 Scope: `linear_forward_cuda`'s (16-bit x and W_q of one dtype, N ≤ 256, N and K multiples of 8, dense 16-byte
 aligned rows, M and K < 2^31) on a device of compute capability 9.0, compiled for sm_90a (`supports`).
