@@ -228,6 +228,23 @@ def test_triton_nibble_ptx_paths(path):
         np.testing.assert_array_equal(got[1], want[1], err_msg=f"{path} codes, bits_w={bits_w} k={k}")
 
 
+def test_compiler_failures_name_the_config_and_other_errors_pass_through(monkeypatch):
+    """int_gemm_packed turns Triton's compile failures (a pass-manager failure, a CompilationError) into a
+    ValueError naming the TileConfig, and lets every other error of a launch through unchanged."""
+    from ddq_kernels import int_gemm as module
+
+    case = random_case(np.random.default_rng(16), 3, 5, 64, 4, 4, True)
+    config = module.TileConfig(16, 16, 32)
+    for raised, expected, message in ((RuntimeError("PassManager::run failed"), ValueError, "cannot compile the kernel of TileConfig"),
+                                      (RuntimeError("CUDA error: an illegal memory access"), RuntimeError, "illegal memory access")):
+        def failing_launch(*args, error=raised):
+            raise error
+
+        monkeypatch.setattr(module, "_decode_in_load", failing_launch)
+        with pytest.raises(expected, match=message):
+            module.int_gemm_packed(*_packed_arguments(case, 4), 4, 64, config=config)
+
+
 def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
     """DECODE_NIBBLE_PTX reads int32 words of 4-bit codes: 2-bit containers, or rows that are not whole words,
     are a clear error when asked for (the default config never picks it there)."""
