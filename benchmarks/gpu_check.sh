@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 
 # The tests of every file with CUDA paths, round-robin over SHARDS processes with one torch thread each (15
-# processes of 16 threads on 16 cores made the CPU-side work of the tests ~10x slower, run 26), each shard under
+# processes of 16 threads on 16 cores made the CPU-side work of the tests many times slower: the torchvision
+# conversion test took 373 s, against 13 s for its whole file alone, run 26), each shard under
 # TEST_TIMEOUT; junit XML per shard. TEST_FILES and TEST_FILTER (a -k expression) narrow the run.
 TEST_FILES="${TEST_FILES:-$(ls tests/test_kernels_*.py) tests/test_stem_padding.py tests/test_quantized_conv.py
   tests/test_int_gemm_gpu.py tests/test_int_gemm_backends.py tests/test_convert.py}"
