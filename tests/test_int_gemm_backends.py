@@ -7,7 +7,8 @@ import pytest
 
 from ddq.deploy import int_gemm
 from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
-from int_gemm_cases import random_case
+from int_gemm_cases import (gpu_uncompilable_tiles, interpreter_nibble_paths, interpreter_paths, random_case,
+                            register_lut_tile)
 from kernel_cases import DEVICE
 
 c_backend = pytest.importorskip("ddq.deploy.c_backend")
@@ -101,13 +102,11 @@ def test_triton_decode_variants(decode, predecode):
     """Both weight-decode variants (global LUT gather, tl.gather) and both activation modes agree."""
     if decode == 1:
         skip_on_gpu_if_interpreter_only("dot register LUT")
-    from ddq_kernels.int_gemm import TileConfig
-
     rng = np.random.default_rng(11)
     for bits_w in (1, 2, 3, 4):
         case = random_case(rng, 19, 21, 333, 4, bits_w, bits_w % 2 == 1)
         want_acc, want_codes = int_gemm_numpy(check_int_gemm_args(*case))
-        acc, codes = _triton_run(case, bits_w, TileConfig(16, 16, 32, decode=decode), predecode)
+        acc, codes = _triton_run(case, bits_w, register_lut_tile(decode), predecode)
         np.testing.assert_array_equal(acc, want_acc)
         np.testing.assert_array_equal(codes, want_codes)
 
@@ -132,37 +131,17 @@ def _triton_run(case, bits_w, config, predecode=True):
     return acc.cpu().numpy(), codes.cpu().numpy()
 
 
-# Tiles the tests force for the Triton interpreter that Triton 3.6 does not compile for the GPU (the register-LUT
-# gather in these narrow tiles fails in its pass manager; the nibble dots' int8 products need K ≥ 32). The
-# default configs never pick them there; test_int_gemm_gpu.py runs the GPU tiles and checks that these get a
-# clear error there (run 26).
-INTERPRETER_ONLY = {"gemv register LUT", "dot split-K register LUT", "dot register LUT", "nibble dot split-K",
-                    "nibble dot, weights as A"}
-
-
 def skip_on_gpu_if_interpreter_only(path: str) -> None:
-    if DEVICE == "cuda" and path in INTERPRETER_ONLY:
+    if DEVICE == "cuda" and path in gpu_uncompilable_tiles():
         pytest.skip(f"{path}: an interpreter tile that Triton does not compile for the GPU")
 
 
-def _paths():
-    from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_GATHER, TileConfig
-
-    return {"gemv split-K": TileConfig(1, 16, 32, split_k=3),
-            "gemv register LUT": TileConfig(1, 32, 32, decode=DECODE_GATHER),
-            "dot split-K": TileConfig(16, 16, 32, split_k=2),
-            "dot split-K register LUT": TileConfig(16, 32, 32, split_k=4, decode=DECODE_GATHER),
-            "decode once": TileConfig(32, 32, 32, num_stages=1, decode_once=True),
-            "decode once by byte": TileConfig(32, 32, 32, num_stages=1, decode_once=True, decode=DECODE_BYTES),
-            "decode once TMA": TileConfig(32, 16, 64, num_stages=1, decode_once=True, tma=True)}
-
-
-@pytest.mark.parametrize("path", list(_paths()))
+@pytest.mark.parametrize("path", list(interpreter_paths()))
 def test_triton_paths_every_weight_bitwidth(path):
     """Each kernel path, forced by its config, on odd shapes, both activation table types, i_min > 0."""
     skip_on_gpu_if_interpreter_only(path)
-    rng = np.random.default_rng(list(_paths()).index(path))
-    config = _paths()[path]
+    rng = np.random.default_rng(list(interpreter_paths()).index(path))
+    config = interpreter_paths()[path]
     for bits_w in range(1, 9):
         m = 1 if config.block_m == 1 and bits_w % 3 == 0 else int(rng.integers(2, 20))
         k = int(rng.integers(1, 400))
@@ -175,12 +154,12 @@ def test_triton_paths_every_weight_bitwidth(path):
         np.testing.assert_array_equal(got[1], want[1], err_msg=f"{path} codes, bits_w={bits_w}, k={k}")
 
 
-@pytest.mark.parametrize("path", list(_paths()))
+@pytest.mark.parametrize("path", list(interpreter_paths()))
 def test_triton_paths_k_edges(path):
     """K of one code, a partial last byte, exactly one tile, one past a tile and a split boundary."""
     skip_on_gpu_if_interpreter_only(path)
     rng = np.random.default_rng(5)
-    config = _paths()[path]
+    config = interpreter_paths()[path]
     for k, bits_w, signed_x in ((1, 1, False), (7, 2, True), (63, 3, False), (64, 8, True), (65, 8, False),
                                 (129, 1, True), (193, 4, False)):
         case = random_case(rng, 3, 5, k, 8, bits_w, signed_x)
@@ -203,21 +182,12 @@ def test_default_config_size_heuristic():
     assert not default_config(NIBBLE_DECODE_ONCE_MIN_M - 1, 64, 4, 32, nibble_ptx=True).decode_once
 
 
-def _nibble_paths():
-    from ddq_kernels.int_gemm import DECODE_NIBBLE_PTX, TileConfig
-
-    return {"nibble gemv split-K": (1, TileConfig(1, 16, 32, split_k=3, decode=DECODE_NIBBLE_PTX)),
-            "nibble dot split-K": (5, TileConfig(16, 16, 32, split_k=2, decode=DECODE_NIBBLE_PTX)),
-            "nibble dot, weights as A": (5, TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX, weights_as_a=True)),
-            "nibble decode once": (7, TileConfig(16, 16, 32, num_stages=1, decode_once=True, decode=DECODE_NIBBLE_PTX))}
-
-
-@pytest.mark.parametrize("path", list(_nibble_paths()))
+@pytest.mark.parametrize("path", list(interpreter_nibble_paths()))
 def test_triton_nibble_ptx_paths(path):
     """The prmt/dp4a paths (nibble_ptx.py, emulated under the interpreter): 3- and 4-bit weights, both table
     types, K with padding codes inside the last int32 word (K mod 8 = 7) or none, i_min > 0."""
     skip_on_gpu_if_interpreter_only(path)
-    m, config = _nibble_paths()[path]
+    m, config = interpreter_nibble_paths()[path]
     rng = np.random.default_rng(13)
     # (n, k) = (16, 128): tiles cover the weights exactly (the unmasked EVEN loads).
     for bits_w, signed_x, n, k in ((4, False, 19, 183), (3, True, 19, 183), (4, True, 19, 64), (3, False, 16, 128)):

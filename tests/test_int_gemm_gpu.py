@@ -9,6 +9,7 @@ import torch
 
 from ddq.deploy import int_gemm
 from ddq.deploy.packing import pack
+from int_gemm_cases import gpu_uncompilable_tiles
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -108,22 +109,14 @@ def test_triton_gpu_nibble_ptx_paths(path):
     check_path(path, m, config, ((4, False), (3, True)), shapes)
 
 
-UNCOMPILABLE_ON_GPU = {
-    "gemv register LUT": (1, 1, TileConfig(1, 32, 32, decode=DECODE_GATHER)),
-    "dot split-K register LUT": (5, 1, TileConfig(16, 32, 32, split_k=4, decode=DECODE_GATHER)),
-    "dot register LUT": (5, 1, TileConfig(16, 16, 32, decode=DECODE_GATHER)),
-    "nibble dot, K step of 8 words": (5, 4, TileConfig(16, 16, 32, split_k=2, decode=DECODE_NIBBLE_PTX)),
-    "nibble dot weights as A, K step of 8 words": (5, 4, TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX,
-                                                                      weights_as_a=True)),
-}
-
-
-@pytest.mark.parametrize("path", list(UNCOMPILABLE_ON_GPU))
+@pytest.mark.parametrize("path", list(gpu_uncompilable_tiles()))
 def test_tiles_triton_cannot_compile_for_the_gpu_get_a_clear_error(path):
     """Tiles that the interpreter tests force (test_int_gemm_backends.py) but Triton 3.6 does not compile for the
     GPU (run 26: a pass-manager failure of the register-LUT gather in narrow tiles of 1-bit containers; int8 dots
     need K ≥ 32) are a ValueError naming the config, not the compiler's internals."""
-    m, bits_w, config = UNCOMPILABLE_ON_GPU[path]
+    config = gpu_uncompilable_tiles()[path]
+    m = 1 if config.block_m == 1 else 5
+    bits_w = 4 if config.decode == DECODE_NIBBLE_PTX else 1
     case = random_case(np.random.default_rng(3), m, 5, 64, 4, bits_w, True)
     codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
     tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
