@@ -60,14 +60,26 @@ def sign(value):
 
 
 @triton.jit
-def group_bound_grads(bottom_ptr, top_ptr, group, bits, grad_lo, grad_hi, MODE: tl.constexpr):
-    """(∂bottom, ∂top) of one group from its (∂lo, ∂hi), as autograd differentiates `range_bounds`."""
+def load_range_parameters(bottom_ptr, top_ptr, group, MODE: tl.constexpr):
+    """(bottom, top) of one group where `group_bound_grads` reads them in MODE (0 where it does not): loaded
+    ahead of the gradient math, so that their latency overlaps the other loads'."""
+    bottom = 0.0
+    top = 0.0
+    if MODE != BOUNDS:
+        top = tl.load(top_ptr + group)
+    if MODE == AFFINE:
+        bottom = tl.load(bottom_ptr + group)
+    return bottom, top
+
+
+@triton.jit
+def group_bound_grads(bottom, top, bits, grad_lo, grad_hi, MODE: tl.constexpr):
+    """(∂bottom, ∂top) of one group from its (∂lo, ∂hi), as autograd differentiates `range_bounds`; bottom and top
+    from `load_range_parameters`."""
     if MODE == BOUNDS:
         grad_bottom = grad_lo
         grad_top = grad_hi
     elif MODE == AFFINE:
-        top = tl.load(top_ptr + group)
-        bottom = tl.load(bottom_ptr + group)
         difference = top - bottom
         min_width = tl.abs(bottom) * AFFINE_MIN_RELATIVE_WIDTH + MIN_RANGE
         # torch.maximum gives each side half the gradient at a tie.
@@ -75,7 +87,6 @@ def group_bound_grads(bottom_ptr, top_ptr, group, bits, grad_lo, grad_hi, MODE: 
         grad_top = grad_hi * share * sign(difference)
         grad_bottom = grad_lo + grad_hi - grad_top
     else:
-        top = tl.load(top_ptr + group)
         if MODE == SYMMETRIC:
             grad_magnitude = grad_hi - grad_lo
         else:

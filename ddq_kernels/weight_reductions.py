@@ -38,13 +38,15 @@ def summed_weight_reductions_kernel(parts_ptr, weight_ptr, grad_w_ptr, lo_ptr, h
     row_in = rows < N
     in_weight = row_in[:, None] & (columns < K)[None, :]
     offsets = rows[:, None] * K + columns[None, :]
-    v = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+    # Element-wise sums across the loads, one reduction over the parts block at the end: a reduction a load made
+    # each iteration wait on the last's loads and a cross-warp exchange through shared memory (9 of them on
+    # 100352×192×32, under ncu 21 µs with 16-way bank conflicts in the exchange).
+    partial = tl.zeros((PARTS_BLOCK, ROWS, BLOCK_K), dtype=tl.float32)
     for first in range(0, PARTS, PARTS_BLOCK):
         part = first + tl.arange(0, PARTS_BLOCK)
         pointers = parts_ptr + part[:, None, None].to(tl.int64) * N * K + offsets[None, :, :]
-        tile = tl.load(pointers, mask=(part < PARTS)[:, None, None] & in_weight[None, :, :], other=0.0)
-        v += tl.sum(tile, axis=0)
-    v = cast_rounded(v, weight_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+        partial += tl.load(pointers, mask=(part < PARTS)[:, None, None] & in_weight[None, :, :], other=0.0)
+    v = cast_rounded(tl.sum(partial, axis=0), weight_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
     # Rows past N read the last channel's scalars; nothing of theirs is stored.
     lo, inv_delta = grid_scalars(lo_ptr, hi_ptr, tl.minimum(rows, N - 1))
     x = tl.load(weight_ptr + offsets, mask=in_weight, other=0.0).to(tl.float32)
