@@ -38,9 +38,9 @@ def summed_weight_reductions_kernel(parts_ptr, weight_ptr, grad_w_ptr, lo_ptr, h
     row_in = rows < N
     in_weight = row_in[:, None] & (columns < K)[None, :]
     offsets = rows[:, None] * K + columns[None, :]
-    # Element-wise sums across the loads, one reduction over the parts block at the end: a reduction a load made
-    # each iteration wait on the last's loads and a cross-warp exchange through shared memory (9 of them on
-    # 100352×192×32, under ncu 21 µs with 16-way bank conflicts in the exchange).
+    # Added element-wise across the loads and reduced over the parts block once, at the end. Reducing inside the
+    # loop made every iteration wait for its loads and then exchange sums across warps through shared memory
+    # (9 times a program on 100352×192×32; 21 µs under ncu, with 16-way bank conflicts in the exchange).
     partial = tl.zeros((PARTS_BLOCK, ROWS, BLOCK_K), dtype=tl.float32)
     for first in range(0, PARTS, PARTS_BLOCK):
         part = first + tl.arange(0, PARTS_BLOCK)
