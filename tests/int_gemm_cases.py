@@ -26,6 +26,18 @@ def random_case(rng: np.random.Generator, m: int, n: int, k: int, bits_x: int, b
     return [codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, int(rng.integers(1, 9))]
 
 
+def packed_arguments(case: list, bits_w: int, device) -> list:
+    """`ddq_kernels.int_gemm.int_gemm_packed`'s arguments before bits_w for a case as `random_case` lays it out,
+    its weight codes packed, on `device`."""
+    import torch
+
+    from ddq.deploy.packing import pack
+
+    codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
+    tensors = [torch.from_numpy(a).to(device) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
+    return [*tensors, shift, torch.from_numpy(i_min).to(device), bits_out]
+
+
 def interpreter_paths() -> dict:
     """The in-load and decode-once tiles the interpreter tests force (test_int_gemm_backends.py), by name."""
     from ddq_kernels.int_gemm import DECODE_BYTES, DECODE_GATHER, TileConfig

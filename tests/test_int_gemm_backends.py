@@ -7,8 +7,8 @@ import pytest
 
 from ddq.deploy import int_gemm
 from ddq.deploy.int_gemm import check_int_gemm_args, int_gemm_numpy
-from int_gemm_cases import (gpu_uncompilable_tiles, interpreter_nibble_paths, interpreter_paths, random_case,
-                            register_lut_tile)
+from int_gemm_cases import (gpu_uncompilable_tiles, interpreter_nibble_paths, interpreter_paths, packed_arguments,
+                            random_case, register_lut_tile)
 from kernel_cases import DEVICE
 
 c_backend = pytest.importorskip("ddq.deploy.c_backend")
@@ -111,22 +111,10 @@ def test_triton_decode_variants(decode, predecode):
         np.testing.assert_array_equal(codes, want_codes)
 
 
-def _packed_arguments(case, bits_w) -> list:
-    """int_gemm_packed's arguments before bits_w for a random_case, its weight codes packed, on the tests' device
-    (CUDA where there is one; elsewhere the CPU, which the Triton interpreter runs)."""
-    import torch
-
-    from ddq.deploy.packing import pack
-
-    codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
-    tensors = [torch.from_numpy(a).to(DEVICE) for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
-    return [*tensors, shift, torch.from_numpy(i_min).to(DEVICE), bits_out]
-
-
 def _triton_run(case, bits_w, config, predecode=True):
     from ddq_kernels.int_gemm import int_gemm_packed
 
-    acc, codes = int_gemm_packed(*_packed_arguments(case, bits_w), bits_w, case[0].shape[1], config=config,
+    acc, codes = int_gemm_packed(*packed_arguments(case, bits_w, DEVICE), bits_w, case[0].shape[1], config=config,
                                  predecode=predecode)
     return acc.cpu().numpy(), codes.cpu().numpy()
 
@@ -212,7 +200,7 @@ def test_compiler_failures_name_the_config_and_other_errors_pass_through(monkeyp
 
         monkeypatch.setattr(module, "_decode_in_load", failing_launch)
         with pytest.raises(expected, match=message):
-            module.int_gemm_packed(*_packed_arguments(case, 4), 4, 64, config=config)
+            module.int_gemm_packed(*packed_arguments(case, 4, DEVICE), 4, 64, config=config)
 
 
 def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
@@ -224,7 +212,7 @@ def test_nibble_ptx_decode_is_refused_where_it_cannot_run():
     for bits_w, k in ((2, 64), (4, 60)):
         case = random_case(rng, 3, 5, k, 4, bits_w, True)
         with pytest.raises(ValueError, match="DECODE_NIBBLE_PTX needs 4-bit containers"):
-            int_gemm_packed(*_packed_arguments(case, bits_w), bits_w, k, config=TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX))
+            int_gemm_packed(*packed_arguments(case, bits_w, DEVICE), bits_w, k, config=TileConfig(16, 16, 32, decode=DECODE_NIBBLE_PTX))
 
 
 def test_nibble_mma_decode_is_refused_where_it_cannot_run():
@@ -240,7 +228,7 @@ def test_nibble_mma_decode_is_refused_where_it_cannot_run():
     for m, bits_w, error, message in cases:
         case = random_case(rng, m, 5, 64, 4, bits_w, True)
         with pytest.raises(error, match=message):
-            int_gemm_packed(*_packed_arguments(case, bits_w), bits_w, 64, config=config)
+            int_gemm_packed(*packed_arguments(case, bits_w, DEVICE), bits_w, 64, config=config)
 
 
 def test_triton_backend_pads_nibble_rows_to_whole_words():

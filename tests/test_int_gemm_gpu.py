@@ -9,7 +9,7 @@ import torch
 
 from ddq.deploy import int_gemm
 from ddq.deploy.packing import pack
-from int_gemm_cases import gpu_uncompilable_tiles
+from int_gemm_cases import gpu_uncompilable_tiles, packed_arguments
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -60,10 +60,7 @@ def check_path(path, m, config, weight_bits, shapes):
     for (bits_w, signed_x), (n, k) in zip(weight_bits, shapes):
         case = random_case(rng, m, n, k, 4, bits_w, signed_x)
         want = int_gemm(*case)
-        codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
-        tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
-        acc, codes = int_gemm_packed(*tensors, shift, torch.from_numpy(i_min).cuda(), bits_out, bits_w, k,
-                                     config=config)
+        acc, codes = int_gemm_packed(*packed_arguments(case, bits_w, "cuda"), bits_w, k, config=config)
         np.testing.assert_array_equal(acc.cpu().numpy(), want[0], err_msg=f"{path} bits_w={bits_w} k={k}")
         np.testing.assert_array_equal(codes.cpu().numpy(), want[1], err_msg=f"{path} bits_w={bits_w} k={k}")
 
@@ -118,10 +115,8 @@ def test_tiles_triton_cannot_compile_for_the_gpu_get_a_clear_error(path):
     m = 1 if config.block_m == 1 else 5
     bits_w = 4 if config.decode == DECODE_NIBBLE_PTX else 1
     case = random_case(np.random.default_rng(3), m, 5, 64, 4, bits_w, True)
-    codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out = case
-    tensors = [torch.from_numpy(a).cuda() for a in (codes_x, lut_x, pack(codes_w, bits_w), lut_w, mult, offset)]
     with pytest.raises(ValueError, match="Triton cannot compile the kernel of TileConfig"):
-        int_gemm_packed(*tensors, shift, torch.from_numpy(i_min).cuda(), bits_out, bits_w, 64, config=config)
+        int_gemm_packed(*packed_arguments(case, bits_w, "cuda"), bits_w, 64, config=config)
 
 
 def test_triton_gpu_maximum_magnitude_at_the_k_limit():
