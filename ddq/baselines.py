@@ -13,6 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ddq.functional import FLOAT_INPUT_DTYPES
+from ddq.quantizer import is_int
+
 SIGNEDNESS = ("signed", "unsigned", "auto")
 
 
@@ -30,8 +33,8 @@ class LSQQuantizer(nn.Module):
 
     def __init__(self, bits: int = 4, signedness: str = "auto", channels: Optional[int] = None) -> None:
         super().__init__()
-        if not 1 <= bits <= 8:
-            raise ValueError(f"LSQQuantizer: bits must be in [1, 8], got {bits}")
+        if not is_int(bits) or not 1 <= bits <= 8:
+            raise ValueError(f"LSQQuantizer: bits must be an int in [1, 8], got {bits!r}")
         if signedness not in SIGNEDNESS:
             raise ValueError(f"LSQQuantizer: signedness must be one of {SIGNEDNESS}, got {signedness!r}")
         if signedness in ("signed", "auto") and bits < 2:
@@ -67,9 +70,20 @@ class LSQQuantizer(nn.Module):
     def _shaped(self, t: Tensor, x: Tensor) -> Tensor:
         return t if self.axis is None else t.reshape(-1, *([1] * (x.dim() - 1)))
 
+    def _check_shape(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dtype not in FLOAT_INPUT_DTYPES:
+            raise TypeError(f"LSQQuantizer: x must be a float32, float16 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+        if self.axis == 0 and (x.dim() == 0 or x.shape[0] != self.step.shape[0]):
+            raise ValueError(f"LSQQuantizer: a per-channel quantizer of {self.step.shape[0]} channels got x of shape {tuple(x.shape)}")
+
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """LSQ's initialisation s = 2·mean|x|/√Q_p (per channel for weights)."""
+        """LSQ's initialisation s = 2·mean|x|/√Q_p (per channel for weights), from a non-empty, finite x."""
+        self._check_shape(x)
+        if x.numel() == 0:
+            raise ValueError(f"LSQQuantizer: cannot initialise the step from an empty batch of shape {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("LSQQuantizer: cannot initialise the step from a batch with NaN or infinite values")
         if self.signedness == "auto":
             self.signedness = "unsigned" if bool((x >= 0).all()) else "signed"
             self.signed_code.fill_(SIGNEDNESS.index(self.signedness))
@@ -89,6 +103,9 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:
             self.initialize(x)
+        self._check_shape(x)
+        if x.numel() == 0:
+            return x.clone()  # LSQ's gradient scale 1/√(numel·Q_p) is undefined without elements
         q_n, q_p = self.bounds
         per_step = x.numel() if self.axis is None else x[0].numel()
         step = _scale_gradient(self.step.abs().clamp_min(1e-8), (per_step * q_p) ** -0.5)

@@ -43,6 +43,8 @@ def ddq_quantize(
     Returns x_q in x's dtype; gradients flow to every tensor argument.
     """
     validate_arguments(x, lo, hi, residuals, gate_logits, axis, min_bits)
+    if not isinstance(grad_scale, bool):
+        raise TypeError(f"ddq_quantize: grad_scale must be a bool, got {grad_scale!r}")
     return torch.ops.ddq.quantize(x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
 
 
@@ -106,6 +108,10 @@ def check_parameter_values(lo: Tensor, hi: Tensor, residuals: Tensor, gate_logit
     if not bool((hi > lo).all()):
         bad = int((hi <= lo).nonzero()[0, 0])
         raise ValueError(f"ddq_quantize: needs hi > lo in every group; group {bad} has lo={lo[bad].item()} hi={hi[bad].item()}")
+    if not bool(torch.isfinite(hi - lo).all()):
+        bad = int((~torch.isfinite(hi - lo)).nonzero()[0, 0])
+        raise ValueError(f"ddq_quantize: hi − lo overflows float32 in group {bad} (lo={lo[bad].item()} hi={hi[bad].item()}), "
+                         "so its fine grid has no finite step")
 
 
 def storage_order(x: Tensor, groups: int) -> list[int]:

@@ -6,6 +6,7 @@ computes the float layer on the quantized weight and input (fake quantization fo
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -14,7 +15,7 @@ from torch.nn import functional as F
 
 from ddq.baselines import LSQQuantizer
 from ddq.quantized_conv import quantized_conv2d, recomputes_quantized_input
-from ddq.quantizer import DDQQuantizer
+from ddq.quantizer import DDQQuantizer, is_int
 
 try:  # the fused quantize-and-matmul op; its CUDA body needs Triton (ddq_kernels.registration)
     from ddq_kernels.linear_op import quantized_linear as fused_quantized_linear
@@ -50,7 +51,9 @@ def make_quantizers(
 
     method="ddq" builds `DDQQuantizer`s (spec §2); method="lsq" the LSQ baseline at fixed bits, so that
     comparisons run through the same layers. learn_bits: True (both quantizers), "weights" or
-    "activations" (that one only; the other stays at its bits), False.
+    "activations" (that one only; the other stays at its bits), False. min_bits floors each quantizer's
+    learned bits, capped at that quantizer's own initial bits (weight_bits=1 gives its weights a floor of 1,
+    and leaves the activations' floor at min_bits).
     """
     if learn_bits not in LEARN_BITS or not isinstance(learn_bits, (bool, str)):
         raise ValueError(f"learn_bits must be one of {LEARN_BITS}, got {learn_bits!r}")
@@ -59,11 +62,17 @@ def make_quantizers(
         return LSQQuantizer(weight_bits, "signed", channels=out_channels), LSQQuantizer(act_bits, signedness)
     if method != "ddq":
         raise ValueError(f"unknown quantization method {method!r}; choose one of {METHODS}")
-    common = dict(min_bits=min_bits, learn_levels=learn_levels, grad_scale=grad_scale, range_init=range_init)
+    common = dict(learn_levels=learn_levels, grad_scale=grad_scale, range_init=range_init)
     weight = DDQQuantizer("symmetric", channels=out_channels, init_bits=weight_bits, max_bits=weight_max_bits,
-                          learn_bits=learn_bits in (True, "weights"), **common)
-    act = DDQQuantizer(act_mode, channels=None, init_bits=act_bits, learn_bits=learn_bits in (True, "activations"), **common)
+                          min_bits=_floor(min_bits, weight_bits), learn_bits=learn_bits in (True, "weights"), **common)
+    act = DDQQuantizer(act_mode, channels=None, init_bits=act_bits, min_bits=_floor(min_bits, act_bits),
+                       learn_bits=learn_bits in (True, "activations"), **common)
     return weight, act
+
+
+def _floor(min_bits: int, init_bits: int) -> int:
+    """min_bits capped at a quantizer's initial bits; other values pass through for DDQQuantizer's checks to name."""
+    return min(min_bits, init_bits) if is_int(min_bits) and is_int(init_bits) and 0 <= init_bits else min_bits
 
 
 class DDQLinear(nn.Linear):
@@ -77,13 +86,9 @@ class DDQLinear(nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant: Any) -> "DDQLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **quant)
-        layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        """The quantized layer of `linear`, sharing its weight and bias (as torch.ao's QAT layers do), so that
+        tied weights stay tied and frozen ones frozen."""
+        return _sharing_parameters(cls(linear.in_features, linear.out_features, linear.bias is not None, **quant), linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return _recorded(self, self._quantized_forward(x))
@@ -107,14 +112,9 @@ class DDQConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant: Any) -> "DDQConv2d":
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, conv.padding_mode, **quant)
-        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        """The quantized layer of `conv`, sharing its weight and bias (see `DDQLinear.from_float`)."""
+        return _sharing_parameters(cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                       conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, **quant), conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return _recorded(self, self._quantized_forward(x))
@@ -158,6 +158,14 @@ class DDQConv2d(nn.Conv2d):
 QUANTIZED_LAYERS = (DDQLinear, DDQConv2d)
 
 
+def _sharing_parameters(layer: nn.Module, float_layer: nn.Module) -> nn.Module:
+    """`layer` on float_layer's device with float_layer's own weight and bias in place of its fresh ones."""
+    layer.to(device=float_layer.weight.device)
+    layer.weight = float_layer.weight
+    layer.bias = float_layer.bias
+    return layer
+
+
 def uses_ddq_quantizers(layer: nn.Module) -> bool:
     """Whether both of a layer's quantizers are DDQQuantizers (not the LSQ baseline)."""
     return isinstance(layer.input_quantizer, DDQQuantizer) and isinstance(layer.weight_quantizer, DDQQuantizer)
@@ -169,9 +177,11 @@ def uses_fused_matmul(layer: nn.Module) -> bool:
 
 
 def macs_per_sample(layer: nn.Module, output: Tensor) -> int:
-    """Multiply-accumulates of one sample through a Linear/Conv2d given its output (spec §4 BitOps)."""
-    positions = output[0].numel() // output.shape[-1 if isinstance(layer, nn.Linear) else 1]
+    """Multiply-accumulates of one sample through a Linear/Conv2d given its output (spec §4 BitOps).
+
+    The output's first dim is the batch where it has one (Linear: 2-D or more, Conv2d: 4-D); an unbatched
+    output (Linear: 1-D, Conv2d: 3-D) is one sample. From the shape alone, so an empty batch counts too."""
     if isinstance(layer, nn.Linear):
-        return layer.in_features * layer.out_features * positions
+        return layer.in_features * layer.out_features * math.prod(output.shape[1:-1])
     per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-    return per_output * layer.out_channels * positions
+    return per_output * layer.out_channels * math.prod(output.shape[-2:])

@@ -91,6 +91,10 @@ class DDQQuantizer(nn.Module):
             raise ValueError("DDQQuantizer: unsigned mode needs min_bits >= 1 (a zero-anchored grid needs two levels)")
         if channels is not None and (not is_int(channels) or channels < 1):
             raise ValueError(f"DDQQuantizer: channels must be None or a positive int, got {channels!r}")
+        flags = dict(learn_bits=learn_bits, learn_levels=learn_levels, grad_scale=grad_scale, lut_levels=lut_levels)
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise TypeError(f"DDQQuantizer: {name} must be a bool, got {flag!r}")
         self.mode = mode
         self.axis = None if channels is None else 0
         self.min_bits = min_bits
@@ -116,14 +120,15 @@ class DDQQuantizer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """Device moves apply to the parameters, dtype casts do not: they stay float32 (spec §2 computes
-        in float32; the op rejects other dtypes), so `model.to(torch.bfloat16)` keeps working."""
-        super()._apply(fn, recurse)
-        for param in self.parameters(recurse=False):
-            if param.dtype != torch.float32:
-                param.data = param.data.to(torch.float32)
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.to(torch.float32)
-        return self
+        in float32; the op rejects other dtypes), so `model.to(torch.bfloat16)` keeps working. A cast is
+        skipped, not undone afterwards: a round trip through bf16 or fp16 would round the learned range and
+        levels (and overflow a range above fp16's 65504 to inf)."""
+
+        def moving_only(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            return tensor.to(device=moved.device) if moved.dtype != tensor.dtype else moved
+
+        return super()._apply(moving_only, recurse)
 
     def _restore_python_state(self, state_dict, prefix, *args) -> None:
         code = state_dict.get(prefix + "mode_code")
@@ -232,8 +237,12 @@ class DDQQuantizer(nn.Module):
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
-        """Spec §2 steps 1–2: the integer code c = i >> (8 − b) of every element, uint8, x's shape."""
+        """Spec §2 steps 1–2: the integer code c = i >> (8 − b) of every element, uint8, x's shape. x is checked
+        as `forward` checks it; a NaN or ±inf has no code (`forward` gives NaN there), so it is an error."""
         lo, hi = self.range()
+        self._checked_op_arguments(x, lo, hi)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("DDQQuantizer.codes: x has NaN or infinite values, which no integer code represents")
         flat = x.reshape(self.groups, -1)
         _, index = qm.fine_index(flat, lo, hi)
         return (index >> (qm.FINEST_BITS - self.bits)).to(torch.uint8).reshape(x.shape)

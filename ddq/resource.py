@@ -47,8 +47,12 @@ class ResourceLoss(nn.Module):
         self.layers = quantized_layers(model)
         if not self.layers:
             raise ValueError("ResourceLoss: the model has no quantized layer (run ddq.quantize_model first)")
-        if weight_bits <= 0 or (bitops is not None and bitops <= 0) or strength < 0:
-            raise ValueError("ResourceLoss: weight_bits and bitops must be positive and strength non-negative")
+        targets = {"weight_bits": weight_bits} | ({"bitops": bitops} if bitops is not None else {})
+        for name, target in targets.items():
+            if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
+                raise ValueError(f"ResourceLoss: {name} must be a finite positive number, got {target!r}")
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
+            raise ValueError(f"ResourceLoss: strength must be a finite non-negative number, got {strength!r}")
         self.weight_bits = weight_bits
         self.bitops = bitops
         self.strength = strength
@@ -77,7 +81,8 @@ class ResourceLoss(nn.Module):
         return excess
 
     def adapt_strength(self, rate: float = 0.05, floor: float = 1e-4, ceiling: float = 1e3) -> float:
-        """Dual ascent on λ: multiply it by exp(rate·excess), excess = relative distance to the budget.
+        """Dual ascent on λ by its sign: multiply it by e^rate while the model is over budget and by e^−rate
+        while it is within (docs/method.md: the rule e^(rate·excess) grew λ too slowly just over budget).
 
         λ grows while the model is over budget and shrinks while it is under, so the budget is met
         without hand-tuning λ; layers whose task gradient outweighs λ·cost keep their bits longest,

@@ -8,8 +8,9 @@ What happens, by kind of input:
 - min_bits / init_bits outside their range or not an int: ValueError;
 - non-finite x (NaN, ±inf): those elements quantize to NaN, the others are unaffected, and their
   input gradient is 0 (spec §3: in = 0 for them);
-- non-finite parameters, or hi <= lo in a group: ValueError on CPU tensors (on a GPU only with
-  DDQ_CHECK_VALUES=1, since the check reads values back to the host);
+- non-finite parameters, hi <= lo in a group, or hi − lo beyond float32: ValueError on CPU tensors (on a GPU
+  only with DDQ_CHECK_VALUES=1, since the check reads values back to the host);
+- grad_scale, or a quantizer's learn_bits / learn_levels / lut_levels, not a bool: TypeError;
 - an empty x: an empty result and zero parameter gradients;
 - a first batch that cannot initialise a quantizer (non-finite, empty, wrong channel count): an error,
   and the quantizer stays uninitialised.
@@ -214,3 +215,23 @@ def test_quantizer_after_initialisation_still_checks_channels():
     quantizer(torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"lo must have shape \(3,\)"):
         quantizer(torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("grad_scale", (None, 1, "yes"))
+def test_grad_scale_must_be_a_bool(grad_scale):
+    with pytest.raises(TypeError, match="grad_scale must be a bool"):
+        ddq_quantize(torch.zeros(4), *parameters(), grad_scale=grad_scale)
+    with pytest.raises(TypeError, match="grad_scale must be a bool"):
+        DDQQuantizer(grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("flag", ("learn_bits", "learn_levels", "lut_levels"))
+def test_quantizer_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        DDQQuantizer(**{flag: None})
+
+
+def test_a_range_wider_than_float32_is_rejected():
+    lo, hi, residuals, logits = parameters()
+    with pytest.raises(ValueError, match="hi − lo overflows float32 in group 0"):
+        ddq_quantize(torch.zeros(4), torch.full((1,), -3e38), torch.full((1,), 3e38), residuals, logits)

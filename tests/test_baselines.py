@@ -48,3 +48,27 @@ def test_bad_bits():
         LSQQuantizer(bits=0)
     with pytest.raises(ValueError, match="signed grid"):
         LSQQuantizer(bits=1, signedness="signed")
+
+
+def test_bad_input_gets_the_same_clear_errors_as_ddq():
+    with pytest.raises(ValueError, match="empty batch"):
+        LSQQuantizer(4)(torch.zeros(0))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        LSQQuantizer(4)(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="per-channel quantizer of 4 channels got x of shape"):
+        LSQQuantizer(4, channels=4)(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        LSQQuantizer(4)(torch.arange(4))
+    quantizer = LSQQuantizer(4)
+    quantizer(torch.randn(8))
+    assert quantizer(torch.zeros(0, 3)).shape == (0, 3)
+    with pytest.raises(ValueError, match="per-channel"):
+        weights = LSQQuantizer(4, channels=2)
+        weights(torch.randn(2, 3))
+        weights(torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("bits", (4.5, True, "4", None))
+def test_bits_must_be_an_int(bits):
+    with pytest.raises(ValueError, match="bits must be an int in"):
+        LSQQuantizer(bits)

@@ -184,3 +184,80 @@ def test_weight_max_bits_caps_ddq_weights_first_and_last_included():
     assert [(r.weight_bits, r.act_bits) for r in ddq.model_bits_report(lsq)][0] == (8, 8)
     with pytest.raises(ValueError, match="init_bits"):
         ddq.quantize_model(SmallCNN(), 8, 4, weight_max_bits=7, first_last_bits=None)
+
+
+def test_a_layer_used_at_two_places_becomes_one_quantized_layer_at_both():
+    shared = nn.Linear(4, 4)
+    model = ddq.quantize_model(nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared, nn.Linear(4, 2)))
+    assert [type(m).__name__ for m in model] == ["DDQLinear", "DDQLinear", "ReLU", "DDQLinear", "DDQLinear"]
+    assert model[1] is model[3] and len(ddq.quantized_layers(model)) == 3
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.a = self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.last(self.b(self.a(self.first(x))))
+
+    aliased = ddq.quantize_model(Aliased())
+    assert isinstance(aliased.a, DDQLinear) and aliased.a is aliased.b
+    skipped = ddq.quantize_model(Aliased(), skip="b")  # one name of a shared layer skips it at every name
+    assert type(skipped.a) is nn.Linear and skipped.a is skipped.b
+
+
+def test_a_model_that_is_one_layer_comes_back_quantized():
+    for layer in (nn.Linear(4, 2), nn.Conv2d(3, 2, 3)):
+        for inplace in (False, True):
+            quantized = ddq.quantize_model(layer, first_last_bits=None, weight_bits=2, act_bits=2, inplace=inplace)
+            assert isinstance(quantized, (DDQLinear, DDQConv2d)) and quantized.weight_quantizer.bits == 2
+            assert ddq.quantized_layers(quantized) == [("", quantized)]
+
+
+def test_quantized_layers_keep_the_float_parameters_so_tying_and_freezing_survive():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.body = nn.Embedding(16, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.embedding.weight
+
+    tied = ddq.quantize_model(Tied())
+    assert tied.head.weight is tied.embedding.weight
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    frozen[1].requires_grad_(False)
+    converted = ddq.quantize_model(frozen)
+    assert not converted[1].weight.requires_grad and not converted[1].bias.requires_grad
+    assert converted[0].weight.requires_grad
+    assert frozen[0].weight is not converted[0].weight  # inplace=False converts a copy
+
+
+def test_skip_takes_one_name_or_several_and_names_a_misspelling():
+    model = ddq.quantize_model(SmallCNN(), skip="features.3")
+    assert type(model.features[3]) is nn.Conv2d and isinstance(model.features[0], DDQConv2d)
+    with pytest.raises(ValueError, match=r"skip names no nn.Linear / nn.Conv2d of the model: \['features.33'\]"):
+        ddq.quantize_model(SmallCNN(), skip=["features.33"])
+
+
+def test_subclasses_stay_float_with_a_warning_and_lazy_layers_need_a_forward_first():
+    class OwnLinear(nn.Linear):
+        pass
+
+    with pytest.warns(UserWarning, match=r"left in float.*2 \(OwnLinear\)"):
+        model = ddq.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), OwnLinear(4, 4), nn.Linear(4, 2)))
+    assert type(model[2]) is OwnLinear
+    lazy = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="layer '1' .*has not seen an input yet"):
+        ddq.quantize_model(lazy)
+    lazy(torch.randn(2, 4))  # materialises LazyLinear into an nn.Linear
+    assert len(ddq.quantized_layers(ddq.quantize_model(lazy))) == 3
+
+
+def test_each_quantizer_floors_its_own_bits_at_min_bits():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    converted = ddq.quantize_model(model, weight_bits=1, act_bits=4, learn_bits=True, min_bits=2)
+    assert converted[2].weight_quantizer.min_bits == 1 and converted[2].input_quantizer.min_bits == 2
+    with torch.no_grad():
+        converted[2].input_quantizer.gate_logits.fill_(-1.0)
+    assert converted[2].input_quantizer.bits == 2

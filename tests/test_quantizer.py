@@ -356,3 +356,31 @@ def test_parameters_stay_float32_when_the_model_is_cast():
     layer(torch.randn(2, 4, dtype=torch.bfloat16)).sum().backward()
     assert layer.weight_quantizer.range_top.grad.dtype == torch.float32
     assert layer.half().input_quantizer.residuals.dtype == torch.float32
+
+
+def test_a_cast_leaves_the_parameters_values_untouched():
+    """A cast that rounded the parameters to bf16 or fp16 and back would move the learned range and levels, and
+    overflow a range above fp16's 65504 to inf."""
+    quantizer = DDQQuantizer("unsigned", init_bits=4)
+    quantizer(torch.rand(1000) * 1e5)
+    with torch.no_grad():
+        quantizer.residuals.uniform_(-0.3, 0.3)
+    quantizer(torch.rand(1000) * 1e5).sum().backward()
+    before = {name: (p.detach().clone(), p.grad.clone()) for name, p in quantizer.named_parameters() if p.grad is not None}
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        quantizer.to(dtype)
+        for name, p in quantizer.named_parameters():
+            if name in before:
+                assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+                assert torch.equal(p.detach(), before[name][0]) and torch.equal(p.grad, before[name][1]), (dtype, name)
+    assert torch.isfinite(quantizer(torch.rand(4, dtype=torch.float16))).all()
+
+
+def test_codes_check_x_as_forward_does():
+    quantizer = DDQQuantizer("symmetric", channels=4, init_bits=3)
+    quantizer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"lo must have shape \(2,\)"):
+        quantizer.codes(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantizer.codes(torch.tensor([[1.0], [float("nan")], [0.0], [float("inf")]]))
+    assert quantizer.codes(torch.zeros(4, 3)).dtype == torch.uint8

@@ -127,3 +127,32 @@ def test_dual_ascent_moves_lambda_by_the_same_factor_either_way():
     assert loss.adapt_strength(0.1) == pytest.approx(math.exp(0.1))
     loss.weight_bits = 8.0
     assert loss.adapt_strength(0.1) == pytest.approx(1.0)
+
+
+def test_macs_per_sample_of_unbatched_and_empty_batches():
+    from ddq.nn import DDQConv2d, DDQLinear
+
+    for x in (torch.randn(6), torch.randn(5, 6), torch.randn(0, 6)):
+        layer = DDQLinear(6, 5)
+        if x.numel():
+            layer(x)
+        else:
+            layer(torch.randn(2, 6))  # the range initialises from a non-empty batch first
+            layer.macs = None
+            layer(x)
+        assert layer.macs == 30
+    sequence = DDQLinear(6, 5)
+    sequence(torch.randn(2, 7, 6))
+    assert sequence.macs == 30 * 7
+    for x in (torch.randn(3, 8, 6), torch.randn(2, 3, 8, 6)):
+        conv = DDQConv2d(3, 4, 3, padding=1)
+        conv(x)
+        assert conv.macs == 3 * 9 * 4 * 8 * 6
+
+
+def test_targets_and_strength_must_be_finite():
+    model = ddq.quantize_model(SmallCNN(), learn_bits=True)
+    for arguments, name in ((dict(weight_bits=float("nan")), "weight_bits"), (dict(bitops=float("inf")), "bitops"),
+                            (dict(strength=float("nan")), "strength"), (dict(weight_bits=-1.0), "weight_bits")):
+        with pytest.raises(ValueError, match=f"{name} must be a finite"):
+            ddq.ResourceLoss(model, **arguments)
