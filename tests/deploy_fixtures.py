@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,24 @@ def trained_w2a2_cnn(lut_levels: bool = True, width: int = 8) -> tuple[nn.Module
     initialize_quantizers(model, images[:256])
     train(model, images[:TRAIN], labels[:TRAIN], epochs=1, lr=5e-4)
     return model, images[TRAIN:], labels[TRAIN:]
+
+
+def tiny_mlp() -> nn.Module:
+    """Linear(6→5)-ReLU-Linear(5→3) at W4A4, quantizers initialised on random data, in eval mode: layers '0' and '2'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DDQLinear(6, 5, weight_bits=4, act_bits=4), nn.ReLU(), DDQLinear(5, 3, weight_bits=4, act_bits=4))
+    with torch.no_grad():
+        model(torch.randn(64, 6))
+    return model.eval()
+
+
+def rewrite_metadata(data: bytes, edit) -> bytes:
+    """An export file's bytes with edit(description, header) applied to its JSON header and layer description."""
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_length])
+    description = json.loads(header["__metadata__"]["ddq_deploy"])
+    edit(description, header)
+    header["__metadata__"]["ddq_deploy"] = json.dumps(description)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + header_length:]

@@ -3,7 +3,6 @@ backend, and compare with the float QAT model; corrupt files get clear errors in
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from deploy_fixtures import single_threaded, trained_ddq_cnn  # noqa: E402
+from deploy_fixtures import rewrite_metadata, single_threaded, trained_ddq_cnn  # noqa: E402
 
 from ddq.deploy import export, integer_accuracy, load  # noqa: E402
 from ddq.deploy.export import ExportFileError, export_bytes, float_agreement, load_bytes  # noqa: E402
@@ -93,17 +92,6 @@ def test_truncated_and_corrupt_files_get_clear_errors(exported, tmp_path):
                 reader(bytes(corrupt))
             except (ExportFileError, c_backend.ArmRefError):
                 pass
-
-
-def rewrite_metadata(data: bytes, edit) -> bytes:
-    header_length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8: 8 + header_length])
-    description = json.loads(header["__metadata__"]["ddq_deploy"])
-    edit(description, header)
-    header["__metadata__"]["ddq_deploy"] = json.dumps(description)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + data[8 + header_length:]
 
 
 @pytest.mark.parametrize("edit, message", [
