@@ -226,7 +226,7 @@ class DDQQuantizer(nn.Module):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         levels = torch.where(nonnegative, levels.clamp_min(0), levels)
         ratio = levels / scale
-        on_table = torch.sign(ratio) * torch.floor(ratio.abs() + 0.5) * scale  # spec §5: half away from zero
+        on_table = qm.round_half_away(ratio) * scale
         return ((on_table - levels) / (delta * block)).to(residuals.dtype)
 
     @torch.no_grad()

@@ -49,6 +49,14 @@ def fine_index(x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return u, i.to(torch.int64)
 
 
+def round_half_away(x: Tensor) -> Tensor:
+    """Spec §5's rounding of level tables, half away from zero, exact in x's float dtype: floor(|x| + 0.5)
+    would round the sum first (0.49999997 + 0.5 is 1.0 in float32), |x| − floor(|x|) cannot round."""
+    magnitude = x.abs()
+    whole = torch.floor(magnitude)
+    return torch.sign(x) * (whole + (magnitude - whole >= 0.5).to(x.dtype))
+
+
 def block_positions(residuals: Tensor, bits: int) -> Tensor:
     """Spec §2 step 3 as a (G, 2^b) table: T_c = c·s + (s − 1)/2 + s·mean(r[c·s:(c+1)·s])."""
     block = 2 ** (FINEST_BITS - bits)
