@@ -96,3 +96,13 @@ def test_arm_ref_rejects_out_of_range_codes_itself():
         c_backend.call_int_gemm(args["codes_x"], args["lut_x"], packed3, np.ones((3, 8), np.int8), args["mult"],
                                 args["offset"], args["i_min"], m=2, n=3, k=5, bits_x=4, lut_x_signed=True, bits_w=3,
                                 shift=4, bits_out=8)
+
+
+def test_unknown_c_path_names_the_valid_ones():
+    message = "path must be one of auto, scalar, neon, avx512, amx, got 'AVX512'"
+    with pytest.raises(ValueError, match=message):
+        raw_c_call(path="AVX512")
+    from ddq.deploy.int_gemm import check_int_gemm_args
+
+    with pytest.raises(ValueError, match=message):
+        c_backend.int_gemm_c(check_int_gemm_args(**valid_args()), path="AVX512")

@@ -72,7 +72,7 @@ def test_prepared_errors():
         prepared.run(args.codes_x, args.lut_x, args.mult[:4], args.offset, args.shift, args.i_min, 8)
     with pytest.raises(TypeError, match="offset must be"):
         prepared.run(args.codes_x, args.lut_x, args.mult, args.offset.astype(np.int32), args.shift, args.i_min, 8)
-    with pytest.raises(c_backend.ArmRefError, match="shift must be in 1..61"):
+    with pytest.raises(ValueError, match=r"shift must be in \[1, 61\], got 62"):
         prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, 62, args.i_min, 8)
     with pytest.raises(c_backend.ArmRefError, match="activation code"):
         prepared.run(args.codes_x + 16, args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8)
@@ -111,3 +111,49 @@ def test_exported_layer_prepares_once_and_again_after_its_weights_change():
     second = export._prepared_c(layer, changed, slice(None))
     assert second is not first
     _assert_golden(changed, second, ["auto"])
+
+
+@pytest.mark.parametrize("shift, bits_out, message", [
+    (2**32 + 16, 8, r"shift must be in \[1, 61\], got 4294967312"),
+    (-(2**32) + 16, 8, r"shift must be in \[1, 61\], got -4294967280"),
+    (0, 8, r"shift must be in \[1, 61\], got 0"),
+    (16, 2**32 + 8, r"bits_out must be in \[1, 8\], got 4294967304"),
+    (16, 0, r"bits_out must be in \[1, 8\], got 0"),
+    (16, 9, r"bits_out must be in \[1, 8\], got 9"),
+])
+def test_prepared_rejects_scalars_the_c_struct_would_wrap(shift, bits_out, message):
+    """shift and bits_out travel in int32 struct fields: 2^32 + 16 would arrive as 16. Checked as int_gemm does."""
+    _paths()
+    args = _case(np.random.default_rng(3), 2, 3, 40, 4, 4, False)
+    prepared = c_backend.PreparedWeights(args.codes_w, args.lut_w)
+    for call in (lambda: prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, shift, args.i_min, bits_out),
+                 lambda: check_int_gemm_args(args.codes_x, args.lut_x, args.codes_w, args.lut_w, args.mult, args.offset,
+                                             shift, args.i_min, bits_out)):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("array, value, message", [
+    ("mult", -1, r"mult must be in \[0, 2\^30\)"),
+    ("offset", 1 << 62, "offset must satisfy"),
+    ("i_min", 256, r"i_min must be in \[0, 255\]"),
+])
+def test_prepared_checks_the_requantisation_ranges_as_int_gemm_does(array, value, message):
+    """int_gemm's own message (a ValueError from check_requantization), not the C library's ArmRefError."""
+    _paths()
+    args = _case(np.random.default_rng(4), 2, 3, 40, 4, 4, False)
+    constants = {"mult": args.mult.copy(), "offset": args.offset.copy(), "i_min": args.i_min.copy()}
+    constants[array][1] = value
+    prepared = c_backend.PreparedWeights(args.codes_w, args.lut_w)
+    with pytest.raises(ValueError, match=message) as raised:
+        prepared.run(args.codes_x, args.lut_x, constants["mult"], constants["offset"], args.shift,
+                     constants["i_min"], 8)
+    assert raised.type is ValueError
+
+
+def test_prepared_rejects_an_unknown_path_name():
+    _paths()
+    args = _case(np.random.default_rng(5), 2, 3, 40, 4, 4, False)
+    prepared = c_backend.PreparedWeights(args.codes_w, args.lut_w)
+    with pytest.raises(ValueError, match="path must be one of auto, scalar, neon, avx512, amx, got 'AVX512'"):
+        prepared.run(args.codes_x, args.lut_x, args.mult, args.offset, args.shift, args.i_min, 8, path="AVX512")

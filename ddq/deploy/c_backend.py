@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddq.deploy.int_gemm import GemmArgs
+from ddq.deploy.int_gemm import GemmArgs, check_requantization
 from ddq.deploy.packing import pack
 
 PATHS = {"auto": 0, "scalar": 1, "neon": 2, "avx512": 3, "amx": 4}
@@ -107,10 +107,19 @@ def _pointer(array: np.ndarray) -> int:
     return array.ctypes.data
 
 
+def path_code(path: str) -> int:
+    """The arm_ref_path value (spec §5's C library) of a kernel path name, a key of PATHS; for any other
+    name a ValueError listing the valid ones."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    return PATHS[path]
+
+
 def call_int_gemm(codes_x: np.ndarray, lut_x: np.ndarray, packed_w: np.ndarray, lut_w: np.ndarray, mult: np.ndarray,
                   offset: np.ndarray, i_min: np.ndarray, *, m: int, n: int, k: int, bits_x: int, lut_x_signed: bool,
                   bits_w: int, shift: int, bits_out: int, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """arm_ref_int_gemm on packed weights, with only the C library's own checks (raises ArmRefError)."""
+    code = path_code(path)
     arrays = [np.ascontiguousarray(a) for a in (codes_x, lut_x, packed_w, lut_w, mult, offset, i_min)]
     args = GemmArgsStruct(*[_pointer(a) for a in arrays], m, n, k, arrays[2].nbytes, bits_x, int(lut_x_signed),
                           bits_w, shift, bits_out)
@@ -120,7 +129,7 @@ def call_int_gemm(codes_x: np.ndarray, lut_x: np.ndarray, packed_w: np.ndarray, 
     workspace = np.empty(workspace_size if sized else 1, dtype=np.uint8)
     acc = np.empty((m, n), dtype=np.int32)
     codes = np.empty((m, n), dtype=np.uint8)
-    status = lib.arm_ref_int_gemm(ctypes.byref(args), PATHS[path], _pointer(workspace), workspace_size if sized else 0,
+    status = lib.arm_ref_int_gemm(ctypes.byref(args), code, _pointer(workspace), workspace_size if sized else 0,
                                   _pointer(acc), _pointer(codes))
     if status != 0:
         raise ArmRefError(f"arm_ref: {status_text(status)}")
@@ -175,8 +184,10 @@ class PreparedWeights:
 
     def run(self, codes_x: np.ndarray, lut_x: np.ndarray, mult: np.ndarray, offset: np.ndarray, shift: int,
             i_min: np.ndarray, bits_out: int, path: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-        """Spec §5 on these weights: (acc int32[M, N], codes_out uint8[M, N]). The array shapes and dtypes are
-        checked here, every value range by the C library (ArmRefError with its status text)."""
+        """Spec §5 on these weights: (acc int32[M, N], codes_out uint8[M, N]). The array shapes and dtypes, and
+        the requantisation constants' ranges (as `int_gemm` checks them: shift and bits_out would wrap in the C
+        struct's int32 fields), are checked here; the codes by the C library (ArmRefError with its status text)."""
+        code = path_code(path)
         codes_x, lut_x, mult, offset, i_min = (np.ascontiguousarray(a) for a in (codes_x, lut_x, mult, offset, i_min))
         expected = {"codes_x": (codes_x, (np.uint8,), 2), "lut_x": (lut_x, (np.int8, np.uint8), 1),
                     "mult": (mult, (np.int32,), 1), "offset": (offset, (np.int64,), 1), "i_min": (i_min, (np.int32,), 1)}
@@ -193,21 +204,18 @@ class PreparedWeights:
         bits_x = entries.bit_length() - 1
         if entries < 2 or entries > 256 or entries != 1 << bits_x:
             raise ValueError(f"lut_x must have 2^b entries for b in 1..8, got {entries}")
-        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)):
-            raise TypeError(f"shift must be an integer, got {type(shift).__name__}")
-        if isinstance(bits_out, bool) or not isinstance(bits_out, (int, np.integer)):
-            raise TypeError(f"bits_out must be an integer, got {type(bits_out).__name__}")
+        shift, bits_out = check_requantization(mult, offset, shift, i_min, bits_out)
         m = codes_x.shape[0]
         args = GemmArgsStruct(_pointer(codes_x), _pointer(lut_x), None, None, _pointer(mult), _pointer(offset),
                               _pointer(i_min), m, self.n, self.k, 0, bits_x, int(lut_x.dtype == np.int8), self.bits_w,
-                              int(shift), int(bits_out))
+                              shift, bits_out)
         lib = library()
         workspace_size = lib.arm_ref_workspace_bytes(m, self.k)
         sized = workspace_size <= codes_x.nbytes + (1 << 20) * (max(m, 1) + 16)
         workspace = np.empty(workspace_size if sized else 1, dtype=np.uint8)
         acc = np.empty((m, self.n), dtype=np.int32)
         codes = np.empty((m, self.n), dtype=np.uint8)
-        status = lib.arm_ref_int_gemm_prepared(ctypes.byref(args), _pointer(self.buffer), self.nbytes, PATHS[path],
+        status = lib.arm_ref_int_gemm_prepared(ctypes.byref(args), _pointer(self.buffer), self.nbytes, code,
                                                _pointer(workspace), workspace_size if sized else 0, _pointer(acc),
                                                _pointer(codes))
         if status != 0:

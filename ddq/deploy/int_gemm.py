@@ -99,15 +99,22 @@ def check_int_gemm_args(codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_m
         raise ValueError(f"codes_x out of range: code {int(codes_x.max())} ≥ 2^{bits_x} (lut_x has {1 << bits_x} entries)")
     if int(codes_w.max()) >= 1 << bits_w:
         raise ValueError(f"codes_w out of range: code {int(codes_w.max())} ≥ 2^{bits_w} (lut_w has {1 << bits_w} entries)")
+    shift, bits_out = check_requantization(mult, offset, shift, i_min, bits_out)
+    return GemmArgs(codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out, bits_x, bits_w)
+
+
+def check_requantization(mult: np.ndarray, offset: np.ndarray, shift: Any, i_min: np.ndarray,
+                         bits_out: Any) -> tuple[int, int]:
+    """Spec §5's ranges of the requantisation constants (mult int32, offset int64, i_min int32 arrays of
+    one length N ≥ 1): mult in [0, 2^30), |offset| < 2^61, 1 ≤ shift ≤ 61, i_min in [0, 255], 1 ≤ bits_out ≤ 8,
+    so that z + 2^(shift−1) cannot overflow int64. Returns (shift, bits_out) as Python ints."""
     if int(mult.min()) < 0 or int(mult.max()) >= MAX_MULT:
         raise ValueError(f"mult must be in [0, 2^30), got range [{int(mult.min())}, {int(mult.max())}]")
-    if int(np.abs(offset).max()) >= MAX_OFFSET or int(offset.min()) <= -MAX_OFFSET:
-        raise ValueError("offset must satisfy |offset| < 2^61")
+    if int(offset.max()) >= MAX_OFFSET or int(offset.min()) <= -MAX_OFFSET:
+        raise ValueError(f"offset must satisfy |offset| < 2^61, got range [{int(offset.min())}, {int(offset.max())}]")
     if int(i_min.min()) < 0 or int(i_min.max()) > 255:
         raise ValueError(f"i_min must be in [0, 255], got range [{int(i_min.min())}, {int(i_min.max())}]")
-    shift = _int_scalar("shift", shift, 1, MAX_SHIFT)
-    bits_out = _int_scalar("bits_out", bits_out, 1, 8)
-    return GemmArgs(codes_x, lut_x, codes_w, lut_w, mult, offset, shift, i_min, bits_out, bits_x, bits_w)
+    return _int_scalar("shift", shift, 1, MAX_SHIFT), _int_scalar("bits_out", bits_out, 1, 8)
 
 
 def requantize_numpy(acc: np.ndarray, mult: np.ndarray, offset: np.ndarray, shift: int, i_min: np.ndarray,
