@@ -5,7 +5,8 @@ DDQLinear layers, each optionally followed by ReLU and/or MaxPool2d (kernel = st
 Flatten, Dropout and Identity are allowed and a convolution feeding a linear layer is flattened in
 NCHW order (as `SmallCNN` does). Layer l requantises onto the fine grid of layer l + 1's input
 quantizer; its ReLU is folded into i_min and a max-pool runs on codes (both are monotone maps, so
-they commute with the code map). The last layer returns acc and float logits acc·s_w·s_x + bias.
+they commute with the code map). The last layer returns acc and float logits acc·s_w·s_x + bias per
+output channel.
 """
 
 from __future__ import annotations
@@ -231,8 +232,16 @@ class IntegerModel:
         return cls(lo, hi, quantizers[0].bits, layers)
 
     def input_codes(self, x: Union[Tensor, np.ndarray]) -> np.ndarray:
-        """Spec §2 steps 1–2 of the first quantizer on the host (float32, as the QAT model computes them)."""
+        """Spec §2 steps 1–2 of the first quantizer on the host (float32, as the QAT model computes them).
+
+        Raises ValueError for NaN or ±inf input: the fine index sends them to an end code, which the integer
+        layers would turn into finite, confident logits where the float model gives NaN."""
         x = torch.as_tensor(np.asarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x).detach().cpu()
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            first = tuple(int(i) for i in torch.nonzero(~finite)[0])
+            raise ValueError(f"integer model input has {int((~finite).sum())} non-finite values (NaN or ±inf), "
+                             f"the first at index {first} of shape {tuple(x.shape)}")
         _, index = qm.fine_index(x.to(torch.float32).reshape(1, -1), torch.from_numpy(self.input_lo),
                                  torch.from_numpy(self.input_hi))
         return (index >> (qm.FINEST_BITS - self.input_bits)).to(torch.uint8).reshape(x.shape).numpy()
@@ -246,9 +255,15 @@ class IntegerModel:
             acc, codes = _run_layer(layer, codes, backend)
             if not layer.last:
                 layer_codes.append(codes)
-        last = self.layers[-1]
-        logits = (acc.astype(np.float64) * last.scale[None, :] + last.bias[None, :]).astype(np.float32)
-        return IntegerRun(logits, layer_codes, acc)
+        return IntegerRun(_logits(self.layers[-1], acc), layer_codes, acc)
+
+
+def _logits(last: ExportedLayer, acc: np.ndarray) -> np.ndarray:
+    """Spec §5: logits = acc·s_w·s_x + bias per output channel, on axis 1 of a linear (B, N) or a conv
+    (B, N, H, W) acc."""
+    per_channel = (1, -1) + (1,) * (acc.ndim - 2)
+    logits = acc.astype(np.float64) * last.scale.reshape(per_channel) + last.bias.reshape(per_channel)
+    return logits.astype(np.float32)
 
 
 @dataclass
