@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
-from ddq.deploy.int_gemm import MAX_MULT, MAX_OFFSET, MAX_SHIFT, GemmArgs, check_int_gemm_args, int_gemm
+from ddq.deploy.int_gemm import (MAX_K, MAX_MULT, MAX_OFFSET, MAX_SHIFT, GemmArgs, check_int_gemm_args,
+                                  check_requantization, int_gemm)
 from ddq.deploy.packing import pack, packed_row_bytes, unpack
 from ddq.nn import DDQConv2d, DDQLinear
 from ddq.quantizer import DDQQuantizer
@@ -421,9 +422,9 @@ def _layer_from(entry: Any, index: int, tensors: dict[str, np.ndarray], last_ind
     if not isinstance(entry, dict) or entry.get("kind") not in ("conv2d", "linear"):
         raise ExportFileError(f"layer {index}: not a conv2d/linear description")
     n = _int_field(entry, "out_features", 1, 1 << 24)
-    k = _int_field(entry, "k", 1, 65536)
+    k = _int_field(entry, "k", 1, MAX_K)
     bits_x, bits_w = _int_field(entry, "bits_x", 1, 8), _int_field(entry, "bits_w", 1, 8)
-    bits_out, shift = _int_field(entry, "bits_out", 1, 8), _int_field(entry, "shift", 1, 61)
+    bits_out, shift = _int_field(entry, "bits_out", 1, 8), _int_field(entry, "shift", 1, MAX_SHIFT)
     pool = _int_field(entry, "pool", 0, 1024)
     last = entry.get("last") is True
     if last != (index == last_index):
@@ -452,7 +453,26 @@ def _layer_from(entry: Any, index: int, tensors: dict[str, np.ndarray], last_ind
     if last:
         layer.scale = _expect(tensors, prefix + "scale", ("float64",), (n,))
         layer.bias = _expect(tensors, prefix + "bias", ("float64",), (n,))
+    _check_values(layer, index)
     return layer
+
+
+def _check_values(layer: ExportedLayer, index: int) -> None:
+    """Spec §5's value ranges, so that a tampered file fails here and not later (or never) in `run`: the
+    requantisation constants as `int_gemm` checks them, positive finite logit scales, finite biases, and a
+    padded convolution's pad_code on a zero activation level."""
+    where = f"layer {index} ({layer.name!r})"
+    try:
+        check_requantization(layer.mult, layer.offset, layer.shift, layer.i_min, layer.bits_out)
+    except ValueError as error:
+        raise ExportFileError(f"{where}: {error}") from None
+    if layer.last and not (np.isfinite(layer.scale).all() and (layer.scale > 0).all()):
+        raise ExportFileError(f"{where}: scale must be finite and positive (s_w·s_x), got {layer.scale}")
+    if layer.last and not np.isfinite(layer.bias).all():
+        raise ExportFileError(f"{where}: bias has non-finite values (NaN or ±inf): {layer.bias}")
+    if layer.kind == "conv2d" and any(layer.conv["padding"]) and layer.lut_x[layer.pad_code] != 0:
+        raise ExportFileError(f"{where}: pad_code {layer.pad_code} selects lut_x entry {layer.lut_x[layer.pad_code]}, "
+                              "but zero padding needs the code of the activation level 0")
 
 
 def load_bytes(data: bytes, source: str = "<bytes>") -> IntegerModel:
