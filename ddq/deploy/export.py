@@ -12,6 +12,8 @@ output channel.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -128,9 +130,30 @@ def _stages(model: nn.Module) -> list[dict[str, Any]]:
     return stages
 
 
+def _check_exportable(stage: dict[str, Any]) -> None:
+    """Spec §5's preconditions on one layer, checked before any constant is computed: K within the int32
+    accumulator's limit, both quantizers initialised, and every tensor the export reads finite (a NaN would
+    otherwise become a code, a table entry or a constant that looks valid)."""
+    name, layer = stage["name"], stage["layer"]
+    k = layer.weight[0].numel()
+    if k > MAX_K:
+        raise ValueError(f"integer export: layer {name!r} sums K = {k} products per output, more than spec §5's "
+                         f"int32 accumulator allows (K ≤ {MAX_K})")
+    tensors = {"weight": layer.weight, "bias": layer.bias}
+    for role in ("weight_quantizer", "input_quantizer"):
+        quantizer = getattr(layer, role)
+        if not quantizer._initialized:
+            raise ValueError(f"integer export: layer {name!r}: {role} was never run on data; run the model on a "
+                             "batch first")
+        tensors |= {f"{role}.{parameter}": value for parameter, value in quantizer.named_parameters()}
+        lo, hi = quantizer.range()
+        tensors |= {f"{role} range lo": lo, f"{role} range hi": hi, f"{role} levels": quantizer.levels()}
+    for tensor_name, value in tensors.items():
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"integer export: layer {name!r}: {tensor_name} has non-finite values (NaN or ±inf)")
+
+
 def _levels64(quantizer: DDQQuantizer) -> np.ndarray:
-    if not quantizer._initialized:
-        raise ValueError("integer export: a quantizer was never run on data; run the model on a batch first")
     return quantizer.levels().detach().cpu().to(torch.float64).numpy()
 
 
@@ -161,14 +184,14 @@ def _fine_index_of_zero(quantizer: DDQQuantizer) -> int:
     return int(qm.fine_index(zero, lo.detach(), hi.detach())[1].item())
 
 
-def _requantization(ratio: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _requantization(name: str, ratio: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Spec §5: the largest shift ≤ 61 keeping every mult < 2^30 and every |offset| < 2^61."""
     for shift in range(MAX_SHIFT, 0, -1):
         mult = round_half_away(ratio * 2.0**shift)
         scaled_offset = round_half_away(offset * 2.0**shift)
         if mult.max() < MAX_MULT and np.abs(scaled_offset).max() < MAX_OFFSET:
             return mult.astype(np.int32), scaled_offset.astype(np.int64), shift
-    raise ValueError("integer export: no shift in 1..61 keeps mult < 2^30 and |offset| < 2^61 "
+    raise ValueError(f"integer export: layer {name!r}: no shift in 1..61 keeps mult < 2^30 and |offset| < 2^61 "
                      f"(largest ratio {ratio.max():.3g}, largest offset {np.abs(offset).max():.3g} fine steps)")
 
 
@@ -207,7 +230,7 @@ def _export_layer(stage: dict[str, Any], next_quantizer: Optional[DDQQuantizer])
                              offset=zeros.astype(np.int64), i_min=zeros.astype(np.int32), scale=s_w * s_x, bias=bias)
     lo, hi = (t.detach().cpu().to(torch.float64).numpy()[0] for t in next_quantizer.range())
     delta = (hi - lo) / qm.FINE_MAX
-    mult, offset, shift = _requantization(s_w * s_x / delta, (bias - lo) / delta)
+    mult, offset, shift = _requantization(stage["name"], s_w * s_x / delta, (bias - lo) / delta)
     i_min = _fine_index_of_zero(next_quantizer) if stage["relu"] else 0
     return ExportedLayer(**common, bits_out=next_quantizer.bits, shift=shift, last=False, mult=mult, offset=offset,
                          i_min=np.full(n, i_min, dtype=np.int32))
@@ -226,6 +249,8 @@ class IntegerModel:
     @torch.no_grad()
     def from_model(cls, model: nn.Module) -> "IntegerModel":
         stages = _stages(model)
+        for stage in stages:
+            _check_exportable(stage)
         quantizers = [stage["layer"].input_quantizer for stage in stages]
         layers = [_export_layer(stage, quantizers[i + 1] if i + 1 < len(stages) else None)
                   for i, stage in enumerate(stages)]
@@ -375,10 +400,27 @@ def export_bytes(model: nn.Module) -> bytes:
 
 def export(model: nn.Module, path: Union[str, Path]) -> IntegerModel:
     """Spec §5: write a trained DDQ model as a safetensors file (packed weight codes, LUTs, scales,
-    requantisation constants; layer graph and bits in the JSON metadata). Returns the integer model."""
+    requantisation constants; layer graph and bits in the JSON metadata). Returns the integer model.
+
+    The bytes are checked by `load_bytes` before anything is written, and written atomically: a model
+    that cannot be exported raises and leaves path as it was, never a partial or invalid file."""
     data = export_bytes(model)
-    Path(path).write_bytes(data)
-    return load_bytes(data, str(path))
+    integer = load_bytes(data, str(path))
+    _write_atomically(Path(path), data)
+    return integer
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a hidden file beside path, then rename it over path (atomic within one file system)."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class ExportFileError(ValueError):
