@@ -39,3 +39,15 @@ def test_bad_input_is_rejected_with_a_clear_error():
         unpack(np.array([[0x08]], np.uint8), 3, 2)
     with pytest.raises(ValueError, match="expected"):
         unpack(np.zeros((1, 3), np.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("k", [-5, -1, 2.0, True, "8", None])
+def test_packed_row_bytes_rejects_a_k_that_is_not_a_count(k):
+    with pytest.raises(ValueError, match="K must be a non-negative integer"):
+        packed_row_bytes(k, 4)
+
+
+def test_packed_row_bytes_rejects_bad_bits():
+    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+        packed_row_bytes(8, 0)
+    assert packed_row_bytes(np.int64(0), 4) == 0

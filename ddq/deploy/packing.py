@@ -15,8 +15,10 @@ def container_bits(bits: int) -> int:
 
 
 def packed_row_bytes(k: int, bits: int) -> int:
-    """Bytes of one packed row of k codes: ceil(k·w/8)."""
-    return (k * container_bits(bits) + 7) // 8
+    """Spec §5: bytes of one packed row of k codes, ceil(k·w/8)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"K must be a non-negative integer, got {k!r}")
+    return (int(k) * container_bits(bits) + 7) // 8
 
 
 def _require_uint8_matrix(name: str, array: np.ndarray) -> np.ndarray:
@@ -48,9 +50,7 @@ def unpack(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Spec §5: the inverse of `pack`. Rejects a wrong row length, codes ≥ 2^bits and non-zero padding."""
     packed = _require_uint8_matrix("packed", packed)
     width = container_bits(bits)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"K must be a non-negative integer, got {k!r}")
-    expected = packed_row_bytes(int(k), bits)
+    expected = packed_row_bytes(k, bits)
     if packed.shape[1] != expected:
         raise ValueError(f"packed rows have {packed.shape[1]} bytes, expected ceil(K·{width}/8) = {expected} for K = {k}")
     per_byte = 8 // width
