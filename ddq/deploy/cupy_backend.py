@@ -16,7 +16,10 @@ import numpy as np
 from ddq.deploy.int_gemm import GemmArgs
 from ddq.deploy.packing import container_bits, pack
 
-SCALAR_SOURCE = Path(__file__).resolve().parents[2] / "arm_ref" / "src" / "int_gemm_scalar.h"
+# The one source is arm_ref/src/int_gemm_scalar.h; setup.py's build_py copies it into this package, because an
+# installed wheel has no arm_ref/ beside it. A checkout (or an editable install) reads the original.
+PACKAGED_SCALAR_SOURCE = Path(__file__).resolve().with_name("int_gemm_scalar.h")
+CHECKOUT_SCALAR_SOURCE = Path(__file__).resolve().parents[2] / "arm_ref" / "src" / "int_gemm_scalar.h"
 THREADS = 256
 
 # NVRTC has no <stdint.h>: the header takes its integer types and function qualifier from here.
@@ -62,12 +65,20 @@ def _cupy() -> Any:
     return cupy
 
 
+def scalar_source() -> Path:
+    """The arm_ref scalar kernel (spec §5's reference) this backend compiles: the installed package's copy,
+    else the checkout's."""
+    for path in (PACKAGED_SCALAR_SOURCE, CHECKOUT_SCALAR_SOURCE):
+        if path.is_file():
+            return path
+    raise RuntimeError(f"backend 'cupy' compiles arm_ref's scalar kernel, which is missing: neither "
+                       f"{PACKAGED_SCALAR_SOURCE} (installed package) nor {CHECKOUT_SCALAR_SOURCE} (checkout) exists")
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> Any:
     cupy = _cupy()
-    if not SCALAR_SOURCE.is_file():
-        raise RuntimeError(f"backend 'cupy' compiles arm_ref's scalar kernel from {SCALAR_SOURCE}, which is missing")
-    source = PRELUDE + SCALAR_SOURCE.read_text() + KERNEL
+    source = PRELUDE + scalar_source().read_text() + KERNEL
     return cupy.RawModule(code=source, options=("--std=c++14",)).get_function("int_gemm_scalar")
 
 
