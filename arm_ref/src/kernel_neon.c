@@ -12,7 +12,13 @@
 #define HWCAP_ASIMDDP (1UL << 20)
 #endif
 
+/* The target attribute has no spelling both compilers take: GCC's assembler accepts sdot only under an
+ * Armv8.2 architecture ("+dotprod" alone keeps armv8-a), clang 14 rejects arch= strings and takes the feature. */
+#if defined(__clang__)
+#define NEON_TARGET __attribute__((target("dotprod")))
+#else
 #define NEON_TARGET __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
 #define NEON_INLINE NEON_TARGET __attribute__((always_inline)) static inline
 #define ROW_BLOCK 4
 /* Codes per K block: ROW_BLOCK·4 activation rows of it stay in L1 while every output column passes. */
@@ -26,6 +32,15 @@ int arm_ref_neon_supported(void)
 typedef struct {
     int8x16x4_t table[4];
 } lut_registers;
+
+/* acc + the 4-way int8 dot products of a and b (sdot). Inline assembly, not vdotq_s32: clang before 16
+ * declares that intrinsic only when the whole file is built for dotprod (__ARM_FEATURE_DOTPROD), which
+ * a library that picks this path at run time is not. */
+NEON_INLINE int32x4_t dot_s8(int32x4_t acc, int8x16_t a, int8x16_t b)
+{
+    __asm__("sdot %0.4s, %1.16b, %2.16b" : "+w"(acc) : "w"(a), "w"(b));
+    return acc;
+}
 
 NEON_INLINE lut_registers load_lut(const int8_t *lut_row, int bits)
 {
@@ -76,14 +91,14 @@ NEON_INLINE void row_block(const arm_ref_plan *plan, size_t col, size_t row0, in
         for (int slot = 0; slot < per_byte; ++slot) {
             int8x16_t w = decode_slot(bytes, &lut, width, slot);
             size_t at = k0 + (size_t)slot * ARM_REF_NEON_CHUNK;
-            sum0 = vdotq_s32(sum0, w, vld1q_s8(x0 + at));
+            sum0 = dot_s8(sum0, w, vld1q_s8(x0 + at));
             if (rows > 1) {
-                sum1 = vdotq_s32(sum1, w, vld1q_s8(x1 + at));
-                sum2 = vdotq_s32(sum2, w, vld1q_s8(x2 + at));
-                sum3 = vdotq_s32(sum3, w, vld1q_s8(x3 + at));
+                sum1 = dot_s8(sum1, w, vld1q_s8(x1 + at));
+                sum2 = dot_s8(sum2, w, vld1q_s8(x2 + at));
+                sum3 = dot_s8(sum3, w, vld1q_s8(x3 + at));
             }
             if (plan->x_base != 0)
-                weight_sum = vdotq_s32(weight_sum, w, ones);
+                weight_sum = dot_s8(weight_sum, w, ones);
         }
     }
     int32_t correction = plan->x_base * vaddvq_s32(weight_sum);
