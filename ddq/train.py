@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import ddq
+from ddq.atomic_file import write_atomically
 from ddq.resource import budget_at, set_learned_bits
 from ddq.distributed import gather_objects, is_distributed, state_fingerprint, sync_buffers, sync_quantizers
 from ddq.imagefolder import DataError, ImageFolder, ResumableDistributedSampler, normalize
@@ -369,23 +370,9 @@ def setting_differences(saved: dict[str, Any], now: dict[str, Any], added: dict[
 
 
 def atomic_save(payload: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder:
-    a reader (or a resume after a crash) sees the old file or the new one, never a partial one."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """torch.save(payload) written atomically (`write_atomically`): a reader (or a resume after a crash) sees
+    the old file or the new one, never a partial one."""
+    write_atomically(path, lambda handle: torch.save(payload, handle))
 
 
 def bits_table(model: nn.Module) -> str:

@@ -12,8 +12,6 @@ output channel.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -23,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ddq import quantizer_math as qm
+from ddq.atomic_file import write_atomically
 from ddq.deploy.int_gemm import (MAX_K, MAX_MULT, MAX_OFFSET, MAX_SHIFT, GemmArgs, check_int_gemm_args,
                                   check_requantization, int_gemm)
 from ddq.deploy.packing import pack, packed_row_bytes, unpack
@@ -406,21 +405,8 @@ def export(model: nn.Module, path: Union[str, Path]) -> IntegerModel:
     that cannot be exported raises and leaves path as it was, never a partial or invalid file."""
     data = export_bytes(model)
     integer = load_bytes(data, str(path))
-    _write_atomically(Path(path), data)
+    write_atomically(Path(path), lambda handle: handle.write(data))
     return integer
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a hidden file beside path, then rename it over path (atomic within one file system)."""
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(partial, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class ExportFileError(ValueError):
