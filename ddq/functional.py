@@ -94,6 +94,29 @@ def validate_arguments(
             )
 
 
+def op_axis(lo: Tensor) -> Optional[int]:
+    """The axis `ddq_quantize` would have been given for the op's G = lo.shape[0] groups."""
+    return None if lo.dim() == 1 and lo.shape[0] == 1 else 0
+
+
+def check_quantize_op_arguments(x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor, min_bits: int,
+                                grad: Optional[Tensor] = None) -> None:
+    """`validate_arguments` for the ddq::quantize(_backward) ops themselves, called directly or through
+    `ddq_quantize`: in their fake kernels too, since the dispatcher runs those when any one argument is on
+    'meta', and they would otherwise hand back an uninitialised tensor on x's device."""
+    validate_arguments(x, lo, hi, residuals, gate_logits, op_axis(lo), min_bits)
+    if grad is not None and (grad.shape != x.shape or grad.device != x.device):
+        raise ValueError(f"ddq quantize_backward: the gradient must have x's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{tuple(grad.shape)} on {grad.device}")
+
+
+def autocast_off(device: torch.device):
+    """A custom op's body runs under the caller's autocast (the op has no autocast rule), where its matmuls and
+    convolutions would change dtype in eager mode only: the fake kernels, and so compiled graphs, keep the
+    operands' dtypes. The callers cast the operands as autocast would (`autocast_operands`) before the op."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def values_are_checked(device: torch.device) -> bool:
     return device.type == "cpu" or os.environ.get("DDQ_CHECK_VALUES", "0") == "1"
 
@@ -185,6 +208,12 @@ def quantize_op(
 
     Every body returns x_q laid out as `empty_in_storage_order` says: x's strides when x is dense.
     """
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits)
+    return quantize_op_reference(x, lo, hi, residuals, gate_logits, min_bits)
+
+
+def quantize_op_reference(x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor, min_bits: int) -> Tensor:
+    """ddq::quantize's plain-PyTorch body on any device (the CUDA body's too for an empty x)."""
     check_parameter_values(lo, hi, residuals, gate_logits)
     order = storage_order(x, lo.shape[0])
     return restored(quantize_reference(x.permute(order), lo, hi, residuals, gate_logits, min_bits), order)
@@ -192,6 +221,7 @@ def quantize_op(
 
 @quantize_op.register_fake
 def _quantize_fake(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits)
     return empty_in_storage_order(x, lo.shape[0])
 
 
@@ -207,6 +237,13 @@ def quantize_backward_op(
     grad_scale: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Spec §3: (∂x, ∂lo, ∂hi, ∂residuals, ∂gate_logits) from the upstream gradient; ∂x laid out as x_q."""
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits, grad)
+    return quantize_backward_reference(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
+
+
+def quantize_backward_reference(grad: Tensor, x: Tensor, lo: Tensor, hi: Tensor, residuals: Tensor, gate_logits: Tensor,
+                                min_bits: int, grad_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ddq::quantize_backward's plain-PyTorch body on any device (the CUDA body's too for an empty x)."""
     order = storage_order(x, lo.shape[0])
     grad_x, histogram, sum_vu, sum_clipped = reductions_reference(grad.permute(order), x.permute(order), lo, hi)
     numel_per_group = x.numel() // max(lo.shape[0], 1)
@@ -216,6 +253,7 @@ def quantize_backward_op(
 
 @quantize_backward_op.register_fake
 def _quantize_backward_fake(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits, grad)
     return (empty_in_storage_order(x, lo.shape[0]), lo.new_empty(lo.shape), hi.new_empty(hi.shape),
             residuals.new_empty(residuals.shape), gate_logits.new_empty(gate_logits.shape))
 

@@ -16,7 +16,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ddq.functional import autocast_operands, empty_in_storage_order
+from ddq.functional import autocast_off, autocast_operands, check_quantize_op_arguments, empty_in_storage_order
+
+
+def check_conv_arguments(x: Tensor, w_q: Tensor, bias: Optional[Tensor], lo: Tensor, hi: Tensor, residuals: Tensor,
+                         gate_logits: Tensor, min_bits: int) -> None:
+    """The input quantizer's arguments as `ddq_quantize` takes them (per tensor), and W_q and the bias on x's device
+    and of x's dtype: in the fake kernels too, which the dispatcher runs when any one argument is on 'meta'."""
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits)
+    if lo.shape != (1,):
+        raise ValueError(f"quantized_conv2d: needs a per-tensor input quantizer (lo of shape (1,)), got {tuple(lo.shape)}")
+    for name, tensor in (("w_q", w_q), ("bias", bias)):
+        if tensor is not None and (tensor.device != x.device or tensor.dtype != x.dtype):
+            raise ValueError(f"quantized_conv2d: {name} must be {x.dtype} on {x.device} like x, got {tensor.dtype} on "
+                             f"{tensor.device}")
 
 
 @torch.library.custom_op("ddq::quantized_conv2d", mutates_args=())
@@ -25,12 +38,15 @@ def quantized_conv2d_op(
     stride: list[int], padding: list[int], dilation: list[int], min_bits: int, grad_scale: bool,
 ) -> Tensor:
     """Spec §2: conv2d(Q_x(x), W_q, bias) for x (N, C, H, W) and W_q (C_out, C, kH, kW), groups = 1."""
+    check_conv_arguments(x, w_q, bias, lo, hi, residuals, gate_logits, min_bits)
     x_q = torch.ops.ddq.quantize(x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
-    return F.conv2d(x_q, w_q, bias, stride, padding, dilation)
+    with autocast_off(x.device):
+        return F.conv2d(x_q, w_q, bias, stride, padding, dilation)
 
 
 @quantized_conv2d_op.register_fake
 def _quantized_conv2d_fake(x, w_q, bias, lo, hi, residuals, gate_logits, stride, padding, dilation, min_bits, grad_scale):
+    check_conv_arguments(x, w_q, bias, lo, hi, residuals, gate_logits, min_bits)
     return F.conv2d(empty_in_storage_order(x, 1), w_q, bias, stride, padding, dilation)
 
 
@@ -43,10 +59,12 @@ def quantized_conv2d_backward_op(
 
     ∂bias is an empty tensor when the layer has no bias.
     """
+    check_conv_arguments(x, w_q, None, lo, hi, residuals, gate_logits, min_bits)
     x_q = torch.ops.ddq.quantize(x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
-    grad_x_q, grad_w_q, grad_bias = torch.ops.aten.convolution_backward(
-        grad_y, x_q, w_q, [w_q.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], 1,
-        [True, True, has_bias])
+    with autocast_off(x.device):
+        grad_x_q, grad_w_q, grad_bias = torch.ops.aten.convolution_backward(
+            grad_y, x_q, w_q, [w_q.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0], 1,
+            [True, True, has_bias])
     grads = torch.ops.ddq.quantize_backward(grad_x_q, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
     # cuDNN returns a channels_last weight's gradient contiguous: lay it out as W_q (a weight-sized copy).
     grad_w_q = torch.empty_like(w_q).copy_(grad_w_q)
@@ -56,6 +74,7 @@ def quantized_conv2d_backward_op(
 @quantized_conv2d_backward_op.register_fake
 def _quantized_conv2d_backward_fake(grad_y, x, w_q, lo, hi, residuals, gate_logits, stride, padding, dilation,
                                     min_bits, grad_scale, has_bias):
+    check_conv_arguments(x, w_q, None, lo, hi, residuals, gate_logits, min_bits)
     return (empty_in_storage_order(x, 1), torch.empty_like(w_q), grad_y.new_empty(w_q.shape[0] if has_bias else 0),
             torch.empty_like(lo), torch.empty_like(hi), torch.empty_like(residuals), torch.empty_like(gate_logits))
 

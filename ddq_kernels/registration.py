@@ -27,9 +27,11 @@ ddq::quantize(_backward) run over x in `ddq.functional.storage_order`, keeping a
 
 import torch
 
-from ddq.functional import check_parameter_values, restored, storage_order
+from ddq.functional import (autocast_off, check_parameter_values, check_quantize_op_arguments, quantize_backward_reference,
+                            quantize_op_reference, restored, storage_order)
 # linear_op also defines ddq::quantized_linear(_backward) before their CUDA bodies are registered here.
-from ddq_kernels.linear_op import bias_grad, check_act_table, check_bounds, check_range_modes, check_range_shapes
+from ddq_kernels.linear_op import (bias_grad, check_linear_arguments, check_linear_backward_arguments,
+                                   quantized_linear_backward_reference, quantized_linear_reference)
 from ddq_kernels.linear_backward import linear_backward_activation
 from ddq_kernels.linear_forward import linear_forward
 from ddq_kernels.parameter_grads import gate_sum_counters, parameter_grads, two_parameter_grads
@@ -57,6 +59,9 @@ def parameter_grad_arguments(reductions, x, lo, hi, residuals, gate_logits, min_
 
 @torch.library.register_kernel("ddq::quantize", "cuda")
 def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits)
+    if x.numel() == 0:  # the launchers size their grids by x; the reference handles an empty x
+        return quantize_op_reference(x, lo, hi, residuals, gate_logits, min_bits)
     check_groups(lo)
     check_parameter_values(lo, hi, residuals, gate_logits)
     order = storage_order(x, lo.shape[0])
@@ -65,6 +70,9 @@ def quantize_cuda(x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
 
 @torch.library.register_kernel("ddq::quantize_backward", "cuda")
 def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale):
+    check_quantize_op_arguments(x, lo, hi, residuals, gate_logits, min_bits, grad)
+    if x.numel() == 0:
+        return quantize_backward_reference(grad, x, lo, hi, residuals, gate_logits, min_bits, grad_scale)
     check_groups(lo)
     order = storage_order(x, lo.shape[0])
     # The gate terms' done counters ride in the bins' buffer, zeroed by its one fill.
@@ -78,16 +86,23 @@ def quantize_backward_cuda(grad, x, lo, hi, residuals, gate_logits, min_bits, gr
 def quantized_linear_cuda(x, weight, bias, act_bottom, act_top, act_residuals, act_logits,
                           weight_bottom, weight_top, weight_residuals, weight_logits,
                           act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, act_mode, weight_mode):
-    check_range_modes(act_mode, weight_mode)
-    check_range_shapes(act_bottom, act_top, weight_bottom, weight_top, weight.shape[0])
+    check_linear_arguments(x, weight, bias, (act_bottom, act_top, act_residuals, act_logits),
+                           (weight_bottom, weight_top, weight_residuals, weight_logits), act_min_bits, weight_min_bits,
+                           act_mode, weight_mode)
+    if x.numel() == 0 or weight.numel() == 0:  # the launchers size their grids by M, N and K
+        return quantized_linear_reference(x, weight, bias, act_bottom, act_top, act_residuals, act_logits, weight_bottom,
+                                          weight_top, weight_residuals, weight_logits, act_min_bits, weight_min_bits,
+                                          act_mode, weight_mode)
     check_groups(weight_top, "the weight")
+    weight = weight.contiguous()
     w_q, table, bounds = weight_and_act_table(
         weight, (weight_bottom, weight_top, weight_residuals, weight_logits, weight_min_bits, weight_mode),
         (act_bottom, act_top, act_residuals, act_logits, act_min_bits, act_mode))
     act_lo, act_hi, weight_lo, weight_hi = bound_views(bounds)
     check_parameter_values(act_lo, act_hi, act_residuals, act_logits)
     check_parameter_values(weight_lo, weight_hi, weight_residuals, weight_logits)
-    y = linear_forward(x.contiguous(), w_q, bias, act_lo, act_hi, table, act_logits.contiguous(), act_min_bits)
+    with autocast_off(x.device):
+        y = linear_forward(x.contiguous(), w_q, bias, act_lo, act_hi, table, act_logits.contiguous(), act_min_bits)
     return y, w_q, table, bounds
 
 
@@ -96,9 +111,24 @@ def quantized_linear_backward_cuda(grad_y, x, weight, w_q, act_table, bounds, ac
                                    act_logits, weight_bottom, weight_top, weight_residuals, weight_logits,
                                    act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale, act_mode,
                                    weight_mode, has_bias):
-    check_act_table(act_table, x.device)
-    check_bounds(bounds, weight.shape[0], x.device)
-    check_range_modes(act_mode, weight_mode)
+    check_linear_backward_arguments(grad_y, x, weight, w_q, act_table, bounds, (act_bottom, act_top, act_residuals, act_logits),
+                                    (weight_bottom, weight_top, weight_residuals, weight_logits), act_min_bits,
+                                    weight_min_bits, act_mode, weight_mode)
+    if x.numel() == 0 or weight.numel() == 0:
+        return quantized_linear_backward_reference(grad_y, x, weight, w_q, act_bottom, act_top, act_residuals, act_logits,
+                                                   weight_bottom, weight_top, weight_residuals, weight_logits, act_min_bits,
+                                                   weight_min_bits, act_grad_scale, weight_grad_scale, act_mode, weight_mode,
+                                                   has_bias)
+    with autocast_off(x.device):
+        return _linear_backward_kernels(grad_y, x, weight.contiguous(), w_q, act_table, bounds, act_bottom, act_top,
+                                        act_residuals, act_logits, weight_bottom, weight_top, weight_residuals,
+                                        weight_logits, act_min_bits, weight_min_bits, act_grad_scale, weight_grad_scale,
+                                        act_mode, weight_mode, has_bias)
+
+
+def _linear_backward_kernels(grad_y, x, weight, w_q, act_table, bounds, act_bottom, act_top, act_residuals, act_logits,
+                             weight_bottom, weight_top, weight_residuals, weight_logits, act_min_bits, weight_min_bits,
+                             act_grad_scale, weight_grad_scale, act_mode, weight_mode, has_bias):
     grad_y = grad_y.contiguous()
     act_lo, act_hi, weight_lo, weight_hi = bound_views(bounds)
     act_logits = act_logits.contiguous()
