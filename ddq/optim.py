@@ -59,10 +59,11 @@ def range_lr_multiplier(module: nn.Module, name: str, scale: str = "width") -> f
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, quant_lr: float | None = None,
                      gate_lr: float | None = None, range_lr_scale: str = "width", include_gates: bool = True) -> list[dict[str, Any]]:
     """Optimizer groups: weights at (lr, weight_decay); quantizer ranges/levels at quant_lr (DDQ ranges
-    times `range_lr_multiplier`) and gate logits at gate_lr (both default to lr), never decayed.
+    times `range_lr_multiplier`) and gate logits at gate_lr (both default to lr when None; 0 freezes them),
+    never decayed.
     `include_gates=False` leaves the gates out (for `gate_optimizer`). Empty groups are left out."""
     check_range_lr_scale(range_lr_scale)
-    quant_lr = quant_lr or lr
+    quant_lr = lr if quant_lr is None else quant_lr
     quantizer_params: set[int] = set()
     range_params: dict[int, list[nn.Parameter]] = {}
     gates: list[nn.Parameter] = []
@@ -83,7 +84,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, qua
     for multiplier, params in sorted(range_params.items()):
         groups.append({"params": params, "lr": quant_lr * multiplier, "weight_decay": 0.0, "role": "quant_range"})
     if include_gates:
-        groups.append({"params": gates, "lr": gate_lr or lr, "weight_decay": 0.0, "role": "gates"})
+        groups.append({"params": gates, "lr": lr if gate_lr is None else gate_lr, "weight_decay": 0.0, "role": "gates"})
     return [g for g in groups if g["params"]]
 
 

@@ -328,7 +328,7 @@ def quantize(model: nn.Module, config: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr or config.lr,
+    groups = parameter_groups(model, config.lr, config.weight_decay, quant_lr=config.quant_lr,
                               range_lr_scale=config.range_lr_scale, include_gates=False)
     for group in groups:
         if group["role"] != "weights":

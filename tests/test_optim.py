@@ -64,3 +64,12 @@ def test_lsq_steps_keep_the_quantizer_rate_and_bad_scales_are_named():
         parameter_groups(model, 0.1, range_lr_scale="half")
     with pytest.raises(ValueError, match="range_lr_scale must be one of"):
         range_lr_multiplier(lsq[0], "step_size", "fast")
+
+
+def test_zero_quantizer_and_gate_rates_are_kept_not_replaced_by_lr():
+    """0 is a rate (the parameters stay put), not "not given": only None falls back to lr."""
+    model = quantized_model("ddq", learn_bits="weights")
+    frozen = {g["role"]: g["lr"] for g in parameter_groups(model, 0.1, quant_lr=0.0, gate_lr=0.0)}
+    assert frozen == {"weights": 0.1, "quant_range": 0.0, "gates": 0.0}
+    defaults = parameter_groups(model, 0.1, range_lr_scale="none")
+    assert all(g["lr"] == 0.1 for g in defaults)
