@@ -195,6 +195,9 @@ def validate(config: Config) -> Config:
     checks = [
         (config.method == "fp" or 1 <= config.weight_bits <= 8, f"--weight-bits must be in [1, 8], got {config.weight_bits}"),
         (config.method == "fp" or 1 <= config.act_bits <= 8, f"--act-bits must be in [1, 8], got {config.act_bits}"),
+        (config.method != "lsq" or config.weight_bits >= 2, "--method lsq needs --weight-bits >= 2 (a signed LSQ grid needs 2 bits)"),
+        (config.method != "lsq" or config.act_bits >= 2 or config.act_mode == "unsigned",
+         "--method lsq needs --act-bits >= 2 unless --act-mode unsigned (a signed LSQ grid needs 2 bits)"),
         (config.first_last_bits is None or 2 <= config.first_last_bits <= 8, f"--first-last-bits must be in [2, 8], got {config.first_last_bits}"),
         (1 <= config.min_bits <= min(config.weight_bits, config.act_bits) or config.method != "ddq",
          f"--min-bits must be in [1, min(--weight-bits, --act-bits)], got {config.min_bits}"),
@@ -217,7 +220,10 @@ def validate(config: Config) -> Config:
         (config.save_every_steps >= 0, "--save-every-steps must be non-negative"),
         (config.stop_after_steps is None or config.stop_after_steps >= 1, "--stop-after-steps must be at least 1"),
         (config.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {config.device!r}"),
-        (config.pretrained is None or Path(config.pretrained).is_file(), f"--pretrained file {config.pretrained!r} does not exist"),
+        (config.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
+        (config.pretrained is None or Path(config.pretrained).exists(), f"--pretrained file {config.pretrained!r} does not exist"),
+        (config.pretrained is None or Path(config.pretrained).is_file(), f"--pretrained {config.pretrained!r} is not a file"),
+        (not Path(config.out).exists() or Path(config.out).is_dir(), f"--out {config.out!r} is a file, not a folder"),
     ]
     for ok, message in checks:
         if not ok:
@@ -247,8 +253,6 @@ class Context:
 
 def setup_process(config: Config) -> Context:
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -427,6 +431,9 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if config.amp == "bf16" or (config.amp == "auto" and cuda) else None
         self.channels_last = cuda if config.channels_last is None else config.channels_last
         self.train_set = ImageFolder(config.train_dir, config.image_size, train=True, resize=config.val_resize, what="--train-dir")
+        if len(self.train_set.classes) < 2:
+            raise UsageError(f"--train-dir {config.train_dir!r} has one class folder ({self.train_set.classes[0]!r}): "
+                             "classification needs at least 2 classes")
         self.val_set = ImageFolder(config.val_dir, config.image_size, train=False, resize=config.val_resize,
                                    classes=self.train_set.classes, what="--val-dir")
         self.sampler = ResumableDistributedSampler(self.train_set, context.world_size, context.rank, seed=config.seed)
@@ -731,8 +738,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     config = parse_args(argv)
     context = setup_process(config)
     try:
-        Path(config.out).mkdir(parents=True, exist_ok=True)
         try:
+            Path(config.out).mkdir(parents=True, exist_ok=True)
             trainer = Trainer(config, context)
         except (UsageError, DataError, FileNotFoundError, NotADirectoryError) as error:
             sys.exit(f"python -m ddq.train: error: {error}")

@@ -233,6 +233,24 @@ def test_bad_arguments_are_named(data, tmp_path, capsys, extra, message):
     assert message in run_error(COMMON + data_args(data) + ["--out", str(tmp_path)] + extra, capsys)
 
 
+def test_settings_that_used_to_fail_late_are_named_up_front(data, tmp_path, capsys):
+    """Each of these passed validation and then raised a traceback (or, for one class, trained to a
+    meaningless 100 %)."""
+    fixed_bits = [arg for arg in COMMON if arg != "--learn-bits"] + data_args(data) + ["--out", str(tmp_path / "out")]
+    assert "--method lsq needs --weight-bits >= 2" in run_error(fixed_bits + ["--method", "lsq", "--weight-bits", "1"], capsys)
+    assert "--method lsq needs --act-bits >= 2" in run_error(fixed_bits + ["--method", "lsq", "--act-bits", "1"], capsys)
+    assert "is not a file" in run_error(fixed_bits + ["--pretrained", str(tmp_path)], capsys)
+    (tmp_path / "taken").write_text("")
+    assert "is a file, not a folder" in run_error(fixed_bits + ["--out", str(tmp_path / "taken")], capsys)
+    assert "Not a directory" in run_error(fixed_bits + ["--out", str(tmp_path / "taken" / "run")], capsys)
+    if not torch.cuda.is_available():
+        assert "--device cuda: no CUDA device is visible" in run_error(fixed_bits + ["--device", "cuda"], capsys)
+    make_image_folder(tmp_path / "one" / "train", 16, seed=0, classes=1)
+    make_image_folder(tmp_path / "one" / "val", 2, seed=1, classes=1)
+    one_class = ["--train-dir", str(tmp_path / "one" / "train"), "--val-dir", str(tmp_path / "one" / "val")]
+    assert "needs at least 2 classes" in run_error(COMMON + one_class + ["--out", str(tmp_path / "out")], capsys)
+
+
 def test_torchvision_model_without_torchvision_says_so(data, tmp_path, capsys):
     try:
         import torchvision  # noqa: F401
