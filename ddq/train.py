@@ -538,7 +538,8 @@ class Trainer:
         if not self.ctx.is_main:
             return None
         return {
-            "format": CHECKPOINT_FORMAT, "config": asdict(self.config), "classes": self.train_set.classes,
+            "format": CHECKPOINT_FORMAT, "config": {**asdict(self.config), "train_images": len(self.train_set)},
+            "classes": self.train_set.classes,
             "step": self.step, "epoch": self.step // self.steps_per_epoch, "best_top1": self.best_top1,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -558,6 +559,11 @@ class Trainer:
         if is_distributed():
             dist.barrier()
 
+    def resume_settings(self) -> dict[str, Any]:
+        """What a checkpoint must have been written under to continue exactly: RESUME_KEYS and the number of
+        training images (it sets the sampler's order and the steps per epoch, so the whole schedule)."""
+        return {**{key: getattr(self.config, key) for key in RESUME_KEYS}, "train_images": len(self.train_set)}
+
     def load_checkpoint(self, path: Path) -> None:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
@@ -565,9 +571,10 @@ class Trainer:
             raise UsageError(f"cannot read checkpoint {str(path)!r}: {error}") from error
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{str(path)!r} is not a ddq.train checkpoint (use --pretrained for FP weights)")
-        saved = payload["config"]
-        differences = setting_differences(saved, {key: getattr(self.config, key) for key in RESUME_KEYS}, RESUME_KEYS_ADDED,
-                                          "checkpoint")
+        saved, now = payload["config"], self.resume_settings()
+        if "train_images" not in saved:  # written before the count was recorded: it cannot be checked
+            del now["train_images"]
+        differences = setting_differences(saved, now, RESUME_KEYS_ADDED, "checkpoint")
         if differences:
             raise UsageError(f"cannot resume from {str(path)!r}: it was written by another configuration "
                              f"({'; '.join(differences)}); an exact continuation needs the same settings")

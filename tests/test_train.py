@@ -293,3 +293,15 @@ def test_checkpoints_of_another_model_are_refused(data, tmp_path, capsys):
     assert "range_lr_scale: checkpoint 'width', now 'steps'" in run_error(steps, capsys)
     not_ours = COMMON + data_args(data) + ["--out", str(tmp_path / "d"), "--resume", str(good)]
     assert "not a ddq.train checkpoint" in run_error(not_ours, capsys)
+
+
+def test_resume_from_another_number_of_training_images_is_refused(data, tmp_path, capsys, one_thread):
+    """Fewer images used to end the run at once (the checkpoint's step past the new total), more to continue
+    on another schedule (cosine length, bit-freezing step, sampler order)."""
+    args = COMMON + ["--val-dir", str(data / "val"), "--out", str(tmp_path / "run")]
+    train.main(args + ["--train-dir", str(data / "train"), "--stop-after-steps", "2"])
+    for per_class in (12, 36):
+        folder = tmp_path / f"train{per_class}"
+        make_image_folder(folder, per_class, seed=0)
+        message = run_error(args + ["--train-dir", str(folder), "--resume", "auto"], capsys)
+        assert f"train_images: checkpoint {2 * TRAIN_IMAGES_PER_CLASS}, now {2 * per_class}" in message
