@@ -22,6 +22,7 @@ TRAIN_IMAGES_PER_CLASS, VAL_IMAGES_PER_CLASS = 24, 6
 COMMON = ["--model", "small_cnn", "--width", "8", "--image-size", "16", "--epochs", "2", "--workers", "0",
           "--optimizer", "adamw", "--lr", "1e-3", "--gate-lr", "5", "--resource-strength", "1", "--learn-bits", "--device", "cpu",
           "--log-every", "2", "--no-progress", "--batch-size", "8"]
+FIXED_BITS = [arg for arg in COMMON if arg != "--learn-bits"]
 
 
 def make_image_folder(root: Path, per_class: int, seed: int, classes: int = 2) -> None:
@@ -236,7 +237,7 @@ def test_bad_arguments_are_named(data, tmp_path, capsys, extra, message):
 def test_settings_that_used_to_fail_late_are_named_up_front(data, tmp_path, capsys):
     """Each of these passed validation and then raised a traceback (or, for one class, trained to a
     meaningless 100 %)."""
-    fixed_bits = [arg for arg in COMMON if arg != "--learn-bits"] + data_args(data) + ["--out", str(tmp_path / "out")]
+    fixed_bits = FIXED_BITS + data_args(data) + ["--out", str(tmp_path / "out")]
     assert "--method lsq needs --weight-bits >= 2" in run_error(fixed_bits + ["--method", "lsq", "--weight-bits", "1"], capsys)
     assert "--method lsq needs --act-bits >= 2" in run_error(fixed_bits + ["--method", "lsq", "--act-bits", "1"], capsys)
     assert "is not a file" in run_error(fixed_bits + ["--pretrained", str(tmp_path)], capsys)
@@ -305,3 +306,15 @@ def test_resume_from_another_number_of_training_images_is_refused(data, tmp_path
         make_image_folder(folder, per_class, seed=0)
         message = run_error(args + ["--train-dir", str(folder), "--resume", "auto"], capsys)
         assert f"train_images: checkpoint {2 * TRAIN_IMAGES_PER_CLASS}, now {2 * per_class}" in message
+
+
+def test_a_trainer_checkpoint_serves_as_pretrained_weights(data, tmp_path, one_thread):
+    """An FP run's checkpoint.pt loads with weights_only=True (its RNG states are tensors, tuples and numbers)
+    and starts a DDQ run; read_state_dict takes its 'model' entry."""
+    fp = tmp_path / "fp"
+    train.main(FIXED_BITS + data_args(data) + ["--method", "fp", "--stop-after-steps", "2", "--out", str(fp)])
+    checkpoint = torch.load(fp / "checkpoint.pt", weights_only=True)
+    assert train.read_state_dict(str(fp / "checkpoint.pt")).keys() == checkpoint["model"].keys()
+    ddq_run = train.main(COMMON + data_args(data) + ["--pretrained", str(fp / "checkpoint.pt"), "--stop-after-steps", "1",
+                                                    "--out", str(tmp_path / "ddq")])
+    assert ddq_run == {"step": 1, "stopped": True}
