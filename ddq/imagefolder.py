@@ -29,6 +29,18 @@ class DataError(ValueError):
     """A data directory that cannot serve as an ImageFolder (no classes, empty classes, other classes)."""
 
 
+class ImageReadError(DataError):
+    """An image file that PIL cannot read (not an image, truncated, gone).
+
+    DataLoader re-raises a worker's exception in the main process as its type built from one string, the
+    worker's whole traceback; the constructor keeps the original message (the traceback's last line), so
+    the error reads the same whichever process loaded the image."""
+
+    def __init__(self, message: str) -> None:
+        last_line = message.rstrip().splitlines()[-1]
+        super().__init__(last_line.removeprefix(f"{__name__}.{type(self).__qualname__}: "))
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation in one epoch."""
     words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
@@ -98,12 +110,15 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if seed is not None:
-                image = random_resized_crop_flip(image, self.size, torch.Generator().manual_seed(seed))
-            else:
-                image = resize_center_crop(image, self.resize, self.size)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if seed is not None:
+                    image = random_resized_crop_flip(image, self.size, torch.Generator().manual_seed(seed))
+                else:
+                    image = resize_center_crop(image, self.resize, self.size)
+        except OSError as error:  # PIL.UnidentifiedImageError and truncated files are OSErrors too
+            raise ImageReadError(f"cannot read image {path!r}: {error}") from error
         array = np.asarray(image, dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), label
 

@@ -451,6 +451,7 @@ class Trainer:
                        train_images=len(self.train_set), val_images=len(self.val_set), classes=len(self.train_set.classes))
         self.step = 0
         self.best_top1 = 0.0
+        self.evaluation_pending = False
         self.resume_path = self.find_resume()
         self.resource: Optional[ddq.ResourceLoss] = None
         fault = os.environ.get("DDQ_TRAIN_FAULT_STEP")
@@ -545,6 +546,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "config": {**asdict(self.config), "train_images": len(self.train_set)},
             "classes": self.train_set.classes,
             "step": self.step, "epoch": self.step // self.steps_per_epoch, "best_top1": self.best_top1,
+            "evaluation_pending": self.evaluation_pending,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "gates": None if self.gate_optimizer is None else self.gate_optimizer.state_dict(),
@@ -592,6 +594,7 @@ class Trainer:
         if self.resource is not None:
             self.resource.strength = payload["resource"]["strength"]
         self.step, self.best_top1 = payload["step"], payload["best_top1"]
+        self.evaluation_pending = payload.get("evaluation_pending", False)
         set_rng_state(payload["rng"][self.ctx.rank], self.ctx.device)
         self.log.write("resumed", path=str(path), step=self.step)
 
@@ -711,9 +714,17 @@ class Trainer:
             raise RuntimeError(f"ranks disagree on the model state after epoch {epoch + 1}: {ranks}")
 
     def end_epoch(self, epoch: int) -> None:
+        """Checkpoint the epoch's training before evaluating it, so a failing evaluation (an unreadable
+        --val-dir image) loses none of it: a resume from that checkpoint evaluates first."""
         sync_buffers(self.model)
-        metrics = self.evaluate()
         self.check_replicas(epoch)
+        self.evaluation_pending = True
+        self.save_checkpoint()
+        self.evaluate_epoch(epoch)
+
+    def evaluate_epoch(self, epoch: int) -> None:
+        """Evaluation, bits and log of a finished epoch, then the checkpoint again with the best top-1."""
+        metrics = self.evaluate()
         self.best_top1 = max(self.best_top1, metrics["top1"])
         fields: dict[str, Any] = {"epoch": epoch, "step": self.step, **metrics, "best_top1": self.best_top1}
         if self.config.method != "fp":
@@ -728,9 +739,12 @@ class Trainer:
         if self.ctx.is_main:
             print(f"epoch {epoch + 1}/{self.config.epochs}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
                   f"val loss {metrics['val_loss']:.4f}", flush=True)
+        self.evaluation_pending = False
         self.save_checkpoint()
 
     def run(self) -> dict[str, Any]:
+        if self.evaluation_pending:  # resumed from the checkpoint written before its epoch's evaluation
+            self.evaluate_epoch(self.step // self.steps_per_epoch - 1)
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
             finished_epoch = self.train_epoch(epoch)
@@ -751,10 +765,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         try:
             Path(config.out).mkdir(parents=True, exist_ok=True)
-            trainer = Trainer(config, context)
+            result = Trainer(config, context).run()
         except (UsageError, DataError, FileNotFoundError, NotADirectoryError) as error:
             sys.exit(f"python -m ddq.train: error: {error}")
-        result = trainer.run()
         if is_distributed():
             dist.barrier()  # no rank tears its connections down while another still uses them
         return result

@@ -318,3 +318,42 @@ def test_a_trainer_checkpoint_serves_as_pretrained_weights(data, tmp_path, one_t
     ddq_run = train.main(COMMON + data_args(data) + ["--pretrained", str(fp / "checkpoint.pt"), "--stop-after-steps", "1",
                                                     "--out", str(tmp_path / "ddq")])
     assert ddq_run == {"step": 1, "stopped": True}
+
+
+def test_an_unreadable_image_is_named_and_a_failed_evaluation_loses_no_training(data, tmp_path, capsys, one_thread):
+    """A corrupt --val-dir image used to raise PIL's traceback after a whole epoch, before the epoch's
+    checkpoint: now the checkpoint comes first, the error names the file, and a resume evaluates first."""
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(data / "val", val)
+    corrupt = val / "class1" / "zz_corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    argv = COMMON + ["--train-dir", str(data / "train"), "--val-dir", str(val), "--out", str(out)]
+    message = run_error(argv, capsys)
+    assert f"cannot read image {str(corrupt)!r}" in message and "Traceback" not in message
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 6 and saved["evaluation_pending"], "the epoch's training was kept"
+
+    corrupt.unlink()
+    assert train.main(argv + ["--resume", "auto"])["step"] == 12
+    epochs = events(out, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1], "the pending evaluation ran on resume"
+    final = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not final["evaluation_pending"] and final["best_top1"] == max(e["top1"] for e in epochs)
+
+
+def test_an_unreadable_training_image_is_named_from_a_loader_worker(data, tmp_path, capsys):
+    """The loader worker's traceback is not the message: the main process reports the file."""
+    import shutil
+
+    train_dir = tmp_path / "train"
+    shutil.copytree(data / "train", train_dir)
+    corrupt = train_dir / "class0" / "zz_truncated.png"
+    corrupt.write_bytes((data / "train" / "class0" / "000.png").read_bytes()[:60])
+    argv = FIXED_BITS + ["--method", "fp", "--workers", "1", "--train-dir", str(train_dir), "--val-dir", str(data / "val"),
+                         "--out", str(tmp_path / "run")]
+    message = run_error(argv, capsys)
+    assert message.startswith(f"python -m ddq.train: error: cannot read image {str(corrupt)!r}: "), message
+    assert "Traceback" not in message and "\n" not in message
