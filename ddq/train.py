@@ -15,6 +15,7 @@ itself right after the optimizer step that reaches step N (before any checkpoint
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -488,11 +489,15 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
 
+    def init_indices(self) -> list[int]:
+        """The images of this rank's first training batch: the sampler's epoch-0 order, a permutation seeded by
+        --seed (the same on every rank, sliced disjointly), so they mix classes, unlike the folder's order."""
+        self.sampler.set_position(0)
+        return [index for index, _ in itertools.islice(iter(self.sampler), self.config.batch_size)]
+
     def init_batch(self) -> Tensor:
-        """This rank's first samples in centre view: the quantizers' range initialisation batch."""
-        size = min(self.config.batch_size, len(self.train_set))
-        indices = [(self.ctx.rank + i * self.ctx.world_size) % len(self.train_set) for i in range(size)]
-        return torch.stack([self.train_set.load(i)[0] for i in indices])
+        """The centre views of `init_indices`: the quantizers' range initialisation batch."""
+        return torch.stack([self.train_set.load(index)[0] for index in self.init_indices()])
 
     def prepare_model(self) -> nn.Module:
         config = self.config

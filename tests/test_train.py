@@ -357,3 +357,22 @@ def test_an_unreadable_training_image_is_named_from_a_loader_worker(data, tmp_pa
     message = run_error(argv, capsys)
     assert message.startswith(f"python -m ddq.train: error: cannot read image {str(corrupt)!r}: "), message
     assert "Traceback" not in message and "\n" not in message
+
+
+def test_quantizer_init_batch_mixes_classes_and_is_disjoint_across_ranks(tmp_path):
+    """The folder's order is by class, so its first images are all of class 0: the init batch is each rank's
+    first training batch instead (a seeded permutation, the same on every rank, sliced disjointly)."""
+    from types import SimpleNamespace
+
+    make_image_folder(tmp_path / "train", 8, seed=0, classes=3)
+    dataset = ImageFolder(tmp_path / "train", 16, train=True)
+    for world_size in (1, 2):
+        chosen = []
+        for rank in range(world_size):
+            sampler = ResumableDistributedSampler(dataset, world_size, rank, seed=0)
+            trainer = SimpleNamespace(config=SimpleNamespace(batch_size=8), sampler=sampler)
+            indices = train.Trainer.init_indices(trainer)
+            assert len(indices) == 8 and indices == train.Trainer.init_indices(trainer), "deterministic"
+            assert len({dataset.samples[i][1] for i in indices}) >= 2, (world_size, rank, indices)
+            chosen += indices
+        assert len(set(chosen)) == len(chosen), "ranks take different images"
