@@ -751,15 +751,14 @@ class Trainer:
         if self.evaluation_pending:  # resumed from the checkpoint written before its epoch's evaluation
             self.evaluate_epoch(self.step // self.steps_per_epoch - 1)
         while self.step < self.total_steps:
-            epoch = self.step // self.steps_per_epoch
-            finished_epoch = self.train_epoch(epoch)
-            if finished_epoch:
-                self.end_epoch(epoch)
-            if self.stop_reached() and self.step < self.total_steps:
-                if not finished_epoch:
-                    self.check_replicas(epoch)
+            if self.stop_reached():  # checked before training: a run resumed at that step trains no further
                 self.log.write("stopped", step=self.step)
                 return {"step": self.step, "stopped": True}
+            epoch = self.step // self.steps_per_epoch
+            if self.train_epoch(epoch):
+                self.end_epoch(epoch)
+            else:
+                self.check_replicas(epoch)
         self.log.write("done", step=self.step, best_top1=self.best_top1)
         return {"step": self.step, "stopped": False, "best_top1": self.best_top1}
 

@@ -376,3 +376,12 @@ def test_quantizer_init_batch_mixes_classes_and_is_disjoint_across_ranks(tmp_pat
             assert len({dataset.samples[i][1] for i in indices}) >= 2, (world_size, rank, indices)
             chosen += indices
         assert len(set(chosen)) == len(chosen), "ranks take different images"
+
+
+def test_a_run_resumed_at_its_stop_step_trains_no_further(data, tmp_path, one_thread):
+    """Each such resume used to train one more step."""
+    argv = COMMON + data_args(data) + ["--out", str(tmp_path / "run"), "--stop-after-steps", "3"]
+    assert train.main(argv) == {"step": 3, "stopped": True}
+    for _ in range(2):
+        assert train.main(argv + ["--resume", "auto"]) == {"step": 3, "stopped": True}
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
