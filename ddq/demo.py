@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,10 @@ from ddq.optim import (FREEZE_BITS_AT, GATE_LR, RANGE_LR_SCALE_HELP, RANGE_LR_SC
                        parameter_groups)
 from ddq.resource import budget_at, set_learned_bits
 from ddq.deploy import use_lut_levels
+
+
+class UsageError(ValueError):
+    """Settings or data the demo cannot run with; the command line reports it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -275,19 +280,37 @@ def plot_bits(results: list[dict], path: Path) -> None:
     for axis, title in zip(axes, ("weight bits per layer", "activation bits per layer")):
         axis.set_title(title)
         axis.set_ylim(0, 8.5)
-    axes[1].legend(fontsize=7)
+    if runs:  # an FP-only demo has no bits to plot
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def read_data(settings: Settings, device: torch.device) -> Dataset:
+    try:
+        return Dataset(load_dataset(settings.data, settings.data_dir), device)
+    except (FileNotFoundError, ValueError) as error:  # the dataset's files are not where --data-dir says
+        raise UsageError(str(error)) from error
+
+
+def make_out_folder(out: str) -> Path:
+    """--out, made before any training, so that a path that cannot be a folder fails at once."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out!r} cannot be a folder: {error}") from error
+    return Path(out)
+
+
 def run_demo(settings: Settings) -> dict:
     device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if settings.device == "auto" else settings.device))
-    unknown = [r for r in settings.runs if r not in RUNS]
-    if unknown:
-        raise ValueError(f"unknown runs {unknown}; choose from {list(RUNS)}")
-    data = Dataset(load_dataset(settings.data, settings.data_dir), device)
+    problems = settings_problems(settings)
+    if problems:
+        raise UsageError("; ".join(problems))
+    data = read_data(settings, device)
+    out = make_out_folder(settings.out)
     started = time.time()
     results = []
     for seed in range(settings.seeds):
@@ -295,8 +318,6 @@ def run_demo(settings: Settings) -> dict:
         for name in settings.runs:
             results.append(run_qat(RUNS[name], fp_state, data, settings, seed))
     summary = summarize(results, settings.runs)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"settings": asdict(settings), "device": str(device), "torch": torch.__version__,
               "platform": platform.platform(), "seconds": time.time() - started, "summary": summary, "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=2))
@@ -311,29 +332,59 @@ def parse_args(argv: Optional[list[str]] = None) -> Settings:
     parser.add_argument("--data", choices=("mnist", "fashion-mnist", "cifar10"), default="mnist")
     parser.add_argument("--data-dir", default=None, help="folder of the dataset (cifar10: numpy shards)")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--fp-epochs", type=int, default=None, help="FP pretraining epochs (default 4; 2 for the larger sets)")
+    parser.add_argument("--fp-epochs", type=int, default=None,
+                        help="FP pretraining epochs (default 4; 2 for the larger sets; 0: every run starts from the untrained network)")
     parser.add_argument("--qat-epochs", type=int, default=None, help="fine-tuning epochs per run (default 4; 2 for the larger sets)")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64; 128 for the larger sets")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--range-lr-scale", choices=RANGE_LR_SCALES, default="width", help=RANGE_LR_SCALE_HELP)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     large = args.data != "mnist"
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
-    return Settings(
+    settings = Settings(
         data=args.data, data_dir=args.data_dir, seeds=args.seeds,
-        fp_epochs=args.fp_epochs or (2 if large else 4), qat_epochs=args.qat_epochs or (2 if large else 4),
-        batch_size=args.batch_size or (128 if large else 64), runs=tuple(r for r in args.runs.split(",") if r),
+        fp_epochs=default_if_none(args.fp_epochs, 2 if large else 4), qat_epochs=default_if_none(args.qat_epochs, 2 if large else 4),
+        batch_size=default_if_none(args.batch_size, 128 if large else 64), runs=tuple(r for r in args.runs.split(",") if r),
         device=args.device, out=args.out or f"ddq_runs/demo-{args.data}", progress=not args.no_progress,
         width=32 if args.data == "cifar10" else 16, range_lr_scale=args.range_lr_scale,
     )
+    problems = settings_problems(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def default_if_none(value: Optional[int], default: int) -> int:
+    """The flag's value, 0 included; the default only where it was not given."""
+    return default if value is None else value
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    unknown = [run for run in settings.runs if run not in RUNS]
+    repeated = sorted({run for run in settings.runs if settings.runs.count(run) > 1})
+    checks = (
+        (settings.seeds >= 1, f"--seeds must be at least 1, got {settings.seeds}"),
+        (settings.fp_epochs >= 0, f"--fp-epochs must be at least 0, got {settings.fp_epochs}"),
+        (settings.qat_epochs >= 1, f"--qat-epochs must be at least 1, got {settings.qat_epochs}"),
+        (settings.batch_size >= 1, f"--batch-size must be at least 1, got {settings.batch_size}"),
+        (bool(settings.runs), f"--runs must name at least one of {','.join(RUNS)}"),
+        (not unknown, f"--runs: unknown run(s) {','.join(unknown)}; choose from {','.join(RUNS)}"),
+        (not repeated, f"--runs names {','.join(repeated)} more than once"),
+        (settings.data != "cifar10" or settings.data_dir is not None, "--data cifar10 needs --data-dir (the folder of its numpy shards)"),
+        (settings.data_dir is None or Path(settings.data_dir).is_dir(), f"--data-dir {settings.data_dir!r} is not a folder"),
+        (settings.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is visible"),
+    )
+    return [message for ok, message in checks if not ok]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    run_demo(parse_args(argv))
+    settings = parse_args(argv)
+    try:
+        run_demo(settings)
+    except UsageError as error:
+        sys.exit(f"python -m ddq.demo: error: {error}")
 
 
 if __name__ == "__main__":

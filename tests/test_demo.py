@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import pytest
+import torch
 
 from ddq import demo
 from ddq.data import load_dataset, mnist_5k
@@ -33,8 +35,6 @@ def test_demo_runs_every_configuration(tmp_path, monkeypatch):
 
 
 def test_bad_dataset_arguments():
-    import pytest
-
     with pytest.raises(ValueError, match="data-dir"):
         load_dataset("cifar10")
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -44,10 +44,56 @@ def test_bad_dataset_arguments():
 
 
 def test_range_lr_scale_flag_reaches_the_settings_and_rejects_unknown_values(capsys):
-    import pytest
-
     assert demo.parse_args([]).range_lr_scale == "width", "the measured tables' default"
     assert demo.parse_args(["--range-lr-scale", "steps"]).range_lr_scale == "steps"
     with pytest.raises(SystemExit):
         demo.parse_args(["--range-lr-scale", "half"])
     assert "invalid choice: 'half'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--qat-epochs", "0"], "--qat-epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--fp-epochs", "-1"], "--fp-epochs must be at least 0, got -1"),
+    (["--qat-epochs", "-2"], "--qat-epochs must be at least 1, got -2"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--runs", ""], "--runs must name at least one of"),
+    (["--runs", "fp,bogus"], "--runs: unknown run(s) bogus; choose from"),
+    (["--runs", "fp,lsq_w4a4,fp"], "--runs names fp more than once"),
+    (["--data", "cifar10"], "--data cifar10 needs --data-dir"),
+    (["--data", "fashion-mnist", "--data-dir", "/nonexistent"], "--data-dir '/nonexistent' is not a folder"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_settings_are_parser_errors(capsys, argv, message):
+    """0 epochs or batch size used to become the defaults silently, negative values ran, and the rest were
+    tracebacks or an empty table."""
+    with pytest.raises(SystemExit):
+        demo.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_device_and_missing_data_files_are_named(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            demo.parse_args(["--device", "cuda"])
+        assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="python -m ddq.demo: error: Fashion-MNIST files missing under"):
+        demo.main(["--data", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit, match="--out .* cannot be a folder"):
+        demo.main(["--out", str(tmp_path / "taken"), "--no-progress"])
+    assert not (tmp_path / "out").exists(), "nothing written before the data is there"
+
+
+def test_zero_fp_epochs_fine_tune_the_untrained_network(tmp_path, monkeypatch):
+    """--fp-epochs 0 is kept (it used to become the default): every run starts from the seed's untrained CNN."""
+    train_x, train_y, test_x, test_y = mnist_5k()
+    split = (train_x[:200], train_y[:200], test_x[:100], test_y[:100])
+    monkeypatch.setattr(demo, "load_dataset", lambda name, data_dir=None: split)
+    settings = demo.parse_args(["--fp-epochs", "0", "--qat-epochs", "1", "--runs", "fp", "--out", str(tmp_path), "--no-progress"])
+    assert settings.fp_epochs == 0
+    data = demo.Dataset(split, torch.device("cpu"))
+    torch.manual_seed(0)
+    untrained = demo.SmallCNN(data.channels, 10, settings.width, data.image_size)
+    report = demo.run_demo(settings)
+    assert report["results"][0]["accuracy_at_init"] == demo.accuracy(untrained, data.test_x, data.test_y)
