@@ -216,7 +216,7 @@ def integer_model_accuracy(model: nn.Module, data: Dataset) -> dict:
         predictions = integer_predictions(model, data.test_x.cpu().numpy(), backend=backend)
     except ValueError as error:  # e.g. learned levels moved 0 off the grid of a zero-padded conv's input
         print(f"integer export not possible: {error}")
-        return {"integer_accuracy": float("nan"), "integer_agreement": float("nan"), "integer_error": str(error)}
+        return {"integer_accuracy": None, "integer_agreement": None, "integer_error": str(error)}
     floats = predict(model, data.test_x)
     labels = data.test_y.cpu().numpy()
     return {"integer_accuracy": 100.0 * float((predictions == labels).mean()),
@@ -231,6 +231,27 @@ def pretrain(data: Dataset, settings: Settings, seed: int) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def mean_or_none(values: list[Optional[float]]) -> Optional[float]:
+    """The mean, or None (JSON null) where a value is missing: FP and LSQ runs have no integer model, and a
+    DDQ export can fail."""
+    return None if not values or None in values else float(np.mean(values))
+
+
+def format_or_dash(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def json_ready(value):
+    """`value` with every non-finite float (a diverged loss, say) as None: standard JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
     table = {}
     for name in runs:
@@ -239,7 +260,7 @@ def summarize(results: list[dict], runs: tuple[str, ...]) -> dict:
         table[name] = {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                        "accuracy_at_init_mean": float(np.mean([r["accuracy_at_init"] for r in rows])),
                        "final_train_loss_mean": float(np.mean([r["final_train_loss"] for r in rows])),
-                       "integer_accuracy_mean": float(np.mean([r.get("integer_accuracy", np.nan) for r in rows])),
+                       "integer_accuracy_mean": mean_or_none([r.get("integer_accuracy") for r in rows]),
                        **{k: float(np.mean([r[k] for r in rows])) for k in ("avg_weight_bits", "avg_act_bits", "weight_kib")}}
     paired = {}
     for a, b in PAIRS:
@@ -257,7 +278,7 @@ def format_table(summary: dict, seeds: int) -> str:
         acc = f"{row['accuracy_mean']:.2f}" + (f" ± {row['accuracy_std']:.2f}" if seeds > 1 else "")
         lines.append(f"{name:<10} {acc:>16} {row['accuracy_at_init_mean']:>10.2f} {row['final_train_loss_mean']:>10.4f} "
                      f"{row['avg_weight_bits']:>7.2f} {row['avg_act_bits']:>7.2f} {row['weight_kib']:>9.2f} "
-                     f"{row['integer_accuracy_mean']:>9.2f}")
+                     f"{format_or_dash(row['integer_accuracy_mean']):>9}")
     for pair, diff in summary["paired"].items():
         lines.append(f"paired {pair}: {diff['mean']:+.2f} ± sd {diff['std']:.2f}" if seeds > 1 else f"{pair}: {diff['mean']:+.2f}")
     return "\n".join(lines)
@@ -320,7 +341,7 @@ def run_demo(settings: Settings) -> dict:
     summary = summarize(results, settings.runs)
     report = {"settings": asdict(settings), "device": str(device), "torch": torch.__version__,
               "platform": platform.platform(), "seconds": time.time() - started, "summary": summary, "results": results}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.json").write_text(json.dumps(json_ready(report), indent=2, allow_nan=False))
     plot_bits(results, out / "bits_per_layer.png")
     print(format_table(summary, settings.seeds))
     print(f"wrote {out / 'results.json'} and {out / 'bits_per_layer.png'} in {report['seconds']:.0f} s on {device}")

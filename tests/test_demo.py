@@ -18,6 +18,10 @@ def test_mnist_split_is_fixed_and_balanced_enough():
     assert np.array_equal(again[3], test_y)
 
 
+def reject_non_standard_json(constant: str):
+    raise ValueError(f"{constant} is not standard JSON")
+
+
 def test_demo_runs_every_configuration(tmp_path, monkeypatch):
     train_x, train_y, test_x, test_y = mnist_5k()
     monkeypatch.setattr(demo, "load_dataset", lambda name, data_dir=None: (train_x[:1000], train_y[:1000], test_x[:200], test_y[:200]))
@@ -29,8 +33,11 @@ def test_demo_runs_every_configuration(tmp_path, monkeypatch):
     assert set(report["summary"]["paired"]) == {"ddq_w4a4 - lsq_w4a4", "ddq_w2a2 - lsq_w2a2", "ddq_mixed - ddq_w4a4"}
     assert all(0.0 <= r["accuracy"] <= 100.0 for r in report["results"])
     assert table["fp"]["accuracy_mean"] > 50.0, "two epochs on 1,000 digits learn something"
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject_non_standard_json)
     assert len(saved["results"]) == 2 * len(demo.RUNS)
+    integer = {name: row["integer_accuracy_mean"] for name, row in saved["summary"]["table"].items()}
+    assert integer["fp"] is None and integer["lsq_w4a4"] is None, "no integer model: null, not NaN"
+    assert all(0.0 <= integer[name] <= 100.0 for name in ("ddq_w4a4", "ddq_mixed", "ddq_w2a2"))
     assert (tmp_path / "bits_per_layer.png").stat().st_size > 1000
 
 
@@ -97,3 +104,11 @@ def test_zero_fp_epochs_fine_tune_the_untrained_network(tmp_path, monkeypatch):
     untrained = demo.SmallCNN(data.channels, 10, settings.width, data.image_size)
     report = demo.run_demo(settings)
     assert report["results"][0]["accuracy_at_init"] == demo.accuracy(untrained, data.test_x, data.test_y)
+
+
+def test_non_finite_numbers_become_null_in_the_results_file():
+    """A diverged loss is NaN; results.json holds null there (standard JSON has no NaN)."""
+    report = {"loss": float("nan"), "losses": [1.0, float("inf")], "rows": ({"accuracy": 12.5},), "run": "fp"}
+    assert demo.json_ready(report) == {"loss": None, "losses": [1.0, None], "rows": [{"accuracy": 12.5}], "run": "fp"}
+    assert demo.mean_or_none([80.0, None]) is None and demo.mean_or_none([80.0, 90.0]) == 85.0
+    assert demo.format_or_dash(None) == "-" and demo.format_or_dash(85.0) == "85.00"
