@@ -219,3 +219,41 @@ def test_worker_slots_take_the_visible_gpus_and_refuse_more_workers_than_gpus(mo
     assert workers.slot_devices(2) == ["3", "5"]
     with pytest.raises(ValueError, match="4 workers need 4 GPUs; this machine shows 3 \\(3, 5, 6\\)"):
         workers.slot_devices(4)
+
+
+def test_qat_refuses_an_fp_checkpoint_pretrained_under_other_settings(tmp_path):
+    """fp_<model>.pt records its pretraining settings: --phase qat under others is refused naming them (a width
+    used to fail in load_state_dict with a traceback, the rest silently mixed protocols)."""
+    write_shards(tmp_path / "data")
+    base = arguments(tmp_path, "--models", "resnet20", "--runs", "fp", "--seeds", "1")
+    assert cifar10.main(base + ["--phase", "pretrain"])["complete"]
+
+    def qat(out, *extra):
+        argv = base + ["--phase", "qat", *extra]
+        argv[argv.index("--out") + 1] = str(tmp_path / out)
+        return cifar10.main(argv)
+
+    with pytest.raises(SystemExit, match=r"pretrained with other settings \(pretrain_epochs: saved 1, now 2\)"):
+        qat("more_pretraining", "--pretrain-epochs", "2")
+    with pytest.raises(SystemExit, match=r"pretrained with other settings \(resnet_width: saved 4, now 8\)"):
+        qat("wider", "--resnet-width", "8")
+    assert qat("longer_qat", "--epochs", "2")["complete"], "QAT's own settings do not define the checkpoint"
+    assert qat("other_network_width", "--mobilenet-width", "0.2")["complete"], "nor does another network's width"
+
+    checkpoint = tmp_path / "work" / "fp_resnet20.pt"
+    torch.save(torch.load(checkpoint, weights_only=True)["model"], checkpoint)  # as written before settings were recorded
+    with pytest.raises(SystemExit, match="does not record the settings it was pretrained under"):
+        qat("no_pretraining_result")
+    with pytest.raises(SystemExit, match=r"pretrain_epochs: saved 1, now 2"):
+        cifar10.main(base + ["--phase", "qat", "--pretrain-epochs", "2"])
+    assert cifar10.main(base + ["--phase", "qat"])["complete"], "checked against the pretraining result beside it"
+
+
+def test_a_partial_state_of_other_settings_is_refused_naming_them(tmp_path):
+    settings = cifar10.parse_args(["--data-dir", "unused", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")])
+    cifar10.Store(settings).save_partial("resnet20/pretrain", {"epoch": 1})
+    settings.pretrain_epochs, settings.lr = 3, 0.5
+    with pytest.raises(shards.DataError) as refused:
+        cifar10.Store(settings).load_partial("resnet20/pretrain")
+    message = str(refused.value)
+    assert "pretrain_epochs: saved 200, now 3; lr: saved 0.01, now 0.5" in message and "quant_lr" not in message

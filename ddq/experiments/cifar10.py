@@ -60,6 +60,9 @@ PROTOCOL_KEYS = ("train_shards", "pretrain_epochs", "epochs", "batch_size", "pre
                  "range_lr_scale")
 # Keys added after results were saved: a saved protocol without one was made at this value.
 PROTOCOL_KEYS_ADDED = {"range_lr_scale": "width"}
+# Settings that define an FP checkpoint, with its network's width: QAT does not start from one made under others.
+PRETRAIN_KEYS = ("train_shards", "pretrain_epochs", "batch_size", "pretrain_lr", "momentum", "weight_decay", "pretrain_seed")
+WIDTH_KEYS = {"resnet20": "resnet_width", "mobilenetv2": "mobilenet_width"}
 
 
 @dataclass
@@ -98,6 +101,9 @@ class Settings:
 
     def protocol(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in PROTOCOL_KEYS}
+
+    def pretraining(self, model: str) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in PRETRAIN_KEYS + (WIDTH_KEYS[model],)}
 
 
 class OutOfTime(Exception):
@@ -350,9 +356,37 @@ class Store:
         if not path.exists():
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if self.differences(state.get("protocol") or {}):
-            raise DataError(f"{path} was made with other settings ({state.get('protocol')}); delete it or use the same settings")
+        differences = self.differences(state.get("protocol") or {})
+        if differences:
+            raise DataError(f"{path} was made with other settings ({'; '.join(differences)}); delete it or use the same settings")
         return state
+
+    def save_fp_checkpoint(self, model: str, state: dict[str, Tensor], pretraining: dict[str, Any]) -> None:
+        atomic_save({"model": state, "pretraining": pretraining}, self.checkpoint_path(model))
+
+    def load_fp_checkpoint(self, model: str, pretraining: dict[str, Any]) -> dict[str, Tensor]:
+        """The network's FP weights, refused (naming the settings that differ) unless pretrained under `pretraining`."""
+        path = self.checkpoint_path(model)
+        if not path.exists():
+            raise DataError(f"{model} needs the FP checkpoint {path}: run --phase pretrain first (same --work-dir)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        recorded = self.recorded_pretraining(model, saved)
+        if recorded is None:
+            raise DataError(f"{path} does not record the settings it was pretrained under (written before they were "
+                            f"recorded, and {self.pretrain_result_path(model)} is missing); pretrain again with another --work-dir")
+        differences = setting_differences(recorded, pretraining, {})
+        if differences:
+            raise DataError(f"{path} was pretrained with other settings ({'; '.join(differences)}); use the same settings, "
+                            "or another --work-dir (and --out) to pretrain under these")
+        return saved["model"] if "pretraining" in saved else saved
+
+    def recorded_pretraining(self, model: str, saved: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The settings a loaded fp_<model>.pt was pretrained under: recorded in it, or, for a checkpoint written
+        before they were, in the protocol of the pretraining result written with it (pretrain/<model>.json)."""
+        if "pretraining" in saved:
+            return saved["pretraining"]
+        result = self.pretrain_result_path(model)
+        return json.loads(result.read_text()).get("protocol") if result.exists() else None
 
     def save_partial(self, name: str, state: dict[str, Any]) -> None:
         atomic_save({**state, "protocol": self.protocol}, self.partial_path(name))
@@ -398,7 +432,7 @@ def pretrain(model_name: str, data: Data, env: Environment, settings: Settings, 
         training.load_state(partial)
         print(f"{name}: resuming after epoch {training.epoch}", flush=True)
     training.run(deadline, name, lambda state: store.save_partial(name, state))
-    atomic_save(cpu_state(model), store.checkpoint_path(model_name))
+    store.save_fp_checkpoint(model_name, cpu_state(model), settings.pretraining(model_name))
     last = training.curve[-1]
     store.write_json(path, {"model": model_name, "top1": last["test_top1"], "test_loss": last["test_loss"], "curve": training.curve,
                             "params": sum(p.numel() for p in model.parameters()), "protocol": store.protocol,
@@ -437,10 +471,7 @@ def run_qat(job: Job, data: Data, env: Environment, settings: Settings, store: S
     if store.finished(path):
         print(f"{job.name}: done earlier ({path})", flush=True)
         return
-    checkpoint = store.checkpoint_path(job.model)
-    if not checkpoint.exists():
-        raise DataError(f"{job.name} needs the FP checkpoint {checkpoint}: run --phase pretrain first (same --work-dir)")
-    fp_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    fp_state = store.load_fp_checkpoint(job.model, settings.pretraining(job.model))
     model, resource, budget = prepare_qat_model(job, fp_state, data, env, settings)
     training = Training(model, data, env, settings, settings.epochs, settings.lr, job.seed, resource)
     partial = store.load_partial(job.name)
