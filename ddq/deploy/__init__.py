@@ -7,13 +7,14 @@ reports its accuracy beside the float QAT model's; `use_lut_levels` keeps a mode
 integer tables during QAT so that the two agree (docs/deploy.md).
 """
 
-from ddq.deploy.export import ExportedLayer, IntegerModel, export, integer_accuracy, load, use_lut_levels
+from ddq.deploy.export import ExportedLayer, ExportFileError, IntegerModel, export, integer_accuracy, load, use_lut_levels
 from ddq.deploy.int_gemm import BACKENDS, MAX_K, int_gemm
 from ddq.deploy.packing import container_bits, pack, packed_row_bytes, unpack
 
 __all__ = [
     "BACKENDS",
     "MAX_K",
+    "ExportFileError",
     "ExportedLayer",
     "IntegerModel",
     "container_bits",
