@@ -240,7 +240,7 @@ class DDQQuantizer(nn.Module):
         """Spec §2 steps 1–2: the integer code c = i >> (8 − b) of every element, uint8, x's shape. x is checked
         as `forward` checks it; a NaN or ±inf has no code (`forward` gives NaN there), so it is an error."""
         lo, hi = self.range()
-        self._checked_op_arguments(x, lo, hi)
+        validate_arguments(x, lo, hi, self.effective_residuals(), self.effective_gate_logits(), self.axis, self.min_bits)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("DDQQuantizer.codes: x has NaN or infinite values, which no integer code represents")
         flat = x.reshape(self.groups, -1)
@@ -322,25 +322,19 @@ class DDQQuantizer(nn.Module):
         return torch.where(top > 0, top, x.amax().to(torch.float32)).clamp_min(MIN_RANGE)
 
     def op_arguments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Spec §2: (lo, hi, residuals, gate_logits) for the fused custom ops that quantize x, checked against x;
-        the quantizer is initialised from x on first use, as its forward would be."""
+        """Spec §2: (lo, hi, residuals, gate_logits) for the fused custom ops that quantize x (which check them
+        against x themselves); the quantizer is initialised from x on first use, as its forward would be."""
         if not self._initialized:
             self.initialize(x)
-        return self._checked_op_arguments(x, *self.range())
+        return (*self.range(), self.effective_residuals(), self.effective_gate_logits())
 
     def range_op_arguments(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Spec §2: (range_bottom, range_top, residuals, gate_logits) for the custom ops that take the range
-        parameters themselves with `range_mode_code` and compute (lo, hi) inside their first kernel; checked
-        against x, and the quantizer initialised from x on first use, as its forward would be."""
+        parameters themselves with `range_mode_code` and compute (lo, hi) inside their first kernel (and check
+        them against x); the quantizer is initialised from x on first use, as its forward would be."""
         if not self._initialized:
             self.initialize(x)
-        return self._checked_op_arguments(x, self.range_bottom, self.range_top)
-
-    def _checked_op_arguments(self, x: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(first, second, residuals, gate_logits), the two range tensors checked against x like lo and hi."""
-        residuals, gate_logits = self.effective_residuals(), self.effective_gate_logits()
-        validate_arguments(x, first, second, residuals, gate_logits, self.axis, self.min_bits)
-        return first, second, residuals, gate_logits
+        return self.range_bottom, self.range_top, self.effective_residuals(), self.effective_gate_logits()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:

@@ -37,14 +37,9 @@ LAST_LAYER_TENSORS = ("scale", "bias")
 
 
 def round_half_away(values: np.ndarray) -> np.ndarray:
-    """Spec §5's rounding of exported constants: half away from zero, in float64, exactly.
-
-    floor(|v| + 0.5) would round twice: the sum itself rounds (0.49999999999999994 + 0.5 is 1.0, and
-    2^52 + 1 + 0.5 ties to 2^52 + 2). |v| − floor(|v|) is exact, so comparing it with 0.5 rounds only once.
-    """
-    magnitude = np.abs(values)
-    whole = np.floor(magnitude)
-    return np.sign(values) * (whole + (magnitude - whole >= 0.5))
+    """Spec §5's rounding of exported constants: half away from zero, in float64, exactly
+    (`quantizer_math.round_half_away`, which the float model's lut levels use too)."""
+    return qm.round_half_away(torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
 
 
 @dataclass
